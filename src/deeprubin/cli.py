@@ -1,0 +1,170 @@
+"""The ``deeprubin`` command line: one subcommand per stage, plus configuration tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from deeprubin import __version__
+from deeprubin.config import ConfigError, Params, dump_params, load_params
+
+app = typer.Typer(
+    name="deeprubin",
+    help="DeepRubin-Explorer: classify ZTF/Rubin alerts (QSO, CEP, SNIa, SNII) from their g and r light curves.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show or check the configuration (params.yaml with overrides).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="Configuration file.", show_default=True, envvar="DEEPRUBIN_PARAMS")
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-S", help="Override a key, e.g. --set ingest.simulator.n_per_class=100 (repeatable)."),
+]
+
+
+def _load(params_path: Path, overrides: list[str] | None) -> Params:
+    try:
+        return load_params(params_path if params_path.exists() or params_path != Path("params.yaml") else None,
+                           overrides)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"deeprubin {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """DeepRubin-Explorer command line. Every command reads params.yaml (or --params) and accepts --set overrides;
+    environment variables DEEPRUBIN_<SECTION>__<KEY> override the file too."""
+
+
+@app.command()
+def ingest(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    source: Annotated[Optional[str], typer.Option(help="simulator or files (default: ingest.source).")] = None,
+    detections: Annotated[
+        Optional[Path], typer.Option(help="Detections file (Parquet/CSV) for --source files.")
+    ] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Labels file (oid, label) for --source files.")] = None,
+    non_detections: Annotated[Optional[Path], typer.Option(help="Upper-limits file for --source files.")] = None,
+    label_source: Annotated[Optional[str], typer.Option(help="Label provenance, e.g. bts:spectroscopic.")] = None,
+    n_per_class: Annotated[Optional[int], typer.Option(help="Objects per class for the simulator.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: ingest.raw_dir).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="replace or upsert (default: ingest.mode).")] = None,
+) -> None:
+    """Ingest light curves (simulator or files) into validated contract tables under data/raw.
+
+    Bad rows are dropped with a reason naming the object; the summary counts them. Examples:
+
+      deeprubin ingest
+
+      deeprubin ingest --source files --detections ../shared/data/bts/detections.parquet
+      --labels ../shared/data/bts/labels.csv --label-source bts:spectroscopic --out data/bts
+    """
+    from deeprubin.stages import ingest as stage
+
+    extra = list(overrides or [])
+    for key, value in (("source", source), ("files.detections", detections), ("files.labels", labels),
+                       ("files.non_detections", non_detections), ("files.label_source", label_source),
+                       ("simulator.n_per_class", n_per_class), ("raw_dir", out), ("mode", mode)):
+        if value is not None:
+            extra.append(f"ingest.{key}={value}")
+    params = _load(params_path, extra)
+    paths = stage.IngestPaths.from_params(params.ingest)
+
+    steps = ["reading", "validating detections", "validating non-detections", "writing"]
+    with Progress(SpinnerColumn(), TextColumn("[bold]ingest[/] {task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("starting", total=len(steps))
+
+        def advance(message: str) -> None:
+            if bar.tasks[task].description != "starting":
+                bar.advance(task)
+            bar.update(task, description=message)
+
+        try:
+            result = stage.run(params.ingest, paths, base=params.base, progress=advance)
+        except (FileNotFoundError, ValueError) as exc:
+            err_console.print(f"[bold red]ingest failed:[/] {exc}")
+            raise typer.Exit(1) from None
+        bar.update(task, completed=len(steps))
+    _print_ingest_summary(result)
+
+
+def _print_ingest_summary(result) -> None:
+    table = Table(title=f"ingest from {result.source} -> {result.raw_dir} in {result.seconds:.1f} s", min_width=60)
+    table.add_column("class")
+    table.add_column("objects", justify="right")
+    for label, n in result.objects_per_class.items():
+        table.add_row(label, str(n))
+    table.add_row("[bold]total", f"[bold]{sum(result.objects_per_class.values())}")
+    console.print(table)
+    lines = [f"detections kept: {result.detections}   non-detections kept: {result.non_detections}"]
+    lines += [r.summary() for r in result.reports]
+    if result.objects_dropped:
+        reasons: dict[str, int] = {}
+        for r in result.objects_dropped:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
+        lines.append("objects dropped: " + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())))
+        examples = [str(r) for r in result.objects_dropped[:3]]
+        lines.append("  e.g. " + "; ".join(examples))
+    row_rejections = [r for rep in result.reports for r in rep.rejections if r.rows]
+    if row_rejections:
+        lines.append("  e.g. " + "; ".join(str(r) for r in row_rejections[:3]))
+    if result.counts:
+        c = result.counts
+        lines.append(f"upsert: {c.objects_new} new objects, {c.objects_updated} updated, "
+                     f"{c.detections_added} detections added, {c.detections_replaced} replaced")
+    lines.append(f"manifest: {result.raw_dir / 'manifest.json'}   every dropped object and row, with its reason: "
+                 f"{result.raw_dir / 'rejections.csv'}")
+    console.print(Panel("\n".join(lines), title="summary", expand=False))
+
+
+@config_app.command("show")
+def config_show(params_path: ParamsOption = Path("params.yaml"), overrides: SetOption = None,
+                section: Annotated[Optional[str], typer.Argument(help="Only this section.")] = None) -> None:
+    """Print the resolved configuration (file + environment + --set) as YAML."""
+    params = _load(params_path, overrides)
+    if section is not None:
+        if section not in Params.model_fields:
+            err_console.print(f"[bold red]error:[/] no section {section!r}; sections: {list(Params.model_fields)}")
+            raise typer.Exit(2)
+        params = getattr(params, section)
+    text = dump_params(params)  # type: ignore[arg-type]
+    typer.echo(text, nl=False)
+
+
+@config_app.command("check")
+def config_check(params_path: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+    """Validate the configuration; exit 2 with every bad key named when it is invalid."""
+    _load(params_path, overrides)
+    console.print(f"[green]ok[/]: {params_path} is a valid configuration")
+
+
+if __name__ == "__main__":
+    app()

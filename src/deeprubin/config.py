@@ -1,0 +1,200 @@
+"""One typed configuration: ``params.yaml`` loaded into pydantic models.
+
+Nothing else in the project reads YAML. Each stage receives its own section. Unknown keys and wrong types are
+errors that name the key (``ingest.simulator.n_per_class: ...``). Overrides, applied in this order:
+``params.yaml`` < environment ``DEEPRUBIN_<SECTION>__<KEY>[__<SUBKEY>]`` < ``--set section.key=value`` on the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deeprubin.schema import CLASSES
+
+ENV_PREFIX = "DEEPRUBIN_"
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) is not a valid configuration; the message names each bad key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseParams(Section):
+    seed: int = Field(42, description="Seed for everything random (simulation, splits, training).")
+    classes: list[str] = Field(default_factory=lambda: list(CLASSES), description="Target classes, in label order.")
+    data_dir: Path = Field(Path("data"), description="Root of DVC-tracked data.")
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, value: list[str]) -> list[str]:
+        unknown = [c for c in value if c not in CLASSES]
+        if unknown:
+            raise ValueError(f"unknown class(es) {unknown}; known: {list(CLASSES)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"classes repeat: {value}")
+        return value
+
+
+class SimulatorParams(Section):
+    """The ZTF-like simulator (sources/simulate.py documents the physics behind each number)."""
+
+    n_per_class: int = Field(250, ge=1, description="Objects simulated per class.")
+    seed: int | None = Field(None, description="Overrides base.seed for the simulator when set.")
+    survey_start_mjd: float = Field(58288.0, description="Start of the simulated survey (ZTF public alerts: 2018-06).")
+    survey_days: float = Field(730.0, gt=100, description="Length of the simulated survey, days.")
+    phase: Literal["I", "II"] = Field("I", description="ZTF phase: I = 3-night cadence per band, II = 2-night.")
+    oid_prefix: str = Field("SIM", min_length=1, description="Prefix of simulated object ids.")
+
+
+class FilesParams(Section):
+    """Light curves read from Parquet or CSV files in any contract-mapped format."""
+
+    detections: Path | None = Field(None, description="Detections table (Parquet or CSV).")
+    labels: Path | None = Field(None, description="Labels table: oid + label (optional).")
+    non_detections: Path | None = Field(None, description="Upper limits table (optional).")
+    label_source: str = Field("files", description="Recorded in objects.label_source, e.g. bts:spectroscopic.")
+    keep_unlabelled: bool = Field(False, description="Keep objects whose label is missing or not a target class.")
+
+
+class IngestParams(Section):
+    source: Literal["simulator", "files"] = Field("simulator", description="Where light curves come from.")
+    mode: Literal["replace", "upsert"] = Field(
+        "replace", description="replace: data/raw becomes this ingest's output; upsert: merge into it by key.")
+    raw_dir: Path = Field(Path("data/raw"), description="Where the contract Parquet tables are written.")
+    on_unsorted: Literal["sort", "reject"] = Field("sort", description="Objects whose times run backwards.")
+    min_detections: int = Field(3, ge=1, description="Objects with fewer detections (after validation) are dropped.")
+    simulator: SimulatorParams = Field(default_factory=SimulatorParams)
+    files: FilesParams = Field(default_factory=FilesParams)
+
+    @model_validator(mode="after")
+    def _files_need_detections(self) -> "IngestParams":
+        if self.source == "files" and self.files.detections is None:
+            raise ValueError("source 'files' needs files.detections")
+        return self
+
+
+class PreprocessParams(Section):
+    processed_dir: Path = Field(Path("data/processed"), description="Where model-ready tensors are written.")
+    grid_days: int = Field(100, ge=10, description="Length of the daily grid, days.")
+    kernel: Literal["matern32"] = Field("matern32", description="GP kernel.")
+
+
+class TrainParams(Section):
+    max_epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Lightning accelerator.")
+
+
+class EvaluateParams(Section):
+    metrics_file: Path = Field(Path("metrics/evaluate.json"))
+
+
+class PromoteParams(Section):
+    registered_model: str = Field("deeprubin-tcn")
+    metric: str = Field("macro_f1", description="Metric the challenger must beat the champion on.")
+
+
+class ClassifyParams(Section):
+    model_uri: str = Field("models:/deeprubin-tcn@champion")
+    batch_size: int = Field(1024, ge=1)
+
+
+class Params(Section):
+    base: BaseParams = Field(default_factory=BaseParams)
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    promote: PromoteParams = Field(default_factory=PromoteParams)
+    classify: ClassifyParams = Field(default_factory=ClassifyParams)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key (not in the configuration)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+    return f"invalid configuration in {origin}:\n" + "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError(f"{origin}: empty key")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(parts)}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (dotted key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
+    return key.strip(), value
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[str, Any]]:
+    """``DEEPRUBIN_INGEST__SOURCE=files`` -> ("ingest.source", "files")."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            out.append(parse_override(f"{dotted}={raw}"))
+    return out
+
+
+def load_params(path: Path | str | None = DEFAULT_PARAMS, overrides: list[str] | None = None,
+                environ: Mapping[str, str] | None = None) -> Params:
+    """Load params.yaml (or the defaults when ``path`` is None), apply env and CLI overrides, validate."""
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"configuration file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, not {type(loaded).__name__}")
+        tree, origin = loaded, str(path)
+    applied = []
+    for key, value in env_overrides(environ):
+        _set_dotted(tree, key, value, f"environment {ENV_PREFIX}{key.upper().replace('.', '__')}")
+        applied.append(key)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"--set {text}")
+        applied.append(key)
+    if applied:
+        origin += " with overrides " + ", ".join(applied)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def dump_params(params: BaseModel) -> str:
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Sources of light curves: each yields contract tables (see deeprubin.schema)."""
