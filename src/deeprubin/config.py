@@ -53,6 +53,8 @@ class SimulatorParams(Section):
     survey_days: float = Field(730.0, gt=100, description="Length of the simulated survey, days.")
     phase: Literal["I", "II"] = Field("I", description="ZTF phase: I = 3-night cadence per band, II = 2-night.")
     oid_prefix: str = Field("SIM", min_length=1, description="Prefix of simulated object ids.")
+    min_detections_per_band: int = Field(
+        6, ge=1, description="Keep objects with this many detections in g or r (ALeRCE lc_classifier's minimum).")
 
 
 class FilesParams(Section):
