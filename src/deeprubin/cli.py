@@ -65,7 +65,7 @@ def main(
 def ingest(
     params_path: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
-    source: Annotated[Optional[str], typer.Option(help="simulator or files (default: ingest.source).")] = None,
+    source: Annotated[Optional[str], typer.Option(help="simulator, files or alerce (default: ingest.source).")] = None,
     detections: Annotated[
         Optional[Path], typer.Option(help="Detections file (Parquet/CSV) for --source files.")
     ] = None,
@@ -74,13 +74,20 @@ def ingest(
     label_source: Annotated[Optional[str], typer.Option(help="Label provenance, e.g. bts:spectroscopic.")] = None,
     n_per_class: Annotated[Optional[int], typer.Option(help="Objects per class for the simulator.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: ingest.raw_dir).")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="replace or upsert (default: ingest.mode).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="auto, replace or upsert (default: ingest.mode).")] = None,
+    alerce_url: Annotated[
+        Optional[str], typer.Option(help="ALeRCE API base URL for --source alerce (default: ingest.alerce.base_url).")
+    ] = None,
 ) -> None:
-    """Ingest light curves (simulator or files) into validated contract tables under data/raw.
+    """Ingest light curves (simulator, files or the ALeRCE API) into validated contract tables under data/raw.
 
-    Bad rows are dropped with a reason naming the object; the summary counts them. Examples:
+    Bad rows are dropped with a reason naming the object; the summary counts them. --source alerce pulls
+    incrementally: only objects new or changed since the last pull, retried on server errors, committed as it goes.
+    Examples:
 
       deeprubin ingest
+
+      deeprubin ingest --source alerce --set ingest.alerce.since_mjd=60600
 
       deeprubin ingest --source files --detections ../shared/data/bts/detections.parquet
       --labels ../shared/data/bts/labels.csv --label-source bts:spectroscopic --out data/bts
@@ -90,29 +97,30 @@ def ingest(
     extra = list(overrides or [])
     for key, value in (("source", source), ("files.detections", detections), ("files.labels", labels),
                        ("files.non_detections", non_detections), ("files.label_source", label_source),
-                       ("simulator.n_per_class", n_per_class), ("raw_dir", out), ("mode", mode)):
+                       ("simulator.n_per_class", n_per_class), ("raw_dir", out), ("mode", mode),
+                       ("alerce.base_url", alerce_url)):
         if value is not None:
             extra.append(f"ingest.{key}={value}")
     params = _load(params_path, extra)
     paths = stage.IngestPaths.from_params(params.ingest)
 
-    steps = ["reading", "validating detections", "validating non-detections", "writing"]
     with Progress(SpinnerColumn(), TextColumn("[bold]ingest[/] {task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err_console,
+                  TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=err_console,
                   transient=True) as bar:
-        task = bar.add_task("starting", total=len(steps))
+        task = bar.add_task("starting", total=None, count="")
 
-        def advance(message: str) -> None:
-            if bar.tasks[task].description != "starting":
-                bar.advance(task)
-            bar.update(task, description=message)
+        def report(message: str, completed: int | None = None, total: int | None = None) -> None:
+            if completed is None:
+                bar.update(task, description=message, total=None, completed=0, count="")
+            else:
+                bar.update(task, description=message, total=total, completed=completed,
+                           count=f"{completed}/{total}")
 
         try:
-            result = stage.run(params.ingest, paths, base=params.base, progress=advance)
+            result = stage.run(params.ingest, paths, base=params.base, progress=report)
         except (FileNotFoundError, ValueError) as exc:
             err_console.print(f"[bold red]ingest failed:[/] {exc}")
             raise typer.Exit(1) from None
-        bar.update(task, completed=len(steps))
     _print_ingest_summary(result)
 
 
@@ -124,6 +132,22 @@ def _print_ingest_summary(result) -> None:
         table.add_row(label, str(n))
     table.add_row("[bold]total", f"[bold]{sum(result.objects_per_class.values())}")
     console.print(table)
+    if result.per_class is not None:
+        pulled = Table(title="ALeRCE pull" + ("" if result.complete else " (incomplete)"))
+        for col in ("class", "p ≥", "listed", "unchanged", "fetched", "new", "updated", "detections added",
+                    "failures", "watermark"):
+            pulled.add_column(col, justify="left" if col == "class" else "right")
+        for name, c in result.per_class.items():
+            mark = c["watermark_after"]
+            pulled.add_row(name, f"{c['threshold']:.2f}", str(c["listed"]), str(c["skipped_unchanged"]),
+                           str(c["fetched"]), str(c["objects_new"]), str(c["objects_updated"]),
+                           str(c["detections_added"]), str(len(c["failures"])),
+                           "-" if mark is None else f"{mark:.3f}")
+        console.print(pulled)
+        failures = [f for c in result.per_class.values() for f in c["failures"]]
+        if failures:
+            console.print("failures (also in manifest.json): " + "; ".join(
+                f"{f['what']}: {f['reason']}" for f in failures[:5]) + (" ..." if len(failures) > 5 else ""))
     lines = [f"detections kept: {result.detections}   non-detections kept: {result.non_detections}"]
     lines += [r.summary() for r in result.reports]
     if result.objects_dropped:

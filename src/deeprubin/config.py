@@ -67,15 +67,57 @@ class FilesParams(Section):
     keep_unlabelled: bool = Field(False, description="Keep objects whose label is missing or not a target class.")
 
 
+class AlerceParams(Section):
+    """Nightly incremental pulls from the ALeRCE ZTF API with the `alerce` client."""
+
+    base_url: str = Field("https://api.alerce.online", description="ALeRCE API base URL (ZTF_API_URL).")
+    classifier: str = Field("lc_classifier", description="ALeRCE classifier whose classes label the objects.")
+    classifier_version: str | None = Field(None, description="Classifier version; null: the server's default.")
+    min_probability: float = Field(0.7, ge=0, le=1, description="Minimum probability of the top class.")
+    class_min_probability: dict[str, float] = Field(
+        default_factory=dict, description="Per-class threshold overrides for scarce classes, e.g. {SNII: 0.5}.")
+    max_objects_per_class: int = Field(500, ge=1, description="Cap on objects listed per class in one pull.")
+    page_size: int = Field(100, ge=1, le=1000, description="Objects per page of /objects.")
+    since_mjd: float | None = Field(None, description="First pull: only objects with lastmjd >= this (null: all).")
+    overlap_days: float = Field(1.0, ge=0, description="Re-list this many days before the watermark (late alerts).")
+    concurrency: int = Field(4, ge=1, le=64, description="Light curves fetched at once.")
+    requests_per_second: float = Field(10.0, gt=0, description="Request rate limit, all threads together.")
+    timeout_s: float = Field(20.0, gt=0, description="Per-request timeout (connect and read).")
+    max_attempts: int = Field(5, ge=1, description="Attempts per request (retries on 5xx, 429, timeouts, resets).")
+    backoff_base_s: float = Field(0.5, ge=0, description="Exponential backoff base; full jitter.")
+    backoff_max_s: float = Field(30.0, ge=0, description="Backoff cap (and cap on a 429's Retry-After).")
+    commit_every: int = Field(200, ge=1, description="Commit to the store after this many fetched objects.")
+
+    @field_validator("class_min_probability")
+    @classmethod
+    def _known_threshold_classes(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = [c for c in value if c not in CLASSES]
+        if unknown:
+            raise ValueError(f"unknown class(es) {unknown}; known: {list(CLASSES)}")
+        bad = {c: p for c, p in value.items() if not 0 <= p <= 1}
+        if bad:
+            raise ValueError(f"probabilities must lie in [0, 1]: {bad}")
+        return value
+
+    def threshold(self, class_name: str) -> float:
+        return self.class_min_probability.get(class_name, self.min_probability)
+
+
 class IngestParams(Section):
-    source: Literal["simulator", "files"] = Field("simulator", description="Where light curves come from.")
-    mode: Literal["replace", "upsert"] = Field(
-        "replace", description="replace: data/raw becomes this ingest's output; upsert: merge into it by key.")
+    source: Literal["simulator", "files", "alerce"] = Field("simulator", description="Where light curves come from.")
+    mode: Literal["auto", "replace", "upsert"] = Field(
+        "auto", description="replace: data/raw becomes this ingest's output; upsert: merge into it by key; "
+                            "auto: upsert for alerce (incremental), replace otherwise.")
     raw_dir: Path = Field(Path("data/raw"), description="Where the contract Parquet tables are written.")
     on_unsorted: Literal["sort", "reject"] = Field("sort", description="Objects whose times run backwards.")
     min_detections: int = Field(3, ge=1, description="Objects with fewer detections (after validation) are dropped.")
     simulator: SimulatorParams = Field(default_factory=SimulatorParams)
     files: FilesParams = Field(default_factory=FilesParams)
+    alerce: AlerceParams = Field(default_factory=AlerceParams)
+
+    @property
+    def upsert(self) -> bool:
+        return self.mode == "upsert" or (self.mode == "auto" and self.source == "alerce")
 
     @model_validator(mode="after")
     def _files_need_detections(self) -> "IngestParams":

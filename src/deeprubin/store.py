@@ -33,6 +33,7 @@ from deeprubin.schema import (
 TABLES = {"objects": OBJECTS_SCHEMA, "detections": DETECTIONS_SCHEMA, "non_detections": NON_DETECTIONS_SCHEMA}
 MANIFEST = "manifest.json"
 REJECTIONS = "rejections.csv"
+STATE = "state.json"  # incremental-pull state (watermarks), committed with the data it describes
 
 
 @dataclass(frozen=True)
@@ -125,14 +126,22 @@ class RawStore:
         return LightCurves(**frames)
 
     def read_manifest(self) -> dict[str, Any] | None:
+        self.recover()
         path = self.root / MANIFEST
         return json.loads(path.read_text()) if path.exists() else None
 
-    def commit(self, lcs: LightCurves, manifest: dict[str, Any], rejections: pd.DataFrame | None = None) -> None:
+    def read_state(self) -> dict[str, Any]:
+        self.recover()
+        path = self.root / STATE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def commit(self, lcs: LightCurves, manifest: dict[str, Any], rejections: pd.DataFrame | None = None,
+               state: dict[str, Any] | None = None) -> None:
         """Replace the stored state with ``lcs`` atomically (write aside, fsync, swap by rename).
 
         ``rejections`` (oid, table, reason, rows), when given, is stored beside the tables as the full record of
-        what validation dropped in this ingest.
+        what validation dropped in this ingest. ``state`` (watermarks) is stored with the tables; None keeps the
+        state already stored.
         """
         self.recover()
         self.root.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +152,10 @@ class RawStore:
                 pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
             if rejections is not None:
                 rejections.to_csv(tmp / REJECTIONS, index=False)
+            if state is not None:
+                (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+            elif (self.root / STATE).exists():
+                shutil.copyfile(self.root / STATE, tmp / STATE)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
             for path in tmp.iterdir():
                 with open(path, "rb") as fh:

@@ -27,7 +27,8 @@ from deeprubin.schema import (
 from deeprubin.sources.files import MappedTables
 from deeprubin.store import RawStore, UpsertCounts, upsert
 
-Progress = Callable[[str], None]
+# progress(message, completed=None, total=None): a step name, optionally with a count of units done.
+Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class IngestResult:
     objects_dropped: list[Rejection] = field(default_factory=list)
     counts: UpsertCounts | None = None
     seconds: float = 0.0
+    per_class: dict[str, dict[str, Any]] | None = None  # alerce: listed, fetched, failures, watermarks, ...
+    complete: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -64,6 +68,9 @@ class IngestResult:
             ],
             "objects_dropped_by_reason": _count_reasons(self.objects_dropped),
             "upsert": self.counts.as_dict() if self.counts else None,
+            "complete": self.complete,
+            **({"classes": self.per_class} if self.per_class is not None else {}),
+            **self.extra,
         }
 
 
@@ -116,16 +123,9 @@ def select_objects(detections: pd.DataFrame, labels: pd.DataFrame | None, classe
     return detections.loc[detections["oid"].isin(keep)].reset_index(drop=True), dropped
 
 
-def run(params: IngestParams, paths: IngestPaths, base: BaseParams | None = None,
-        progress: Progress | None = None) -> IngestResult:
-    """Ingest from the configured source into ``paths.raw_dir``; see the module docstring."""
-    base = base or BaseParams()
-    step = progress or (lambda _msg: None)
-    started = time.perf_counter()
-
-    step(f"reading from {params.source}")
-    mapped = _from_source(params, base)
-
+def prepare_batch(mapped: MappedTables, params: IngestParams, base: BaseParams, ingested_at: pd.Timestamp,
+                  step: Progress) -> tuple[LightCurves, list[ValidationReport], list[Rejection]]:
+    """Validate mapped tables, keep the target objects with enough detections, build the objects table."""
     step("validating detections")
     detections, det_report = validate_detections(mapped.detections, on_unsorted=params.on_unsorted)
     detections, dropped = select_objects(detections, mapped.labels, base.classes, params.min_detections,
@@ -133,26 +133,48 @@ def run(params: IngestParams, paths: IngestPaths, base: BaseParams | None = None
     step("validating non-detections")
     non_det, nd_report = validate_non_detections(mapped.non_detections)
     non_det = non_det.loc[non_det["oid"].isin(detections["oid"].unique())].reset_index(drop=True)
-
-    # Deterministic for deterministic sources, so that `dvc repro` reproduces the same bytes.
-    ingested_at = pd.Timestamp(0, tz="UTC") if params.source == "simulator" else pd.Timestamp.now(tz="UTC")
     objects = build_objects(detections, mapped.labels, source=mapped.source, label_source=mapped.label_source,
                             ingested_at=ingested_at)
-    batch = LightCurves(objects=objects, detections=detections, non_detections=non_det)
+    return LightCurves(objects=objects, detections=detections, non_detections=non_det), [det_report, nd_report], \
+        dropped
+
+
+def _class_counts(lcs: LightCurves) -> dict[str, int]:
+    labels = lcs.objects["label"].fillna("(none)")
+    return {str(k): int(v) for k, v in labels.value_counts().sort_index().items()}
+
+
+def run(params: IngestParams, paths: IngestPaths, base: BaseParams | None = None,
+        progress: Progress | None = None) -> IngestResult:
+    """Ingest from the configured source into ``paths.raw_dir``; see the module docstring."""
+    base = base or BaseParams()
+    step = progress or (lambda *_args, **_kw: None)
+    started = time.perf_counter()
+    if params.source == "alerce":
+        from deeprubin.stages.ingest_alerce import pull
+
+        result = pull(params, paths, base, step)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    step(f"reading from {params.source}")
+    mapped = _from_source(params, base)
+    # Deterministic for deterministic sources, so that `dvc repro` reproduces the same bytes.
+    ingested_at = pd.Timestamp(0, tz="UTC") if params.source == "simulator" else pd.Timestamp.now(tz="UTC")
+    batch, reports, dropped = prepare_batch(mapped, params, base, ingested_at, step)
 
     step(f"writing {paths.raw_dir}")
     store = RawStore(paths.raw_dir)
     counts = None
-    if params.mode == "upsert":
+    if params.upsert:
         batch, counts = upsert(store.read(), batch)
-    labels = batch.objects["label"].fillna("(none)")
     result = IngestResult(
         source=params.source,
         raw_dir=paths.raw_dir,
-        objects_per_class={str(k): int(v) for k, v in labels.value_counts().sort_index().items()},
+        objects_per_class=_class_counts(batch),
         detections=len(batch.detections),
         non_detections=len(batch.non_detections),
-        reports=[det_report, nd_report],
+        reports=reports,
         objects_dropped=dropped,
         counts=counts,
     )

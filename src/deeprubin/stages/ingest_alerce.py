@@ -1,0 +1,184 @@
+"""The ``ingest`` stage for ``source: alerce``: an incremental, idempotent nightly pull into the raw store.
+
+Per class, /objects is listed from that class's watermark (minus an overlap) in lastmjd order; objects never fetched,
+or whose lastmjd moved since they were, get their light curves fetched (bounded concurrency, rate limited, retried);
+the rest are skipped. Fetched rows are upserted by (oid, mjd, band) and committed every ``commit_every`` objects,
+each commit atomic, with the per-object ``seen`` state; the watermarks advance only in the final commit, and only
+past what was listed without a gap and fetched without a transient failure. A pull killed at any point therefore
+leaves the last commit intact, and a rerun lists the same objects, skips what was committed and finishes the job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from deeprubin.config import BaseParams, IngestParams
+from deeprubin.schema import DETECTIONS_SCHEMA, NON_DETECTIONS_SCHEMA, LightCurves, Rejection, ValidationReport, \
+    empty_frame
+from deeprubin.sources.alerce import (
+    Caller,
+    FetchedLightCurve,
+    Failure,
+    Listing,
+    RateLimiter,
+    ThreadLocalClients,
+    fetch_many,
+    list_class,
+)
+from deeprubin.sources.files import MappedTables
+from deeprubin.stages.ingest import IngestPaths, IngestResult, Progress, prepare_batch
+from deeprubin.store import RawStore, UpsertCounts, upsert
+
+STATE_VERSION = 1
+
+
+def _per_class_detections(lcs: LightCurves) -> dict[str, int]:
+    if lcs.detections.empty:
+        return {}
+    label_of = lcs.objects.set_index("oid")["label"]
+    return lcs.detections["oid"].map(label_of).fillna("(none)").value_counts().to_dict()
+
+
+def _needs_fetch(listing: Listing, seen: dict[str, float]) -> pd.DataFrame:
+    """Rows never fetched, or whose lastmjd moved since they were (NaN lastmjd: always fetch)."""
+    rows = listing.rows
+    last_seen = rows["oid"].map(lambda oid: seen.get(oid, -math.inf)).astype(float)
+    moved = ~(last_seen >= rows["lastmjd"].astype(float) - 1e-9)
+    return rows.loc[moved.to_numpy()]
+
+
+def _new_watermark(old: float | None, listing: Listing, failed: list[Failure], lastmjd_of: dict[str, float]
+                   ) -> float | None:
+    """Advance past what is safely stored; hold at the first object that failed for a transient reason."""
+    if listing.rows.empty:
+        return old
+    held = [lastmjd_of[f.what] for f in failed if f.transient and f.what in lastmjd_of
+            and not math.isnan(lastmjd_of[f.what])]
+    if held:
+        return min(held)
+    safe = listing.safe_lastmjd
+    if safe is None:
+        return old
+    return safe if old is None else max(old, safe)
+
+
+def _sum_counts(a: UpsertCounts | None, b: UpsertCounts) -> UpsertCounts:
+    if a is None:
+        return b
+    return UpsertCounts(**{k: getattr(a, k) + getattr(b, k) for k in a.as_dict()})
+
+
+def pull(params: IngestParams, paths: IngestPaths, base: BaseParams, step: Progress) -> IngestResult:
+    ap = params.alerce
+    store = RawStore(paths.raw_dir)
+    current = store.read()
+    state = store.read_state()
+    watermarks: dict[str, float | None] = dict(state.get("watermarks", {}))
+    seen: dict[str, float] = dict(state.get("seen", {}))
+    started_at = pd.Timestamp.now(tz="UTC")
+    before_objects = set(current.objects["oid"])
+    before_detections = _per_class_detections(current)
+
+    call = Caller(ap, RateLimiter(ap.requests_per_second))
+    clients = ThreadLocalClients(ap)
+    listings: dict[str, Listing] = {}
+    for class_name in base.classes:
+        step(f"listing {class_name} (p >= {ap.threshold(class_name)})")
+        old = watermarks.get(class_name)
+        lower = old - ap.overlap_days if old is not None else ap.since_mjd
+        listings[class_name] = list_class(clients.get(), call, ap, class_name, lower)
+
+    listed = pd.concat([lst.rows for lst in listings.values()], ignore_index=True).drop_duplicates("oid", keep="last")
+    lastmjd_of = dict(zip(listed["oid"], listed["lastmjd"].astype(float)))
+    labels = pd.DataFrame({"oid": listed["oid"], "label": listed["class"],
+                           "label_probability": listed["probability"].astype(float)})
+    todo = pd.concat([_needs_fetch(lst, seen) for lst in listings.values()], ignore_index=True)
+    todo = todo.drop_duplicates("oid", keep="last")
+    class_of = dict(zip(listed["oid"], listed["class"]))
+
+    reports = [ValidationReport("detections"), ValidationReport("non_detections")]
+    dropped: list[Rejection] = []
+    fetch_failures: list[Failure] = []
+    fetched_ok: list[str] = []
+    counts: UpsertCounts | None = None
+
+    def result(complete: bool) -> IngestResult:
+        failures_by_class: dict[str, list[dict]] = {c: [] for c in base.classes}
+        for class_name, lst in listings.items():
+            failures_by_class[class_name] += [f.as_dict() for f in lst.failures]
+        for f in fetch_failures:
+            failures_by_class.setdefault(class_of.get(f.what, "(unknown)"), []).append(f.as_dict())
+        after_detections = _per_class_detections(current)
+        per_class: dict[str, dict[str, Any]] = {}
+        for class_name, lst in listings.items():
+            oids = set(lst.rows["oid"])
+            ok = [o for o in fetched_ok if o in oids]
+            per_class[class_name] = {
+                "threshold": ap.threshold(class_name),
+                "listed": len(lst.rows),
+                "skipped_unchanged": int(len(lst.rows) - todo["oid"].isin(oids).sum()),
+                "fetched": len(ok),
+                "objects_new": sum(o not in before_objects and o in stored for o in ok),
+                "objects_updated": sum(o in before_objects for o in ok),
+                "detections_added": int(after_detections.get(class_name, 0) - before_detections.get(class_name, 0)),
+                "watermark_before": watermarks.get(class_name),
+                "watermark_after": new_watermarks.get(class_name, watermarks.get(class_name)),
+                "listing_complete": lst.complete,
+                "failures": failures_by_class.get(class_name, []),
+            }
+        stored_counts = current.objects["label"].fillna("(none)").value_counts().sort_index()
+        return IngestResult(
+            source="alerce", raw_dir=paths.raw_dir,
+            objects_per_class={str(k): int(v) for k, v in stored_counts.items()},
+            detections=len(current.detections), non_detections=len(current.non_detections),
+            reports=reports, objects_dropped=dropped, counts=counts, per_class=per_class, complete=complete,
+            extra={"base_url": ap.base_url, "started_at": str(started_at), "requests": call.requests_made,
+                   "retries": call.retries},
+        )
+
+    new_watermarks: dict[str, float | None] = {}
+    stored: set[str] = before_objects
+    oids = list(todo["oid"])
+    done = 0
+    step("fetching light curves", completed=0, total=len(oids))
+    for start in range(0, len(oids), ap.commit_every):
+        chunk = oids[start:start + ap.commit_every]
+        fetched: list[FetchedLightCurve] = []
+        for item in fetch_many(clients, call, chunk, ap.concurrency):
+            if isinstance(item, Failure):
+                fetch_failures.append(item)
+            else:
+                fetched.append(item)
+            done += 1
+            step("fetching light curves", completed=done, total=len(oids))
+        mapped = MappedTables(
+            detections=(pd.concat([f.detections for f in fetched], ignore_index=True) if fetched
+                        else empty_frame(DETECTIONS_SCHEMA)),
+            non_detections=(pd.concat([f.non_detections for f in fetched], ignore_index=True) if fetched
+                            else empty_frame(NON_DETECTIONS_SCHEMA)),
+            labels=labels, source="alerce", label_source=f"alerce:{ap.classifier}")
+        batch, chunk_reports, chunk_dropped = prepare_batch(mapped, params, base, pd.Timestamp.now(tz="UTC"),
+                                                            lambda *_a, **_k: None)
+        current, chunk_counts = upsert(current, batch)
+        counts = _sum_counts(counts, chunk_counts)
+        reports = [r.merge(c) for r, c in zip(reports, chunk_reports)]
+        dropped += chunk_dropped
+        stored = set(current.objects["oid"])
+        for f in fetched:
+            seen[f.oid] = lastmjd_of.get(f.oid, math.nan)
+            fetched_ok.append(f.oid)
+        interim = result(complete=False)
+        store.commit(current, interim.manifest(), rejections=interim.rejections_frame(),
+                     state={"version": STATE_VERSION, "watermarks": watermarks, "seen": seen})
+
+    for class_name, lst in listings.items():
+        failed = [f for f in fetch_failures if class_of.get(f.what) == class_name]
+        new_watermarks[class_name] = _new_watermark(watermarks.get(class_name), lst, failed, lastmjd_of)
+    final = result(complete=True)
+    step(f"writing {paths.raw_dir}")
+    store.commit(current, final.manifest(), rejections=final.rejections_frame(),
+                 state={"version": STATE_VERSION, "watermarks": {**watermarks, **new_watermarks}, "seen": seen})
+    return final
