@@ -125,7 +125,8 @@ def ingest(
 
 
 def _print_ingest_summary(result) -> None:
-    table = Table(title=f"ingest from {result.source} -> {result.raw_dir} in {result.seconds:.1f} s", min_width=60)
+    console.print(f"[bold]ingest[/] from {result.source} -> {result.raw_dir} in {result.seconds:.1f} s")
+    table = Table(title="stored")
     table.add_column("class")
     table.add_column("objects", justify="right")
     for label, n in result.objects_per_class.items():
@@ -133,16 +134,17 @@ def _print_ingest_summary(result) -> None:
     table.add_row("[bold]total", f"[bold]{sum(result.objects_per_class.values())}")
     console.print(table)
     if result.per_class is not None:
-        pulled = Table(title="ALeRCE pull" + ("" if result.complete else " (incomplete)"))
-        for col in ("class", "p ≥", "listed", "unchanged", "fetched", "new", "updated", "detections added",
-                    "failures", "watermark"):
-            pulled.add_column(col, justify="left" if col == "class" else "right")
+        pulled = Table(title="ALeRCE pull" + ("" if result.complete else " (incomplete)"),
+                       caption="same: listed but unchanged since the last pull; upd: updated objects; "
+                               "+det: detections added")
+        for col in ("class", "p≥", "listed", "same", "fetched", "new", "upd", "+det", "fail", "watermark"):
+            pulled.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
         for name, c in result.per_class.items():
             mark = c["watermark_after"]
             pulled.add_row(name, f"{c['threshold']:.2f}", str(c["listed"]), str(c["skipped_unchanged"]),
                            str(c["fetched"]), str(c["objects_new"]), str(c["objects_updated"]),
                            str(c["detections_added"]), str(len(c["failures"])),
-                           "-" if mark is None else f"{mark:.3f}")
+                           "-" if mark is None else f"{mark:.2f}")
         console.print(pulled)
         failures = [f for c in result.per_class.values() for f in c["failures"]]
         if failures:

@@ -10,6 +10,7 @@ one bad object or page: callers get results plus failures.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -176,10 +177,11 @@ class Listing:
 LISTING_COLUMNS = ["oid", "class", "probability", "ndet", "firstmjd", "lastmjd"]
 
 
-def list_class(client, call: Caller, params: AlerceParams, class_name: str,
-               lastmjd_from: float | None) -> Listing:
+def list_class(client, call: Caller, params: AlerceParams, class_name: str, lastmjd_from: float | None,
+               is_new: Callable[[str, float], bool] = lambda _oid, _lastmjd: True) -> Listing:
     """Page through /objects for one class (top-class probability >= its threshold, lastmjd >= ``lastmjd_from``),
-    oldest lastmjd first, until the pages run out or the class cap is reached."""
+    oldest lastmjd first, until the pages run out or ``max_objects_per_class`` objects for which
+    ``is_new(oid, lastmjd)`` holds have been listed (objects already up to date do not use up the cap)."""
     query: dict[str, Any] = dict(survey=SURVEY, format="json", classifier=params.classifier, class_name=class_name,
                                  probability=params.threshold(class_name), page_size=params.page_size,
                                  order_by="lastmjd", order_mode="ASC")
@@ -188,6 +190,7 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str,
     if lastmjd_from is not None:
         query["lastmjd"] = [lastmjd_from]
     rows: dict[str, dict] = {}
+    n_new = 0
     failures: list[Failure] = []
     previous: list[str] | None = None
     safe = lastmjd_from
@@ -218,24 +221,28 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str,
         if previous is not None and oids == previous:
             failures.append(Failure(what, f"page repeats page {page - 1}"))
             gap = True
-            if not body.get("has_next"):
-                break
             continue
         previous = oids
         for item in items:
-            if item.get("class") is not None and normalise_label(item.get("class")) != class_name:
+            oid = str(item["oid"])
+            if oid in rows or (item.get("class") is not None and normalise_label(item.get("class")) != class_name):
                 continue
-            rows.setdefault(str(item["oid"]), item)
-            if not gap and item.get("lastmjd") is not None:
-                safe = max(safe or -float("inf"), float(item["lastmjd"]))
-        if len(rows) >= params.max_objects_per_class:
+            lastmjd = _as_float(item.get("lastmjd"))
+            if n_new >= params.max_objects_per_class:
+                break
+            rows[oid] = item
+            n_new += bool(is_new(oid, lastmjd))
+            if not gap and not math.isnan(lastmjd):
+                safe = max(safe if safe is not None else -math.inf, lastmjd)
+        if n_new >= params.max_objects_per_class:
             break
-        if not body.get("has_next"):
+        # Without count=true the server leaves has_next false: a full page means there may be more.
+        if not body.get("has_next") and len(body["items"]) < params.page_size:
             complete = not gap
             break
     else:
         failures.append(Failure(f"objects of {class_name}", f"stopped after {max_pages} pages"))
-    frame = pd.DataFrame(list(rows.values())[: params.max_objects_per_class])
+    frame = pd.DataFrame(list(rows.values()))
     for col in LISTING_COLUMNS:
         if col not in frame.columns:
             frame[col] = pd.NA
@@ -246,6 +253,13 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str,
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     frame["ndet"] = pd.to_numeric(frame["ndet"], errors="coerce")
     return Listing(class_name=class_name, rows=frame, failures=failures, complete=complete, safe_lastmjd=safe)
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 @dataclass

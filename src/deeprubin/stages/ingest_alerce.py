@@ -42,12 +42,15 @@ def _per_class_detections(lcs: LightCurves) -> dict[str, int]:
     return lcs.detections["oid"].map(label_of).fillna("(none)").value_counts().to_dict()
 
 
+def _is_new(seen: dict[str, float], oid: str, lastmjd: float) -> bool:
+    """Never fetched, or its lastmjd moved since it was (a NaN lastmjd always counts as new)."""
+    return not seen.get(oid, -math.inf) >= lastmjd - 1e-9
+
+
 def _needs_fetch(listing: Listing, seen: dict[str, float]) -> pd.DataFrame:
-    """Rows never fetched, or whose lastmjd moved since they were (NaN lastmjd: always fetch)."""
     rows = listing.rows
-    last_seen = rows["oid"].map(lambda oid: seen.get(oid, -math.inf)).astype(float)
-    moved = ~(last_seen >= rows["lastmjd"].astype(float) - 1e-9)
-    return rows.loc[moved.to_numpy()]
+    new = [_is_new(seen, oid, lastmjd) for oid, lastmjd in zip(rows["oid"], rows["lastmjd"].astype(float))]
+    return rows.loc[new]
 
 
 def _new_watermark(old: float | None, listing: Listing, failed: list[Failure], lastmjd_of: dict[str, float]
@@ -89,7 +92,8 @@ def pull(params: IngestParams, paths: IngestPaths, base: BaseParams, step: Progr
         step(f"listing {class_name} (p >= {ap.threshold(class_name)})")
         old = watermarks.get(class_name)
         lower = old - ap.overlap_days if old is not None else ap.since_mjd
-        listings[class_name] = list_class(clients.get(), call, ap, class_name, lower)
+        listings[class_name] = list_class(clients.get(), call, ap, class_name, lower,
+                                          is_new=lambda oid, lastmjd: _is_new(seen, oid, lastmjd))
 
     listed = pd.concat([lst.rows for lst in listings.values()], ignore_index=True).drop_duplicates("oid", keep="last")
     lastmjd_of = dict(zip(listed["oid"], listed["lastmjd"].astype(float)))
