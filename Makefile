@@ -37,6 +37,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python bench/simulate_speed.py
+	$(BIN)/python bench/alerce_pull.py
 
 realism: install
 	$(BIN)/python bench/realism.py

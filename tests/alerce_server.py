@@ -993,10 +993,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--now", type=float, default=None, help="serve only data with mjd <= NOW")
     ap.add_argument("--recorded", action="store_true", help=f"also serve {RECORDED_OID} (recorded response)")
+    ap.add_argument("--fault", action="append", default=[], metavar="JSON",
+                    help='a FaultRule as JSON, e.g. \'{"route": "lightcurve", "kind": "http_500", "times": 20}\' '
+                         "(repeatable)")
     args = ap.parse_args(argv)
 
     cat = build_catalogue(args.n_per_class, args.seed, args.recorded)
     server = AlerceReplayServer(cat, now_mjd=args.now, host=args.host, port=args.port).start()
+    for text in args.fault:
+        server.add_fault(FaultRule(**json.loads(text)))
     done = threading.Event()
 
     def _stop(signum, frame):
