@@ -297,3 +297,13 @@ def test_a_pull_killed_midway_and_rerun_equals_an_uninterrupted_pull(server, ref
     assert_same(raw, reference)
     assert json.loads((raw / "manifest.json").read_text())["complete"] is True
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".raw", "raw."))) == []
+
+
+def test_replacing_the_store_drops_the_pull_state(server, tmp_path):
+    pull(server, tmp_path / "raw")
+    assert RawStore(tmp_path / "raw").read_state()["watermarks"]
+    params = IngestParams(source="simulator", raw_dir=tmp_path / "raw",
+                          simulator=SimulatorParams(n_per_class=2, survey_days=365.0))
+    run(params, IngestPaths.from_params(params))
+    assert RawStore(tmp_path / "raw").read_state() == {}
+    assert set(RawStore(tmp_path / "raw").read().objects["source"]) == {"simulator"}

@@ -178,7 +178,8 @@ def run(params: IngestParams, paths: IngestPaths, base: BaseParams | None = None
         objects_dropped=dropped,
         counts=counts,
     )
-    store.commit(batch, result.manifest(), rejections=result.rejections_frame())
+    # Replacing the tables voids an ALeRCE pull's watermarks; an upsert keeps them valid.
+    store.commit(batch, result.manifest(), rejections=result.rejections_frame(), state=None if params.upsert else {})
     result.seconds = time.perf_counter() - started
     return result
 
