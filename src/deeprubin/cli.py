@@ -171,6 +171,119 @@ def _print_ingest_summary(result) -> None:
     console.print(Panel("\n".join(lines), title="summary", expand=False))
 
 
+@app.command()
+def preprocess(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    executor: Annotated[
+        Optional[str], typer.Option(help="processes or dask (default: preprocess.executor).")
+    ] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes; 1: no pool (default: CPU count).")] = None,
+    dask_address: Annotated[
+        Optional[str], typer.Option(help="Dask scheduler address; implies --executor dask.")
+    ] = None,
+    raw: Annotated[Optional[Path], typer.Option(help="Raw store to read (default: ingest.raw_dir).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: preprocess.processed_dir).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Recompute every object (ignore the stored tensors).")] = False,
+) -> None:
+    """GP-interpolate every light curve onto the daily grid: model input tensors under data/processed.
+
+    Objects run in oid-hash partitions on a process pool or a Dask cluster (same output either way); only objects
+    whose detections changed since the last run are recomputed. Objects that cannot be interpolated are skipped
+    and counted with their reason. Examples:
+
+      deeprubin preprocess
+
+      deeprubin preprocess --dask-address tcp://scheduler:8786
+    """
+    from deeprubin.stages import preprocess as stage
+
+    extra = list(overrides or [])
+    if dask_address is not None:
+        executor = executor or "dask"
+    for key, value in (("preprocess.executor", executor), ("preprocess.workers", workers),
+                       ("preprocess.dask_address", dask_address), ("ingest.raw_dir", raw),
+                       ("preprocess.processed_dir", out)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    if full:
+        extra.append("preprocess.incremental=false")
+    params = _load(params_path, extra)
+    paths = stage.PreprocessPaths.from_params(params)
+
+    with Progress(SpinnerColumn(), TextColumn("[bold]preprocess[/] {task.description}"), BarColumn(),
+                  TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("starting", total=None, count="")
+
+        def report(message: str, completed: int | None = None, total: int | None = None) -> None:
+            if completed is None:
+                bar.update(task, description=message, total=None, completed=0, count="")
+            else:
+                bar.update(task, description=message, total=total, completed=completed,
+                           count=f"{completed}/{total} partitions")
+
+        try:
+            result = stage.run(params.preprocess, paths, base=params.base, progress=report)
+        except (FileNotFoundError, ValueError) as exc:
+            err_console.print(f"[bold red]preprocess failed:[/] {exc}")
+            raise typer.Exit(1) from None
+    _print_preprocess_summary(result)
+
+
+def _print_preprocess_summary(result) -> None:
+    console.print(f"[bold]preprocess[/] -> {result.processed_dir} in {result.seconds:.1f} s "
+                  f"({result.executor}, {result.workers} worker(s))")
+    table = Table(title="objects")
+    table.add_column("", no_wrap=True)
+    table.add_column("count", justify="right")
+    table.add_row("in", str(result.objects_in))
+    table.add_row("written: GP ok", str(result.ok))
+    table.add_row("written: GP fallback", str(result.fallback_objects))
+    for reason, n in sorted(result.fallback.items()):
+        table.add_row(f"  fallback: {reason}", str(n))
+    for reason, n in sorted(result.skipped.items()):
+        table.add_row(f"skipped: {reason}", str(n))
+    table.add_row("recomputed / reused", f"{result.recomputed} / {result.reused}")
+    console.print(table)
+    console.print(f"tensor {tuple(result.shape)} float32 in {result.shards} shard(s); "
+                  f"index: {result.processed_dir / 'index.parquet'}, skipped objects with reasons: "
+                  f"{result.processed_dir / 'skipped.parquet'}")
+
+
+@app.command()
+def plot(
+    oid: Annotated[str, typer.Argument(help="Object id.")],
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: OID.png).")] = None,
+    raw: Annotated[Optional[Path], typer.Option(help="Raw store to read (default: ingest.raw_dir).")] = None,
+    until_mjd: Annotated[
+        Optional[float], typer.Option(help="Use only detections up to this MJD (an early light curve).")
+    ] = None,
+) -> None:
+    """Plot an object's detections, upper limits, and GP mean with its ±1σ band over the model's window (PNG)."""
+    from deeprubin.plots import plot_object
+    from deeprubin.store import RawStore
+
+    extra = list(overrides or [])
+    if raw is not None:
+        extra.append(f"ingest.raw_dir={raw}")
+    params = _load(params_path, extra)
+    store = RawStore(params.ingest.raw_dir)
+    if not store.exists():
+        err_console.print(f"[bold red]plot failed:[/] no light curves in {params.ingest.raw_dir}")
+        raise typer.Exit(1)
+    target = out or Path(f"{oid}.png")
+    try:
+        written = plot_object(store.read(), oid, target, grid_days=params.preprocess.grid_days,
+                              fit_context_days=params.preprocess.fit_context_days, until_mjd=until_mjd)
+    except KeyError as exc:
+        err_console.print(f"[bold red]plot failed:[/] {exc.args[0]}")
+        raise typer.Exit(1) from None
+    console.print(f"wrote {written}")
+
+
 @config_app.command("show")
 def config_show(params_path: ParamsOption = Path("params.yaml"), overrides: SetOption = None,
                 section: Annotated[Optional[str], typer.Argument(help="Only this section.")] = None) -> None:

@@ -127,9 +127,24 @@ class IngestParams(Section):
 
 
 class PreprocessParams(Section):
+    """GP interpolation of every light curve onto the daily grid (stages/preprocess.py, window.py)."""
+
     processed_dir: Path = Field(Path("data/processed"), description="Where model-ready tensors are written.")
     grid_days: int = Field(100, ge=10, description="Length of the daily grid, days.")
     kernel: Literal["matern32"] = Field("matern32", description="GP kernel.")
+    fit_context_days: float = Field(
+        100.0, ge=0, description="Detections up to this many days before the window start are fitted too.")
+    partitions: int = Field(
+        16, ge=1, le=100000, description="Objects are split into this many partitions by a hash of their oid; "
+                                         "one output shard per partition (fixed, so output never depends on workers).")
+    executor: Literal["processes", "dask"] = Field(
+        "processes", description="processes: a local process pool; dask: the same partitions on a Dask cluster.")
+    workers: int | None = Field(
+        None, ge=1, description="Processes (or LocalCluster workers); null: the CPU count; 1: in this process.")
+    dask_address: str | None = Field(
+        None, description="Dask scheduler address (tcp://host:8786); null: start a LocalCluster.")
+    incremental: bool = Field(
+        True, description="Reuse stored tensors of objects whose detections did not change.")
 
 
 class TrainParams(Section):

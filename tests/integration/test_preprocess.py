@@ -1,0 +1,243 @@
+"""The preprocess stage on a small simulated raw store: tensors, report, executors, incremental runs, the plot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deeprubin import gp
+from deeprubin.config import load_params
+from deeprubin.stages import ingest
+from deeprubin.stages import preprocess as stage
+from deeprubin.store import RawStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def params_for(raw: Path, out: Path, *extra: str):
+    return load_params(None, [f"ingest.raw_dir={raw}", f"preprocess.processed_dir={out}",
+                              "ingest.simulator.n_per_class=8", "preprocess.partitions=4",
+                              "preprocess.workers=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pre") / "raw"
+    p = params_for(root, root.parent / "unused")
+    ingest.run(p.ingest, ingest.IngestPaths.from_params(p.ingest), p.base)
+    return root
+
+
+def run_stage(raw: Path, out: Path, *extra: str) -> stage.PreprocessResult:
+    p = params_for(raw, out, *extra)
+    return stage.run(p.preprocess, stage.PreprocessPaths.from_params(p), p.base)
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def serial(raw, tmp_path_factory) -> tuple[Path, stage.PreprocessResult]:
+    out = tmp_path_factory.mktemp("serial") / "processed"
+    return out, run_stage(raw, out)
+
+
+def test_tensors_index_and_report(raw, serial):
+    out, result = serial
+    x, index = stage.load_processed(out)
+    objects = RawStore(raw).read().objects
+    assert x.dtype == np.float32 and x.shape == (len(index), len(stage.CHANNELS), 100)
+    assert np.isfinite(x).all() and (x[:, 2:4] > 0).all() and ((x[:, 4:] >= 0) & (x[:, 4:] <= 1)).all()
+    assert result.objects_in == len(objects) == 32
+    skipped = sum(result.skipped.values())
+    assert result.written + skipped == result.objects_in
+    assert result.ok + result.fallback_objects == result.written
+    assert result.recomputed == 32 and result.reused == 0
+    assert set(index["oid"]) == set(objects["oid"])  # the simulator makes curves that all interpolate
+    assert index["label"].tolist() == objects.set_index("oid").loc[index["oid"], "label"].tolist()
+    # window metadata: long curves end at their last detection, short ones start at their first
+    assert np.allclose(index["window_end_mjd"] - index["window_start_mjd"], 99)
+    assert (index["window_start_mjd"] >= index["first_mjd"]).all()
+    assert (index["last_mjd"] <= index["window_end_mjd"] + 1e-9).all()
+    long = index["anchored"] == "last"
+    assert np.allclose(index.loc[long, "window_end_mjd"], index.loc[long, "last_mjd"])
+    assert set(index.loc[index["label"].isin(["SNIa", "SNII"]), "anchored"]) <= {"first", "last"}
+    assert (index["n_det_g"] + index["n_det_r"] >= 1).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["channels"] == list(stage.CHANNELS) and manifest["shape"] == list(x.shape)
+    assert manifest["report"]["ok"] == result.ok
+    # Shards are one per partition, rows in oid order.
+    for shard, rows in index.groupby("shard"):
+        assert rows["oid"].is_monotonic_increasing and rows["row"].tolist() == list(range(len(rows)))
+        assert np.load(out / shard).shape[0] == len(rows)
+
+
+def test_process_pool_and_dask_give_identical_output(raw, serial, tmp_path):
+    from dask.distributed import LocalCluster
+
+    out, _ = serial
+    pool = run_stage(raw, tmp_path / "pool", "preprocess.workers=2")
+    assert pool.executor == "processes"
+    assert files(tmp_path / "pool") == files(out)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        dask = run_stage(raw, tmp_path / "dask", "preprocess.executor=dask",
+                         f"preprocess.dask_address={cluster.scheduler_address}")
+    assert dask.executor == "dask"
+    assert files(tmp_path / "dask") == files(out)
+
+
+def test_incremental_recomputes_only_changed_objects(raw, serial, tmp_path):
+    out0, _ = serial
+    work_raw, out = tmp_path / "raw", tmp_path / "processed"
+    shutil.copytree(raw, work_raw)
+    shutil.copytree(out0, out)
+
+    again = run_stage(work_raw, out)
+    assert again.recomputed == 0 and again.reused == 32
+    assert files(out) == files(out0)
+
+    # New detections for two objects, a relabel for a third, one object gone.
+    store = RawStore(work_raw)
+    lcs = store.read()
+    oids = sorted(lcs.objects["oid"])
+    changed, relabelled, gone = oids[:2], oids[5], oids[7]
+    det = lcs.detections
+    extra = det.loc[det["oid"].isin(changed)].groupby("oid").tail(1).copy()
+    extra["mjd"] += 2.0
+    det = pd.concat([det.loc[det["oid"] != gone], extra]).sort_values(["oid", "mjd", "band"]).reset_index(drop=True)
+    objects = lcs.objects.loc[lcs.objects["oid"] != gone].copy()
+    objects.loc[objects["oid"] == relabelled, "label"] = "QSO" if objects.loc[
+        objects["oid"] == relabelled, "label"].item() != "QSO" else "CEP"
+    nondet = lcs.non_detections.loc[lcs.non_detections["oid"] != gone]
+    store.commit(type(lcs)(objects=objects, detections=det, non_detections=nondet), manifest={})
+
+    inc = run_stage(work_raw, out)
+    assert inc.recomputed == 2 and inc.reused == 29 and inc.objects_in == 31
+    full = run_stage(work_raw, tmp_path / "full", "preprocess.incremental=false")
+    assert full.recomputed == 31
+    assert files(out) == files(tmp_path / "full")  # identical to a full recompute
+    _, index = stage.load_processed(out)
+    assert gone not in set(index["oid"])
+    assert index.set_index("oid").loc[relabelled, "label"] == objects.set_index("oid").loc[relabelled, "label"]
+    assert (index.set_index("oid").loc[changed, "last_mjd"].to_numpy()
+            == extra.set_index("oid").loc[changed, "mjd"].to_numpy()).all()
+
+    # A change of configuration recomputes everything.
+    regrid = run_stage(work_raw, out, "preprocess.grid_days=50")
+    assert regrid.recomputed == 31 and regrid.shape[2] == 50
+
+
+def test_one_bad_object_never_sinks_the_batch_nor_writes_nan(raw, tmp_path, monkeypatch):
+    lcs = RawStore(raw).read()
+    oids = sorted(lcs.objects["oid"])
+    raising, nan_one, input_error = oids[0], oids[1], oids[2]
+    real = gp.interpolate
+
+    def batch(_curves):
+        raise RuntimeError("vectorised path broke")
+
+    def one(t, flux, flux_err, band, grid):
+        who = by_key.get((len(t), round(float(np.sum(flux)), 6)))
+        if who == raising:
+            raise ZeroDivisionError("boom")
+        if who == input_error:
+            raise gp.GPInputError("no usable points: 0 given")
+        res = real(t, flux, flux_err, band, grid)
+        if who == nan_one:
+            return gp.GPResult(mean=res.mean * np.nan, std=res.std, status="ok", params={})
+        return res
+
+    # recognise each object inside the GP call by what it is given
+    by_key = {}
+    for oid, d in lcs.detections.groupby("oid"):
+        prep = stage.prepare(stage.Curve.from_frame(oid, d))
+        by_key[(len(prep.t), round(float(np.sum(prep.flux)), 6))] = oid
+    assert len(by_key) == len(oids)
+    monkeypatch.setattr(gp, "interpolate_batch", batch)
+    monkeypatch.setattr(gp, "interpolate", one)
+
+    result = run_stage(raw, tmp_path / "out")
+    assert result.skipped == {"GP failed: ZeroDivisionError": 1, "GP output is not finite": 1,
+                              "cannot interpolate: no usable points": 1}
+    assert result.written == 29
+    x, index = stage.load_processed(tmp_path / "out")
+    assert np.isfinite(x).all() and not {raising, nan_one, input_error} & set(index["oid"])
+    skipped = pd.read_parquet(tmp_path / "out" / "skipped.parquet")
+    assert set(skipped["oid"]) == {raising, nan_one, input_error}
+    assert skipped.set_index("oid").loc[raising, "detail"] == "boom"
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deeprubin.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={"PATH": str(Path(sys.executable).parent), "HOME": str(cwd),
+                                            "COLUMNS": "200", "DO_NOT_TRACK": "1"})
+
+
+def test_cli_preprocess_and_plot(raw, tmp_path):
+    out = tmp_path / "processed"
+    proc = cli("preprocess", "--raw", str(raw), "--out", str(out), "--workers", "1",
+               "--set", "preprocess.partitions=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "recomputed / reused" in proc.stdout and "32 / 0" in proc.stdout
+    assert (out / "index.parquet").exists() and (out / "part-00000.npy").exists()
+
+    objects = RawStore(raw).read().objects
+    for label in ("SNIa", "QSO"):
+        oid = objects.loc[objects["label"] == label, "oid"].iloc[0]
+        png = tmp_path / "plots" / f"{oid}.png"
+        proc = cli("plot", oid, "--raw", str(raw), "--out", str(png), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    proc = cli("plot", "NOPE", "--raw", str(raw), cwd=tmp_path)
+    assert proc.returncode == 1 and "NOPE" in proc.stderr
+    proc = cli("preprocess", "--raw", str(tmp_path / "missing"), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 1 and "deeprubin ingest" in proc.stderr
+
+
+def test_dask_local_cluster_when_no_address(raw, serial, tmp_path):
+    out, _ = serial
+    result = run_stage(raw, tmp_path / "dask", "preprocess.executor=dask", "preprocess.workers=1")
+    assert result.executor == "dask" and files(tmp_path / "dask") == files(out)
+
+
+def test_dvc_repro_preprocess(tmp_path):
+    import os
+
+    import yaml
+
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, work / name)
+    shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["simulator"]["n_per_class"] = 4
+    params["preprocess"]["partitions"] = 2
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+           "DO_NOT_TRACK": "1", "HOME": str(work), "DEEPRUBIN_PREPROCESS__WORKERS": "1"}
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["git", "init", "-q"] if args == ("init",) else [str(bin_dir / "dvc"), *args],
+                              cwd=work, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, f"{args}: {proc.stdout}\n{proc.stderr}"
+        return proc
+
+    dvc("init")
+    dvc("repro", "preprocess")
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]["preprocess"]
+    assert lock["outs"][0]["path"] == "data/processed"
+    assert lock["params"]["params.yaml"]["preprocess.partitions"] == 2
+    assert (work / "data" / "processed" / "index.parquet").exists()
+    second = dvc("repro", "preprocess")
+    assert "didn't change" in second.stdout or "up to date" in second.stdout
