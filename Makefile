@@ -28,6 +28,7 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/deeprubin ingest
+	$(BIN)/deeprubin preprocess
 
 test: install
 	$(BIN)/python -m pytest
@@ -38,6 +39,7 @@ test-slow: install
 bench: install
 	$(BIN)/python bench/simulate_speed.py
 	$(BIN)/python bench/alerce_pull.py
+	$(BIN)/python bench/gp.py
 
 realism: install
 	$(BIN)/python bench/realism.py
