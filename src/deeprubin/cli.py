@@ -45,6 +45,28 @@ def _load(params_path: Path, overrides: list[str] | None) -> Params:
         raise typer.Exit(2) from None
 
 
+def _run_with_progress(stage: str, work, unit: str = ""):
+    """Run ``work(report)`` under a transient rich progress bar; a stage's FileNotFoundError or ValueError (bad input
+    named by the stage) becomes a clear one-line error and exit code 1."""
+    with Progress(SpinnerColumn(), TextColumn(f"[bold]{stage}[/] {{task.description}}"), BarColumn(),
+                  TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("starting", total=None, count="")
+
+        def report(message: str, completed: int | None = None, total: int | None = None) -> None:
+            if completed is None:
+                bar.update(task, description=message, total=None, completed=0, count="")
+            else:
+                bar.update(task, description=message, total=total, completed=completed,
+                           count=f"{completed}/{total}{unit}")
+
+        try:
+            return work(report)
+        except (FileNotFoundError, ValueError) as exc:
+            err_console.print(f"[bold red]{stage} failed:[/] {exc}")
+            raise typer.Exit(1) from None
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"deeprubin {__version__}")
@@ -104,23 +126,8 @@ def ingest(
     params = _load(params_path, extra)
     paths = stage.IngestPaths.from_params(params.ingest)
 
-    with Progress(SpinnerColumn(), TextColumn("[bold]ingest[/] {task.description}"), BarColumn(),
-                  TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=err_console,
-                  transient=True) as bar:
-        task = bar.add_task("starting", total=None, count="")
-
-        def report(message: str, completed: int | None = None, total: int | None = None) -> None:
-            if completed is None:
-                bar.update(task, description=message, total=None, completed=0, count="")
-            else:
-                bar.update(task, description=message, total=total, completed=completed,
-                           count=f"{completed}/{total}")
-
-        try:
-            result = stage.run(params.ingest, paths, base=params.base, progress=report)
-        except (FileNotFoundError, ValueError) as exc:
-            err_console.print(f"[bold red]ingest failed:[/] {exc}")
-            raise typer.Exit(1) from None
+    result = _run_with_progress("ingest", lambda report: stage.run(params.ingest, paths, base=params.base,
+                                                                    progress=report))
     _print_ingest_summary(result)
 
 
@@ -211,23 +218,8 @@ def preprocess(
     params = _load(params_path, extra)
     paths = stage.PreprocessPaths.from_params(params)
 
-    with Progress(SpinnerColumn(), TextColumn("[bold]preprocess[/] {task.description}"), BarColumn(),
-                  TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=err_console,
-                  transient=True) as bar:
-        task = bar.add_task("starting", total=None, count="")
-
-        def report(message: str, completed: int | None = None, total: int | None = None) -> None:
-            if completed is None:
-                bar.update(task, description=message, total=None, completed=0, count="")
-            else:
-                bar.update(task, description=message, total=total, completed=completed,
-                           count=f"{completed}/{total} partitions")
-
-        try:
-            result = stage.run(params.preprocess, paths, base=params.base, progress=report)
-        except (FileNotFoundError, ValueError) as exc:
-            err_console.print(f"[bold red]preprocess failed:[/] {exc}")
-            raise typer.Exit(1) from None
+    result = _run_with_progress("preprocess", lambda report: stage.run(params.preprocess, paths, base=params.base,
+                                                                        progress=report), unit=" partitions")
     _print_preprocess_summary(result)
 
 
