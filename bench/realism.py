@@ -543,7 +543,6 @@ def main(argv: list[str] | None = None) -> int:
         note(f"real data folder {root} not found (set DEEPRUBIN_SHARED_DATA): real columns will be empty")
 
     sim, truth = load_simulated(args.n_per_class, args.seed)
-    sim_lab = sim.groupby("oid")["label"].first()
     bts, ogle, alerce = load_bts(root), load_ogle(root), load_alerce_cepheids(root)
     sources = [f"Simulated: `deeprubin.sources.simulate.simulate(SimulatorParams(n_per_class={args.n_per_class}), "
                f"seed={args.seed})`, {sim['oid'].nunique()} objects, {len(sim)} detections "

@@ -425,14 +425,12 @@ def _predict_batch(curves: list[_Curve], rho: np.ndarray, sigma: np.ndarray, cor
     order = np.argsort([len(c.t) for c in curves], kind="stable")
     start = 0
     while start < n:
-        nmax = len(curves[order[min(n - 1, start)]].t)
         size = 1
         while start + size < n and size < 64:
             nn = len(curves[order[start + size]].t)
             if (size + 1) * nn * nn > PREDICT_CHUNK_ELEMENTS:
                 break
             size += 1
-            nmax = nn
         sel = order[start:start + size]
         start += size
         try:
@@ -516,7 +514,6 @@ def _result(c: _Curve, mean, var, rho, sigma, ll, status_notes, correlation: flo
 
 def _finish(curves: list[_Curve], settings: GPSettings) -> list[GPResult]:
     """Fit, clip leave-one-out outliers (one refit of the curves that lost points), predict. Never raises."""
-    n = len(curves)
     lr, ls, lo = _fit(curves, settings)
     rho, sigma = np.exp(lr), np.exp(ls)
     preds = _predict_batch(curves, rho, sigma, settings.correlation, settings.clip)

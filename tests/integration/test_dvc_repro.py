@@ -33,6 +33,8 @@ def project(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["simulator"]["n_per_class"] = 10
+    params["preprocess"]["partitions"] = 2
+    params["preprocess"]["workers"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], work)
     return work
@@ -56,3 +58,15 @@ def test_dvc_repro_ingest_is_recorded_and_reproducible(project: Path):
     run([dvc, "repro", "--force", "ingest"], project)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["ingest"]["outs"][0]["md5"] == first_hash
+
+
+def test_dvc_repro_preprocess_follows_ingest_and_is_then_a_no_op(project: Path):
+    dvc = str(BIN / "dvc")
+    run([dvc, "repro", "preprocess"], project)  # runs ingest first: preprocess depends on data/raw
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"ingest", "preprocess"}
+    assert lock["preprocess"]["outs"][0]["path"] == "data/processed"
+    assert lock["preprocess"]["params"]["params.yaml"]["preprocess.partitions"] == 2
+    assert (project / "data" / "processed" / "index.parquet").exists()
+    second = run([dvc, "repro"], project)
+    assert "didn't change" in second.stdout or "up to date" in second.stdout

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 
 from deeprubin.schema import DETECTIONS_SCHEMA, NON_DETECTIONS_SCHEMA, OBJECTS_SCHEMA
 

@@ -206,38 +206,3 @@ def test_dask_local_cluster_when_no_address(raw, serial, tmp_path):
     out, _ = serial
     result = run_stage(raw, tmp_path / "dask", "preprocess.executor=dask", "preprocess.workers=1")
     assert result.executor == "dask" and files(tmp_path / "dask") == files(out)
-
-
-def test_dvc_repro_preprocess(tmp_path):
-    import os
-
-    import yaml
-
-    work = tmp_path / "project"
-    work.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, work / name)
-    shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["ingest"]["simulator"]["n_per_class"] = 4
-    params["preprocess"]["partitions"] = 2
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-           "DO_NOT_TRACK": "1", "HOME": str(work), "DEEPRUBIN_PREPROCESS__WORKERS": "1"}
-
-    def dvc(*args: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["git", "init", "-q"] if args == ("init",) else [str(bin_dir / "dvc"), *args],
-                              cwd=work, capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, f"{args}: {proc.stdout}\n{proc.stderr}"
-        return proc
-
-    dvc("init")
-    dvc("repro", "preprocess")
-    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]["preprocess"]
-    assert lock["outs"][0]["path"] == "data/processed"
-    assert lock["params"]["params.yaml"]["preprocess.partitions"] == 2
-    assert (work / "data" / "processed" / "index.parquet").exists()
-    second = dvc("repro", "preprocess")
-    assert "didn't change" in second.stdout or "up to date" in second.stdout
