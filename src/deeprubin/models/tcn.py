@@ -1,0 +1,120 @@
+"""A temporal convolutional network (Bai, Kolter & Koltun 2018) over the 100-day model input.
+
+Architecture: ``levels`` residual blocks; block ``k`` holds two dilated *causal* 1-D convolutions (dilation ``2**k``,
+padding on the left only, so the feature at day ``t`` depends on days ``<= t`` alone), each weight-normalised
+(:func:`torch.nn.utils.parametrizations.weight_norm`) and followed by ReLU and dropout; a 1x1 convolution carries the
+residual when the number of channels changes. The features are averaged over the *observed days* (below), and a
+linear head gives one logit per class (QSO, CEP, SNIa, SNII in :data:`deeprubin.schema.CLASSES` order);
+:meth:`TCN.predict_proba` is their softmax.
+
+Receptive field: ``1 + convs_per_block * (kernel_size - 1) * (2**levels - 1)`` days (:func:`receptive_field`); the
+default (kernel 3, 5 levels) sees 125 days, so the feature at the last observed day sees the whole 100-day window.
+
+Observed days (what the global average pooling averages over): the grid days from day 0 up to the *last day with a
+detection*. Young objects' grids run past their last detection (:mod:`deeprubin.window`); those days hold the GP's
+prediction, not data, and are left out of the pool. The last detection is read from the input itself, from the
+time-since-detection channels (``since_g``, ``since_r``; preprocess writes ``log1p(dt) / log1p(grid_days)``):
+day ``t`` is a detection day when some detection falls in ``(t - 1, t]``, i.e. ``min(since_g, since_r)`` at ``t`` is
+below ``log1p(1) / log1p(grid_days)`` (``dt < 1``). Why not ``since == 0``: the grid is integer days from the
+window start while detection times are fractional, so ``since`` is exactly 0 only where a detection falls on a grid
+point (the first detection of a young object, the last of a long one); the ``dt < 1`` rule agrees with ``== 0`` there
+and also finds the other detection days. An input with no detection day is pooled over all days. A caller may pass
+its own ``mask`` (N, T) instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+#: Indices of ``since_g`` and ``since_r`` in :data:`deeprubin.stages.preprocess.CHANNELS`.
+SINCE_CHANNELS: tuple[int, int] = (4, 5)
+
+
+def receptive_field(kernel_size: int, levels: int, convs_per_block: int = 2) -> int:
+    """Days of input that one output day depends on: ``1 + convs_per_block * (kernel_size - 1) * (2**levels - 1)``."""
+    if kernel_size < 1 or levels < 0 or convs_per_block < 1:
+        raise ValueError(f"bad TCN shape: kernel_size={kernel_size}, levels={levels}, convs={convs_per_block}")
+    return 1 + convs_per_block * (kernel_size - 1) * (2 ** levels - 1)
+
+
+def detection_threshold(grid_days: int) -> float:
+    """``since`` values below this mean a detection within the day before the grid point (``dt < 1``)."""
+    return math.log1p(1.0) / math.log1p(grid_days) - 1e-6
+
+
+def observed_mask(x: torch.Tensor, since_channels: Sequence[int] = SINCE_CHANNELS) -> torch.Tensor:
+    """(N, T) bool: days 0 .. last detection day of each object (all days when it has none); see the module doc."""
+    t = x.shape[2]
+    since = x[:, list(since_channels)].amin(dim=1)
+    detected = since < detection_threshold(t)
+    days = torch.arange(t, device=x.device)
+    last = torch.where(detected, days, torch.full_like(days, -1)).amax(dim=1)
+    last = torch.where(last < 0, torch.full_like(last, t - 1), last)
+    return days.unsqueeze(0) <= last.unsqueeze(1)
+
+
+class TemporalBlock(nn.Module):
+    """Two weight-normalised dilated causal convolutions with ReLU and dropout, plus a residual connection."""
+
+    def __init__(self, n_in: int, n_out: int, kernel_size: int, dilation: int, dropout: float):
+        super().__init__()
+        self.left_pad = (kernel_size - 1) * dilation
+        self.conv1 = weight_norm(nn.Conv1d(n_in, n_out, kernel_size, dilation=dilation))
+        self.conv2 = weight_norm(nn.Conv1d(n_out, n_out, kernel_size, dilation=dilation))
+        self.dropout = nn.Dropout(dropout)
+        self.residual = nn.Conv1d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(F.relu(self.conv1(F.pad(x, (self.left_pad, 0)))))
+        h = self.dropout(F.relu(self.conv2(F.pad(h, (self.left_pad, 0)))))
+        return F.relu(h + self.residual(x))
+
+
+class TCN(nn.Module):
+    """``forward(x (N, C, T), mask (N, T) bool | None) -> logits (N, n_classes)``; see the module docstring."""
+
+    def __init__(self, n_channels: int = 6, n_classes: int = 4, hidden: int = 32, kernel_size: int = 3,
+                 levels: int = 5, dropout: float = 0.1, since_channels: Sequence[int] | None = SINCE_CHANNELS):
+        super().__init__()
+        if hidden < 1 or levels < 1 or kernel_size < 2 or not 0 <= dropout < 1:
+            raise ValueError(f"bad TCN shape: hidden={hidden}, levels={levels}, kernel_size={kernel_size}, "
+                             f"dropout={dropout}")
+        self.n_channels, self.n_classes = n_channels, n_classes
+        self.kernel_size, self.levels = kernel_size, levels
+        self.since_channels = tuple(since_channels) if since_channels is not None else None
+        self.blocks = nn.Sequential(*[
+            TemporalBlock(n_channels if k == 0 else hidden, hidden, kernel_size, 2 ** k, dropout)
+            for k in range(levels)])
+        self.head = nn.Linear(hidden, n_classes)
+
+    @property
+    def receptive_field(self) -> int:
+        return receptive_field(self.kernel_size, self.levels)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-day features before pooling, (N, hidden, T); day ``t`` depends on input days ``<= t`` only."""
+        if x.ndim != 3 or x.shape[1] != self.n_channels:
+            raise ValueError(f"expected input (N, {self.n_channels}, T), got {tuple(x.shape)}")
+        return self.blocks(x)
+
+    def pool_mask(self, x: torch.Tensor) -> torch.Tensor:
+        if self.since_channels is None:
+            return torch.ones(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
+        return observed_mask(x, self.since_channels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x)
+        m = (self.pool_mask(x) if mask is None else mask.bool()).to(h.dtype).unsqueeze(1)
+        pooled = (h * m).sum(dim=2) / m.sum(dim=2).clamp_min(1.0)
+        return self.head(pooled)
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class probabilities (N, n_classes), rows summing to 1."""
+        return torch.softmax(self.forward(x, mask), dim=1)

@@ -1,0 +1,121 @@
+"""Training on a tiny simulated processed set: the data module, fast_dev_run, best checkpoint, determinism and an
+overfit-one-batch test (the model can learn)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from deeprubin.config import IngestParams, PreprocessParams, SimulatorParams
+from deeprubin.data import ProcessedDataModule
+from deeprubin.models.lit import MONITOR, LitTCN, default_callbacks
+from deeprubin.schema import CLASSES
+from deeprubin.stages import ingest, preprocess
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    ingest.run(IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=20)),
+               ingest.IngestPaths(raw_dir=root / "raw"))
+    preprocess.run(PreprocessParams(processed_dir=root / "processed", workers=1),
+                   preprocess.PreprocessPaths(raw_dir=root / "raw", processed_dir=root / "processed"))
+    return root / "processed"
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")
+        yield
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                "enable_progress_bar": False, "enable_model_summary": False, "deterministic": True}
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_datamodule_splits_by_object(processed):
+    dm = ProcessedDataModule(processed, batch_size=8, seed=3)
+    dm.setup("fit")
+    _, index = preprocess.load_processed(processed)
+    sets = {k: set(v) for k, v in dm.splits.items()}
+    assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"])
+    assert set().union(*sets.values()) == set(index["oid"])
+    for name in ("train", "val", "test"):
+        rows = dm.index[dm.index["split"] == name]
+        assert set(rows["oid"]) == sets[name]
+        assert set(rows["label"]) == set(CLASSES)
+        assert len(dm.dataset(name)) == len(rows)
+    assert (dm.index["target"] == dm.index["label"].map(CLASSES.index)).all()
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.dtype == torch.float32 and xb.shape == (8, 6, 100) and yb.dtype == torch.int64
+    assert dm.class_weights is not None and dm.class_weights.shape == (4,)
+    other = ProcessedDataModule(processed, classes=("SNIa", "SNII"), seed=3, imbalance="sampler")
+    other.setup("fit")
+    assert set(other.index["label"]) == {"SNIa", "SNII"} and set(other.index["target"]) == {0, 1}
+    assert other.class_weights is None
+
+
+def test_fast_dev_run_fit_test_predict(processed):
+    pl.seed_everything(0, workers=True)
+    dm = ProcessedDataModule(processed, batch_size=16, seed=0)
+    dm.setup("fit")
+    model = LitTCN(class_weights=dm.class_weights.tolist())
+    t = trainer(fast_dev_run=True)
+    t.fit(model, datamodule=dm)
+    assert {"train/loss", "val/loss", "val/macro_f1"} <= set(t.callback_metrics)
+    t.test(model, datamodule=dm)
+    assert "test/macro_f1" in t.callback_metrics
+    batches = t.predict(model, datamodule=dm)
+    p = torch.cat(batches)
+    assert p.shape[1] == 4
+    torch.testing.assert_close(p.sum(dim=1), torch.ones(len(p)))
+
+
+def test_best_checkpoint_and_determinism(processed, tmp_path):
+    def fit(dirpath):
+        pl.seed_everything(11, workers=True)
+        dm = ProcessedDataModule(processed, batch_size=16, seed=11, imbalance="both")
+        model = LitTCN(hidden=16, levels=5, kernel_size=3)
+        t = trainer(max_epochs=2, enable_checkpointing=True, callbacks=default_callbacks(patience=5, dirpath=dirpath))
+        t.fit(model, datamodule=dm)
+        return t, model
+
+    t1, m1 = fit(tmp_path / "a")
+    _, m2 = fit(tmp_path / "b")
+    best = Path(t1.checkpoint_callback.best_model_path)
+    assert best == tmp_path / "a" / "best.ckpt" and best.exists()
+    assert t1.checkpoint_callback.monitor == MONITOR
+    restored = LitTCN.load_from_checkpoint(best)
+    assert restored.classes == tuple(CLASSES) and restored.hparams.hidden == 16
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_overfit_one_batch(processed):
+    pl.seed_everything(0, workers=True)
+    x, index = preprocess.load_processed(processed)
+    rows = np.concatenate([np.flatnonzero((index["label"] == c).to_numpy())[:4] for c in CLASSES])
+    xb = torch.from_numpy(np.asarray(x[rows], dtype=np.float32))
+    yb = torch.as_tensor(index["label"].iloc[rows].map(CLASSES.index).to_numpy().copy(), dtype=torch.int64)
+    assert len(yb) == 16
+    loader = DataLoader(TensorDataset(xb, yb), batch_size=16)
+    model = LitTCN(dropout=0.0)  # the paper's Adam, lr 1e-3
+    with torch.no_grad():
+        before = model.loss(model(xb), yb).item()
+    trainer(max_steps=120, limit_val_batches=0).fit(model, train_dataloaders=loader)
+    model.eval()
+    with torch.no_grad():
+        after = model.loss(model(xb), yb).item()
+    assert before > 1.0
+    assert after < 0.1, (before, after)

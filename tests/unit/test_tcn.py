@@ -1,0 +1,130 @@
+"""The TCN: receptive field, causality, shapes, probabilities, pooling over observed days only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deeprubin.models.tcn import TCN, observed_mask, receptive_field
+
+
+def since_value(dt: float, grid_days: int = 100) -> float:
+    return math.log1p(min(dt, grid_days)) / math.log1p(grid_days)
+
+
+def young_object(n: int = 3, t: int = 100, last_day: int = 40, seed: int = 0) -> torch.Tensor:
+    """Random GP channels; one detection per band at day 0.3 and at ``last_day - 0.4`` (since channels as
+    preprocess writes them: 1 before the first detection, dt from the latest detection otherwise)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, t, generator=g)
+    x[:, 2:4] = x[:, 2:4].abs() + 0.01
+    detections = [0.0, 5.3, last_day - 0.4]
+    for day in range(t):
+        past = [d for d in detections if d <= day]
+        x[:, 4:6, day] = since_value(day - max(past)) if past else 1.0
+    return x
+
+
+def measured_receptive_field(model: TCN, t: int = 300) -> int:
+    """Input days whose change reaches the output feature at the last day (gradients, several random inputs)."""
+    model.eval()
+    reached = torch.zeros(t, dtype=torch.bool)
+    for seed in range(3):
+        x = torch.randn(2, model.n_channels, t, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        model.features(x)[:, :, -1].sum().backward()
+        reached |= (x.grad.abs().sum(dim=(0, 1)) > 0)
+    days = torch.nonzero(reached).flatten()
+    return int(t - days.min())
+
+
+@pytest.mark.parametrize("kernel_size,levels", [(3, 5), (2, 3), (5, 4)])
+def test_receptive_field_formula_matches_the_network(kernel_size, levels):
+    torch.manual_seed(0)
+    model = TCN(hidden=16, kernel_size=kernel_size, levels=levels, dropout=0.0)
+    assert model.receptive_field == receptive_field(kernel_size, levels)
+    assert measured_receptive_field(model) == receptive_field(kernel_size, levels)
+
+
+def test_default_receptive_field_covers_the_window():
+    model = TCN()
+    assert receptive_field(model.kernel_size, model.levels) >= 100
+    assert measured_receptive_field(model) >= 100
+
+
+def test_receptive_field_formula():
+    assert receptive_field(3, 5) == 1 + 2 * 2 * 31 == 125
+    assert receptive_field(2, 1) == 3
+    with pytest.raises(ValueError):
+        receptive_field(0, 3)
+
+
+@pytest.mark.parametrize("t0", [0, 17, 63, 98])
+def test_features_are_causal(t0):
+    torch.manual_seed(1)
+    model = TCN(dropout=0.3).eval()
+    x = torch.randn(2, 6, 100)
+    changed = x.clone()
+    changed[:, :, t0 + 1:] = torch.randn_like(changed[:, :, t0 + 1:]) * 5
+    with torch.no_grad():
+        a, b = model.features(x), model.features(changed)
+    assert torch.equal(a[:, :, :t0 + 1], b[:, :, :t0 + 1])
+    assert not torch.allclose(a[:, :, t0 + 1:], b[:, :, t0 + 1:])
+
+
+def test_output_shape_and_probabilities():
+    torch.manual_seed(2)
+    model = TCN(n_classes=4).eval()
+    x = young_object(n=5)
+    logits = model(x)
+    assert logits.shape == (5, 4) and torch.isfinite(logits).all()
+    p = model.predict_proba(x)
+    assert p.shape == (5, 4) and (p >= 0).all()
+    torch.testing.assert_close(p.sum(dim=1), torch.ones(5))
+    torch.testing.assert_close(p, torch.softmax(logits, dim=1))
+
+
+def test_wrong_input_shape_is_an_error():
+    with pytest.raises(ValueError, match=r"\(N, 6, T\)"):
+        TCN()(torch.randn(2, 5, 100))
+
+
+def test_observed_mask_ends_at_the_last_detection_day():
+    x = young_object(n=2, last_day=40)
+    mask = observed_mask(x)
+    # last detection at 39.6 falls in day 40's interval (39, 40]
+    assert mask[:, :41].all() and not mask[:, 41:].any()
+
+
+def test_observed_mask_long_object_and_no_detection():
+    x = torch.zeros(2, 6, 100)
+    x[0, 4:6] = 0.5          # no day with dt < 1: pool over everything
+    x[1, 4:6] = 0.5
+    x[1, 4, 99] = 0.0         # a long object: its last detection on the last grid day
+    mask = observed_mask(x)
+    assert mask.all()
+
+
+def test_pooling_ignores_days_after_the_last_detection():
+    torch.manual_seed(3)
+    model = TCN().eval()
+    x = young_object(n=3, last_day=40)
+    later = x.clone()
+    later[:, 0:4, 41:] = torch.randn_like(later[:, 0:4, 41:]) * 10  # GP channels past the last detection
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(later))
+        # ... whereas pooling over every day would see the change
+        everything = torch.ones(3, 100, dtype=torch.bool)
+        assert not torch.allclose(model(x, everything), model(later, everything))
+
+
+def test_explicit_mask_is_used():
+    torch.manual_seed(4)
+    model = TCN().eval()
+    x = young_object(n=2)
+    mask = torch.zeros(2, 100, dtype=torch.bool)
+    mask[:, :10] = True
+    with torch.no_grad():
+        expected = model.head(model.features(x)[:, :, :10].mean(dim=2))
+        torch.testing.assert_close(model(x, mask), expected)
