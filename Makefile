@@ -29,6 +29,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/deeprubin ingest
 	$(BIN)/deeprubin preprocess
+	$(BIN)/deeprubin train
 
 test: install
 	$(BIN)/python -m pytest

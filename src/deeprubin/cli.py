@@ -244,6 +244,51 @@ def _print_preprocess_summary(result) -> None:
 
 
 @app.command()
+def train(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    max_epochs: Annotated[Optional[int], typer.Option(help="Epochs at most (default: train.max_epochs).")] = None,
+    accelerator: Annotated[Optional[str], typer.Option(help="auto, cpu or gpu (default: train.accelerator).")] = None,
+    tracking_uri: Annotated[
+        Optional[str], typer.Option(help="MLflow tracking URI (default: train.tracking_uri, sqlite:///mlflow.db).")
+    ] = None,
+    processed: Annotated[
+        Optional[Path], typer.Option(help="Processed tensors to train on (default: preprocess.processed_dir).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: train.model_dir).")] = None,
+) -> None:
+    """Train the TCN on data/processed, track it in MLflow and register it as a version of deeprubin-tcn.
+
+    Early stopping and the best checkpoint on validation macro-F1; writes tcn.ckpt and train.json under
+    train.model_dir. Examples:
+
+      deeprubin train
+
+      deeprubin train --max-epochs 5 --tracking-uri http://mlflow:5000
+    """
+    from deeprubin.stages import train as stage
+
+    extra = list(overrides or [])
+    for key, value in (("train.max_epochs", max_epochs), ("train.accelerator", accelerator),
+                       ("train.tracking_uri", tracking_uri), ("preprocess.processed_dir", processed),
+                       ("train.model_dir", out)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    params = _load(params_path, extra)
+    paths = stage.TrainPaths.from_params(params)
+
+    result = _run_with_progress("train", lambda report: stage.run(params.train, paths, base=params.base,
+                                                                   progress=report), unit=" epochs")
+    console.print(f"[bold]train[/] {result.epochs} epoch(s) on {result.accelerator} in {result.seconds:.1f} s; "
+                  f"best val macro-F1 {result.best_val_macro_f1:.3f}")
+    console.print(f"objects train/val/test: {result.split_sizes['train']}/{result.split_sizes['val']}/"
+                  f"{result.split_sizes['test']}")
+    console.print(f"MLflow run {result.run_id} at {result.tracking_uri}; registered {result.model_uri}")
+    console.print(f"data {result.data_hash} ({result.data_hash_source}), commit {result.git_commit}")
+    console.print(f"checkpoint: {result.checkpoint}   report: {result.checkpoint.parent / stage.REPORT}")
+
+
+@app.command()
 def plot(
     oid: Annotated[str, typer.Argument(help="Object id.")],
     params_path: ParamsOption = Path("params.yaml"),

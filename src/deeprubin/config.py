@@ -148,10 +148,28 @@ class PreprocessParams(Section):
 
 
 class TrainParams(Section):
-    max_epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    """Training of the TCN (stages/train.py): the paper's defaults (Adam, lr 1e-3, 50 epochs, batch 32), early
+    stopping and the best checkpoint on validation macro-F1, tracked in MLflow and registered as a model version."""
+
+    max_epochs: int = Field(50, ge=1, description="Upper bound on epochs (early stopping may end sooner).")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Lightning accelerator.")
+    hidden: int = Field(32, ge=1, description="TCN channels per block.")
+    kernel_size: int = Field(3, ge=2, description="TCN convolution kernel, days.")
+    levels: int = Field(5, ge=1, description="TCN residual blocks (dilations 1, 2, ..., 2**(levels-1)).")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    imbalance: Literal["weights", "sampler", "both", "none"] = Field(
+        "weights", description="Class imbalance: class-weighted loss, balanced sampler, both or none.")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="Objects held out for validation (stratified).")
+    test_fraction: float = Field(0.15, ge=0, lt=1, description="Objects held out for the test set (stratified).")
+    patience: int = Field(10, ge=1, description="Early stopping: epochs without a better validation macro-F1.")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking (and registry) URI.")
+    experiment: str = Field("deeprubin", description="MLflow experiment name.")
+    artifact_location: str | None = Field(
+        None, description="Artifact root of a new experiment; null: MLflow's default (local, beside the cwd).")
+    registered_model: str = Field("deeprubin-tcn", description="Registry name the trained model is versioned under.")
+    model_dir: Path = Field(Path("models"), description="DVC-tracked outputs: tcn.ckpt and train.json.")
 
 
 class EvaluateParams(Section):

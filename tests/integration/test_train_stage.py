@@ -1,0 +1,187 @@
+"""Stage ``train`` end to end on tiny simulated data: ingest -> preprocess -> train (2 epochs) into a local
+MLflow (sqlite, no server). Checks the run (params, per-epoch metrics, tags), the logged model artifact, the
+registered version, the DVC outputs, and that the registered model loads back and predicts probabilities."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deeprubin.config import BaseParams, IngestParams, PreprocessParams, SimulatorParams, TrainParams
+from deeprubin.stages import ingest, preprocess, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    mp.setenv("DO_NOT_TRACK", "1")
+    root = tmp_path_factory.mktemp("train_stage")
+    ingest.run(IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=12)),
+               ingest.IngestPaths(raw_dir=root / "raw"))
+    preprocess.run(PreprocessParams(processed_dir=root / "processed", workers=1, partitions=2),
+                   preprocess.PreprocessPaths(raw_dir=root / "raw", processed_dir=root / "processed"))
+    params = TrainParams(max_epochs=2, patience=5, accelerator="cpu", tracking_uri=f"sqlite:///{root}/mlflow.db",
+                         artifact_location=(root / "artifacts").as_uri(), model_dir=root / "models")
+    paths = train.TrainPaths(processed_dir=root / "processed", model_dir=root / "models",
+                             dvc_lock=root / "dvc.lock")
+    steps = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train.run(params, paths, base=BaseParams(), progress=lambda *a, **k: steps.append((a, k)))
+    yield root, params, result, steps
+    mp.undo()
+
+
+@pytest.fixture
+def client(trained):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=trained[1].tracking_uri)
+
+
+def test_run_has_params_metrics_and_tags(trained, client):
+    root, params, result, _ = trained
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "deeprubin"
+    assert run.data.params["train/learning_rate"] == "0.001"
+    assert run.data.params["train/imbalance"] == "weights"
+    assert run.data.params["lr"] == "0.001" and run.data.params["hidden"] == "32"  # LitTCN's hyperparameters
+    for key in ("train/loss", "train/macro_f1", "val/loss", "val/macro_f1"):
+        history = client.get_metric_history(result.run_id, key)
+        assert len(history) == 2, key  # one value per epoch
+        assert all(np.isfinite(m.value) for m in history)
+    best = max(m.value for m in client.get_metric_history(result.run_id, "val/macro_f1"))
+    assert result.best_val_macro_f1 == pytest.approx(best, abs=1e-6)
+    tags = run.data.tags
+    assert tags["git_commit"] == result.git_commit and tags["git_commit"]
+    assert tags["data_hash_source"] == "index.parquet"  # no dvc.lock in the tmp project
+    assert tags["data_hash"].startswith("sha256:") and tags["data_hash"] == result.data_hash
+    assert tags["params_hash"] == train.params_hash(params, BaseParams()) and len(tags["params_hash"]) == 64
+    assert [s[1] for s in trained[3] if s[1]][-1] == {"completed": 2, "total": 2}
+
+
+def test_model_artifact_and_registered_version(trained, client):
+    root, params, result, _ = trained
+    version = client.get_model_version(params.registered_model, result.model_version)
+    assert version.run_id == result.run_id
+    assert version.tags["git_commit"] == result.git_commit and version.tags["data_hash"] == result.data_hash
+    assert client.search_model_versions(f"name='{params.registered_model}'")
+    # The logged model's files live under the tmp artifact location, not in ./mlruns.
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.extra["logged_model_uri"],
+                                                     tracking_uri=params.tracking_uri))
+    mlmodel = (local / "MLmodel").read_text()
+    assert "pytorch" in mlmodel and "signature" in mlmodel
+    requirements = (local / "requirements.txt").read_text()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert (local / "input_example.json").exists()
+    assert (root / "artifacts").exists() and any((root / "artifacts").rglob("MLmodel"))
+
+
+def test_registered_model_loads_and_predicts_probabilities(trained):
+    import mlflow
+
+    root, params, result, _ = trained
+    mlflow.set_tracking_uri(params.tracking_uri)
+    try:
+        model = mlflow.pytorch.load_model(result.model_uri)
+        pyfunc = mlflow.pyfunc.load_model(result.model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    x, _ = preprocess.load_processed(root / "processed")
+    x = torch.from_numpy(np.asarray(x[:5], dtype=np.float32))
+    with torch.no_grad():
+        p = model(x)
+    assert p.shape == (5, 4)
+    assert torch.allclose(p.sum(dim=1), torch.ones(5), atol=1e-5) and (p >= 0).all()
+    q = np.asarray(pyfunc.predict(x.numpy()))
+    assert np.allclose(q, p.numpy(), atol=1e-5)
+    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 6, 100)
+
+
+def test_dvc_outputs(trained):
+    root, params, result, _ = trained
+    report = json.loads((root / "models" / train.REPORT).read_text())
+    assert report["run_id"] == result.run_id and report["model_version"] == result.model_version
+    assert report["split_sizes"] == {"train": 32, "val": 8, "test": 8}
+    assert sorted(p.name for p in (root / "models").iterdir()) == [train.CHECKPOINT, train.REPORT]
+    from deeprubin.models.lit import LitTCN
+
+    best = LitTCN.load_from_checkpoint(root / "models" / train.CHECKPOINT, map_location="cpu")
+    assert best.classes == tuple(BaseParams().classes)
+
+
+def test_data_hash_prefers_a_current_dvc_lock(tmp_path, trained):
+    root = trained[0]
+    processed = root / "processed"
+    nfiles, size = train._dir_stats(processed)
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(json.dumps({"schema": "2.0", "stages": {"preprocess": {"outs": [
+        {"path": str(processed), "md5": "abc.dir", "nfiles": nfiles, "size": size}]}}}))
+    assert train.data_hash(processed, lock) == ("abc.dir", "dvc.lock")
+    lock.write_text(json.dumps({"stages": {"preprocess": {"outs": [
+        {"path": str(processed), "md5": "abc.dir", "nfiles": nfiles + 1, "size": size}]}}}))
+    assert train.data_hash(processed, lock)[1] == "index.parquet"  # stale lock: not trusted
+
+
+def test_missing_processed_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="deeprubin preprocess"):
+        train.run(TrainParams(tracking_uri=f"sqlite:///{tmp_path}/m.db"),
+                  train.TrainPaths(processed_dir=tmp_path / "nope", model_dir=tmp_path / "models"))
+
+
+def test_dvc_repro_train_through_the_cli_tags_the_dvc_data_hash(tmp_path):
+    """`dvc repro train` runs ingest, preprocess and train through the CLI; the run's data_hash is the md5 DVC
+    recorded for data/processed, and a second repro is a no-op."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow import MlflowClient
+
+    repo = Path(__file__).resolve().parents[2]
+    bin_dir = Path(sys.executable).parent
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(repo / name, work / name)
+    shutil.copytree(repo / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(repo / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ingest"]["simulator"]["n_per_class"] = 10
+    params["preprocess"].update(partitions=2, workers=1)
+    params["train"].update(max_epochs=2, accelerator="cpu")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+           "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(work)}
+
+    def run(cmd):
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, f"{cmd}: {proc.stdout}\n{proc.stderr}"
+        return proc
+
+    run(["git", "init", "-q"])
+    run([str(bin_dir / "dvc"), "repro", "train"])
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"ingest", "preprocess", "train"}
+    assert [o["path"] for o in lock["train"]["outs"]] == ["models"]
+    processed_md5 = lock["preprocess"]["outs"][0]["md5"]
+    report = json.loads((work / "models" / train.REPORT).read_text())
+    assert report["data_hash"] == processed_md5 and report["data_hash_source"] == "dvc.lock"
+    assert (work / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
+    run_ = client.get_run(report["run_id"])
+    assert run_.data.tags["data_hash"] == processed_md5 and run_.data.tags["git_commit"] == "unknown"
+    assert client.get_model_version("deeprubin-tcn", report["model_version"]).run_id == report["run_id"]
+    second = run([str(bin_dir / "dvc"), "repro"])
+    assert "didn't change" in second.stdout or "up to date" in second.stdout
