@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-           "DO_NOT_TRACK": "1", "HOME": str(cwd)}
+           "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(cwd)}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"{cmd}: {proc.stdout}\n{proc.stderr}"
     return proc
@@ -35,6 +35,7 @@ def project(tmp_path: Path) -> Path:
     params["ingest"]["simulator"]["n_per_class"] = 10
     params["preprocess"]["partitions"] = 2
     params["preprocess"]["workers"] = 1
+    params["train"].update(max_epochs=2, accelerator="cpu")
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], work)
     return work
@@ -68,5 +69,31 @@ def test_dvc_repro_preprocess_follows_ingest_and_is_then_a_no_op(project: Path):
     assert lock["preprocess"]["outs"][0]["path"] == "data/processed"
     assert lock["preprocess"]["params"]["params.yaml"]["preprocess.partitions"] == 2
     assert (project / "data" / "processed" / "index.parquet").exists()
+    second = run([dvc, "repro"], project)
+    assert "didn't change" in second.stdout or "up to date" in second.stdout
+
+
+def test_dvc_repro_train_through_the_cli_tags_the_dvc_data_hash(project: Path):
+    """`dvc repro train` runs ingest, preprocess and train through the CLI; the run's data_hash is the md5 DVC
+    recorded for data/processed, and a second repro is a no-op."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from deeprubin.stages import train
+
+    dvc = str(BIN / "dvc")
+    run([dvc, "repro", "train"], project)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"ingest", "preprocess", "train"}
+    assert [o["path"] for o in lock["train"]["outs"]] == ["models"]
+    processed_md5 = lock["preprocess"]["outs"][0]["md5"]
+    report = json.loads((project / "models" / train.REPORT).read_text())
+    assert report["data_hash"] == processed_md5 and report["data_hash_source"] == "dvc.lock"
+    assert (project / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    run_ = client.get_run(report["run_id"])
+    assert run_.data.tags["data_hash"] == processed_md5 and run_.data.tags["git_commit"] == "unknown"
+    assert client.get_model_version("deeprubin-tcn", report["model_version"]).run_id == report["run_id"]
     second = run([dvc, "repro"], project)
     assert "didn't change" in second.stdout or "up to date" in second.stdout
