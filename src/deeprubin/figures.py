@@ -1,0 +1,237 @@
+"""The paper's exploratory figures: how many objects of each class each source gives, and what the model input of
+each class looks like on average (pure functions on tables / arrays, plus matplotlib PNGs on the Agg backend).
+
+Conventions shared by the functions here:
+
+* Class order: the ``classes`` argument when given; otherwise the classes of :data:`deeprubin.schema.CLASSES` that
+  occur, in that order, followed by any other observed labels in alphabetical order.
+* Missing labels (None / NaN: unlabelled objects) are ignored silently. When ``classes`` is given, labels outside it
+  are dropped and a :class:`UserWarning` names them with their counts (they are not silently folded into a class).
+* A class in ``classes`` without any object is kept, with count 0 (:func:`class_distribution`) or ``n == 0`` and NaN
+  statistics (:func:`mean_profiles`); the plots show it as an empty bar / an empty panel saying so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from deeprubin.evaluate import _save
+from deeprubin.plots import BAND_COLOURS
+from deeprubin.schema import CLASSES
+
+DEFAULT_CHANNELS: tuple[str, ...] = ("gp_mean_g", "gp_mean_r", "gp_std_g", "gp_std_r", "since_g", "since_r")
+BANDS: tuple[str, ...] = ("g", "r")
+DISTRIBUTION_COLUMNS = ["label", "source", "count"]
+PROFILE_COLUMNS = ["label", "band", "day", "mean", "std", "gp_std_mean", "n"]
+
+
+def _present(values: pd.Series) -> pd.Series:
+    """True where a label is given (not None / NaN / empty)."""
+    return values.notna() & (values.astype(str).str.strip() != "")
+
+
+def _class_order(observed: Sequence[str], classes: Sequence[str] | None) -> list[str]:
+    if classes is not None:
+        return [str(c) for c in classes]
+    seen = set(observed)
+    return [c for c in CLASSES if c in seen] + sorted(seen - set(CLASSES))
+
+
+def _drop_unknown(labels: pd.Series, order: Sequence[str], what: str) -> pd.Series:
+    """Boolean mask of labels in ``order``; warns about the others (with counts)."""
+    known = labels.isin(list(order))
+    if not known.all():
+        counts = labels[~known].value_counts().sort_index()
+        listed = ", ".join(f"{k!r}: {v}" for k, v in counts.items())
+        warnings.warn(f"{what}: ignoring {int((~known).sum())} object(s) with labels outside classes "
+                      f"{list(order)} ({listed})", UserWarning, stacklevel=3)
+    return known
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class distribution
+# --------------------------------------------------------------------------------------------------------------
+
+
+def class_distribution(objects: pd.DataFrame, classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Number of labelled objects per class and source, as a tidy frame with columns ``label, source, count``.
+
+    ``objects`` needs columns ``label`` and ``source`` (e.g. ``simulator``, ``bts``/``files``, ``alerce``); with an
+    ``oid`` column, an object listed twice under the same label and source is counted once. A missing source is
+    counted under ``"unknown"``. The result is the full grid of classes x sources (so a class that a source lacks
+    has a row with count 0), sorted by class (see the module's class order) and then source (alphabetical); counts
+    are int64. Unlabelled objects are not counted; see the module docstring for labels outside ``classes``.
+    With no labelled objects there are no sources, so the frame is empty.
+    """
+    missing = {"label", "source"} - set(objects.columns)
+    if missing:
+        raise KeyError(f"objects lacks column(s) {sorted(missing)}")
+    frame = objects.loc[_present(objects["label"])].copy()
+    frame["label"] = frame["label"].astype(str)
+    frame["source"] = frame["source"].where(_present(frame["source"]), "unknown").astype(str)
+    order = _class_order(frame["label"].unique().tolist(), classes)
+    frame = frame.loc[_drop_unknown(frame["label"], order, "class_distribution")]
+
+    if "oid" in frame.columns:
+        counts = frame.groupby(["label", "source"])["oid"].nunique()
+    else:
+        counts = frame.groupby(["label", "source"]).size()
+    sources = sorted(frame["source"].unique())
+    grid = pd.MultiIndex.from_product([order, sources], names=["label", "source"])
+    out = counts.reindex(grid, fill_value=0).rename("count").reset_index()
+    out["count"] = out["count"].astype("int64")
+    return out[DISTRIBUTION_COLUMNS].reset_index(drop=True)
+
+
+def plot_class_distribution(dist: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
+    """PNG of a :func:`class_distribution`: grouped bars (one group per class, one bar per source), each bar
+    annotated with its count. Classes and sources appear in the frame's order. Returns the path."""
+    labels = list(pd.unique(dist["label"]))
+    sources = list(pd.unique(dist["source"]))
+    counts = dist.pivot_table(index="label", columns="source", values="count", aggfunc="sum", fill_value=0)
+    counts = counts.reindex(index=labels, columns=sources, fill_value=0)
+    total = int(dist["count"].sum())
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels) * max(1, len(sources)) ** 0.5 + 2.5), 4.2))
+    if not labels or not sources:
+        ax.text(0.5, 0.5, "no labelled objects", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+    else:
+        width = 0.8 / len(sources)
+        xs = np.arange(len(labels), dtype=float)
+        for k, source in enumerate(sources):
+            values = counts[source].to_numpy()
+            bars = ax.bar(xs + (k - (len(sources) - 1) / 2) * width, values, width=width, color=f"C{k}",
+                          edgecolor="black", label=str(source))
+            ax.bar_label(bars, labels=[f"{int(v)}" for v in values], fontsize=8, padding=2)
+        ax.set_xticks(xs, labels=[str(label) for label in labels])
+        ax.margins(y=0.12)
+        ax.legend(title="source")
+    ax.set_xlabel("class")
+    ax.set_ylabel("objects")
+    ax.set_title(title or f"Objects per class and source (n = {total})")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mean model input per class
+# --------------------------------------------------------------------------------------------------------------
+
+
+def mean_profiles(x: np.ndarray, labels: Sequence[str], channels: Sequence[str] = DEFAULT_CHANNELS,
+                  classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """The average model input of each class, per band and grid day, as a tidy frame with columns
+    ``label, band, day, mean, std, gp_std_mean, n``.
+
+    ``x`` is the ``(N, C, G)`` tensor stack written by the preprocess stage, ``labels`` the N class names and
+    ``channels`` the names of its C channels (it must include ``gp_mean_g`` and ``gp_mean_r``; ``gp_std_*`` are
+    optional, giving NaN ``gp_std_mean`` without them). Per class, band and day ``0..G-1``: ``mean`` and ``std``
+    are the mean and the population standard deviation (ddof 0, so 0 for a single object) across the class's
+    objects of the ``gp_mean_<band>`` channel, i.e. of the normalised flux; ``gp_std_mean`` is the mean of
+    ``gp_std_<band>`` (the typical GP uncertainty); ``n`` is the number of objects of the class. Non-finite tensor
+    values are ignored. A class in ``classes`` without objects gets ``n == 0`` and NaN statistics. Rows are sorted
+    by class (module's class order), band (g, r) and day.
+    """
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 3:
+        raise ValueError(f"x must be (N, C, G), got shape {arr.shape}")
+    n_obj, n_chan, n_days = arr.shape
+    channels = [str(c) for c in channels]
+    if n_chan != len(channels):
+        raise ValueError(f"x has {n_chan} channels but {len(channels)} channel names were given")
+    lab = pd.Series(list(labels), dtype=object)
+    if len(lab) != n_obj:
+        raise ValueError(f"{len(lab)} labels for {n_obj} objects")
+    for band in BANDS:
+        if f"gp_mean_{band}" not in channels:
+            raise ValueError(f"channels lack 'gp_mean_{band}': {channels}")
+
+    has_label = _present(lab)
+    lab = lab.where(has_label, "").astype(str)
+    order = _class_order(lab[has_label].unique().tolist(), classes)
+    keep = pd.Series(False, index=lab.index)
+    keep[has_label] = _drop_unknown(lab[has_label], order, "mean_profiles")
+
+    days = np.arange(n_days)
+    parts = []
+    for cls in order:
+        rows = arr[(keep & (lab == cls)).to_numpy()]
+        for band in BANDS:
+            flux = rows[:, channels.index(f"gp_mean_{band}"), :]
+            std_name = f"gp_std_{band}"
+            gp_std = rows[:, channels.index(std_name), :] if std_name in channels else None
+            with warnings.catch_warnings():  # an empty class / all-NaN day gives NaN, as documented
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(flux, axis=0) if len(rows) else np.full(n_days, np.nan)
+                std = np.nanstd(flux, axis=0) if len(rows) else np.full(n_days, np.nan)
+                gp_std_mean = (np.nanmean(gp_std, axis=0) if gp_std is not None and len(rows)
+                               else np.full(n_days, np.nan))
+            parts.append(pd.DataFrame({"label": cls, "band": band, "day": days, "mean": mean, "std": std,
+                                       "gp_std_mean": gp_std_mean, "n": len(rows)}))
+    if not parts:
+        return pd.DataFrame({"label": pd.Series(dtype=object), "band": pd.Series(dtype=object),
+                             "day": pd.Series(dtype="int64"), "mean": pd.Series(dtype="float64"),
+                             "std": pd.Series(dtype="float64"), "gp_std_mean": pd.Series(dtype="float64"),
+                             "n": pd.Series(dtype="int64")})
+    out = pd.concat(parts, ignore_index=True)
+    out["day"] = out["day"].astype("int64")
+    out["n"] = out["n"].astype("int64")
+    return out[PROFILE_COLUMNS]
+
+
+def plot_mean_profiles(profiles: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
+    """PNG of :func:`mean_profiles`: one panel per class (shared axes), the g and r mean normalised flux (green /
+    red) against the day of the window, with the ±1σ spread across the class's objects shaded. A class without
+    objects gets an empty panel saying so. Returns the path."""
+    labels: list[Any] = list(pd.unique(profiles["label"]))
+    k = max(1, len(labels))
+    ncols = 2 if k == 4 else min(k, 3)
+    nrows = -(-k // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), sharex=True, sharey=True,
+                             squeeze=False)
+    flat = axes.ravel()
+    n_days = int(profiles["day"].max()) + 1 if len(profiles) else 0
+    for ax, label in zip(flat, labels):
+        sub = profiles.loc[profiles["label"] == label]
+        n = int(sub["n"].iloc[0]) if len(sub) else 0
+        if n == 0:
+            ax.text(0.5, 0.5, "no objects", ha="center", va="center", transform=ax.transAxes, color="grey")
+        else:
+            for band in BANDS:
+                b = sub.loc[sub["band"] == band].sort_values("day")
+                if b.empty:
+                    continue
+                colour = BAND_COLOURS.get(band)
+                day, mean, std = b["day"].to_numpy(), b["mean"].to_numpy(), b["std"].to_numpy()
+                ax.fill_between(day, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+                ax.plot(day, mean, color=colour, label=f"{band} (mean ± 1σ)")
+            ax.axhline(0.0, color="grey", lw=0.6, ls=":")
+            ax.legend(loc="upper right", fontsize=8)
+        ax.set_title(f"{label} (n = {n})")
+        ax.grid(alpha=0.3)
+    if not labels:
+        flat[0].text(0.5, 0.5, "no objects", ha="center", va="center", transform=flat[0].transAxes, color="grey")
+    xlabel = f"day of the {n_days}-day window" if n_days else "day of the window"
+    used = max(1, len(labels))
+    for i, ax in enumerate(flat):
+        if i >= used:  # an unused cell of the last row: hide it, label the x axis of the panel above
+            ax.set_visible(False)
+            flat[i - ncols].xaxis.set_tick_params(labelbottom=True)
+            flat[i - ncols].set_xlabel(xlabel)
+        elif i >= used - ncols:  # the lowest panel of its column
+            ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("normalised flux")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
