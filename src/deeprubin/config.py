@@ -114,6 +114,9 @@ class IngestParams(Section):
     simulator: SimulatorParams = Field(default_factory=SimulatorParams)
     files: FilesParams = Field(default_factory=FilesParams)
     alerce: AlerceParams = Field(default_factory=AlerceParams)
+    mix_files: bool = Field(
+        False, description="Also ingest the labelled `files` beside `source` (e.g. the simulator plus the real BTS "
+                           "supernovae), so training mixes both; evaluate.real's held-out objects never train.")
 
     @property
     def upsert(self) -> bool:
@@ -121,8 +124,10 @@ class IngestParams(Section):
 
     @model_validator(mode="after")
     def _files_need_detections(self) -> "IngestParams":
-        if self.source == "files" and self.files.detections is None:
-            raise ValueError("source 'files' needs files.detections")
+        if (self.source == "files" or self.mix_files) and self.files.detections is None:
+            raise ValueError("source 'files' (or mix_files) needs files.detections")
+        if self.mix_files and self.source == "files":
+            raise ValueError("mix_files adds the files to another source; with source 'files' it would read them twice")
         return self
 
 
@@ -164,16 +169,53 @@ class TrainParams(Section):
     val_fraction: float = Field(0.15, ge=0, lt=1, description="Objects held out for validation (stratified).")
     test_fraction: float = Field(0.15, ge=0, lt=1, description="Objects held out for the test set (stratified).")
     patience: int = Field(10, ge=1, description="Early stopping: epochs without a better validation macro-F1.")
+    lr_plateau_patience: int = Field(
+        0, ge=0, description="Halve the learning rate after this many epochs without a better validation macro-F1; "
+                             "0: constant, as the paper.")
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking (and registry) URI.")
     experiment: str = Field("deeprubin", description="MLflow experiment name.")
     artifact_location: str | None = Field(
         None, description="Artifact root of a new experiment; null: MLflow's default (local, beside the cwd).")
     registered_model: str = Field("deeprubin-tcn", description="Registry name the trained model is versioned under.")
-    model_dir: Path = Field(Path("models"), description="DVC-tracked outputs: tcn.ckpt and train.json.")
+    model_dir: Path = Field(Path("models"), description="DVC-tracked outputs: tcn.ckpt, train.json, forest.joblib.")
+    truncations: int = Field(
+        4, ge=0, description="Early-classification augmentation: copies of each training object cut at random times "
+                             "(GP refitted on the detections before the cut); each epoch draws one view per object.")
+    truncation_min_days: float = Field(
+        3.0, gt=0, description="Earliest cut, days after the first detection (cuts are log-uniform up to the span).")
+
+
+class RealSetParams(Section):
+    """A real labelled set evaluated held out (default: the BTS supernovae in ../shared/data, when present)."""
+
+    name: str = Field("bts", description="Name in the metrics and plots.")
+    detections: Path | None = Field(Path("../shared/data/bts/detections.parquet"),
+                                    description="Detections table; null or missing file: no real-data evaluation.")
+    labels: Path | None = Field(Path("../shared/data/bts/labels.csv"), description="Labels table (oid, label).")
+    classes: list[str] = Field(["SNIa", "SNII"], description="Classes of the set that are scored.")
+    test_fraction: float = Field(
+        0.3, gt=0, lt=1, description="Objects held out per class (by a seeded hash of the oid): never trained on, "
+                                     "even when ingest.mix_files puts the set into training.")
+
+    @property
+    def available(self) -> bool:
+        return self.detections is not None and self.labels is not None and Path(self.detections).exists() \
+            and Path(self.labels).exists()
 
 
 class EvaluateParams(Section):
-    metrics_file: Path = Field(Path("metrics/evaluate.json"))
+    """Evaluation of the TCN and the random-forest baseline (stages/evaluate.py, stages/baseline.py)."""
+
+    metrics_dir: Path = Field(Path("metrics"), description="DVC metrics (*.json), plot data (plots/) and figures/.")
+    early_days: list[float] = Field([5, 10, 20, 30, 50, 100],
+                                    description="Early classification: curves cut this many days after first detection.")
+    n_bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples (by object) for the 95% intervals.")
+    calibration_bins: int = Field(10, ge=2, description="Confidence bins for ECE and the reliability plot.")
+    real: RealSetParams = Field(default_factory=RealSetParams)
+    baseline: bool = Field(True, description="Train and evaluate the balanced random forest beside the TCN.")
+    forest_trees: int = Field(300, ge=1, description="Trees of the balanced random forest.")
+    forest_truncations: list[float] = Field(
+        [10, 20, 30, 50], description="The forest also trains on copies cut this many days after first detection.")
 
 
 class PromoteParams(Section):

@@ -10,10 +10,17 @@ LightningDataModule, with a stratified split by object and class-imbalance handl
 - Imbalance (``imbalance``): ``"weights"`` gives the loss per-class weights (:func:`class_weights`, from the training
   split); ``"sampler"`` draws training batches with a balanced :class:`~torch.utils.data.WeightedRandomSampler`;
   ``"both"``; ``"none"``.
+- Held-out objects (``holdout``, e.g. :func:`holdout_by_hash` of a real labelled set) go to the test split whatever
+  the stratified split says, so they are never trained or early-stopped on.
+- Early-classification augmentation (``truncations > 0``, needs ``raw_dir``): each training object also gets
+  ``truncations`` copies cut at random times after its first detection (:func:`truncated_views`: the GP is refitted
+  on the detections before the cut, exactly as at inference on a young alert); every epoch draws one view (the full
+  curve or a cut) per object (:class:`ViewSampler`). Validation and test use the full curves.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -23,7 +30,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler, TensorDataset, WeightedRandomSampler
 
 from deeprubin.schema import CLASS_ALIASES, CLASSES
 
@@ -73,6 +80,85 @@ def split_objects(oids: Sequence[str], labels: Sequence, val_fraction: float = 0
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
+def _oid_seed(oid: str, seed: int) -> int:
+    """A stable per-object seed (not hash(): that changes between Python processes)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{oid}".encode(), digest_size=8).digest(), "little")
+
+
+def holdout_by_hash(oids: Sequence[str], labels: Sequence, fraction: float, seed: int = 42) -> np.ndarray:
+    """Sorted oids held out: per label, the ``round(fraction * n)`` objects whose seeded hash comes first.
+
+    Stratified and independent of every other object: the same objects are held out whether or not the set is
+    mixed with simulated data, so evaluations of differently trained models share one test set."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction must lie in (0, 1); got {fraction}")
+    per_object = _object_labels(oids, labels)
+    out: list[str] = []
+    for _, members in per_object.groupby(per_object, sort=True):
+        ranked = sorted(members.index, key=lambda o: _oid_seed(o, seed))
+        out.extend(ranked[:int(round(fraction * len(ranked)))])
+    return np.sort(np.asarray(out, dtype=str))
+
+
+def truncated_views(detections: pd.DataFrame, oids: Sequence[str], n_views: int, min_days: float = 3.0,
+                    seed: int = 42, grid_days: int = 100, fit_context_days: float = 100.0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x (M, C, G), owner oid (M,), cut days after first detection (M,))``: up to ``n_views`` cuts per object.
+
+    Cut days are drawn log-uniform in ``[min_days, span)`` (seeded per object, so the same object gets the same
+    cuts in every run and process); an object spanning less than ``min_days`` gets none, and a cut the GP cannot
+    interpolate is left out. Tensors come from :func:`deeprubin.stages.preprocess.tensorize_curves`, the path
+    inference uses."""
+    from deeprubin.stages.preprocess import Curve, curves_from_detections, tensorize_curves
+
+    wanted = set(map(str, oids))
+    det = detections.loc[detections["oid"].astype(str).isin(wanted)]
+    curves, owners, days = [], [], []
+    for full in curves_from_detections(det):
+        oid = full.oid
+        first, span = float(full.mjd.min()), float(full.mjd.max() - full.mjd.min())
+        if n_views <= 0 or span <= min_days:
+            continue
+        rng = np.random.default_rng(_oid_seed(str(oid), seed))
+        for k, cut in enumerate(np.exp(rng.uniform(np.log(min_days), np.log(span), size=n_views))):
+            keep = full.mjd <= first + cut
+            curves.append(Curve(f"{oid}#{k}", full.mjd[keep], full.band[keep], full.flux[keep], full.flux_err[keep]))
+            owners.append(str(oid))
+            days.append(float(cut))
+    tensors = tensorize_curves(curves, grid_days, fit_context_days)
+    made = {row["oid"]: i for i, row in enumerate(tensors.rows)}
+    pick = [made.get(c.oid) for c in curves]
+    ok = np.array([p is not None for p in pick], dtype=bool)
+    rows = np.array([p for p in pick if p is not None], dtype=np.int64)
+    x = tensors.x[rows] if len(rows) else np.zeros((0, tensors.x.shape[1], grid_days), dtype=np.float32)
+    return x, np.asarray(owners, dtype=str)[ok], np.asarray(days, dtype=np.float64)[ok]
+
+
+class ViewSampler(Sampler[int]):
+    """One dataset row per object per epoch: objects in random order (or drawn by ``object_weights`` with
+    replacement, for balanced batches), each represented by one of its rows (views) chosen at random."""
+
+    def __init__(self, groups: Sequence[np.ndarray], object_weights: np.ndarray | None = None, seed: int = 42):
+        self.groups = [torch.as_tensor(np.asarray(g, dtype=np.int64)) for g in groups]
+        if any(len(g) == 0 for g in self.groups):
+            raise ValueError("every object needs at least one view")
+        self.weights = None if object_weights is None else torch.as_tensor(object_weights, dtype=torch.double)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        n = len(self.groups)
+        if self.weights is None:
+            order = torch.randperm(n, generator=self.generator)
+        else:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        for i in order.tolist():
+            group = self.groups[i]
+            yield int(group[torch.randint(len(group), (1,), generator=self.generator)])
+
+
 def class_weights(labels: Sequence[int], n_classes: int) -> np.ndarray:
     """Inverse-frequency weights, normalised as scikit-learn's ``"balanced"``: ``n / (k * n_c)`` for the ``k``
     classes present (all 1 when balanced; the weighted mean over the samples is 1). Absent classes get 0."""
@@ -104,8 +190,15 @@ class ProcessedDataModule(pl.LightningDataModule):
 
     def __init__(self, processed_dir: Path | str, classes: Sequence[str] = CLASSES, batch_size: int = 32,
                  val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
-                 imbalance: Imbalance = "weights", num_workers: int = 0):
+                 imbalance: Imbalance = "weights", num_workers: int = 0, holdout: Sequence[str] = (),
+                 raw_dir: Path | str | None = None, truncations: int = 0, truncation_min_days: float = 3.0):
         super().__init__()
+        if truncations and raw_dir is None:
+            raise ValueError("truncation augmentation refits the GP on cut light curves: it needs raw_dir")
+        self.holdout = frozenset(map(str, holdout))
+        self.raw_dir = None if raw_dir is None else Path(raw_dir)
+        self.truncations, self.truncation_min_days = truncations, truncation_min_days
+        self.train_views: pd.DataFrame | None = None  # owner oid and cut day of each augmented training row
         if imbalance not in ("none", "weights", "sampler", "both"):
             raise ValueError(f"imbalance must be none, weights, sampler or both; got {imbalance!r}")
         self.processed_dir = Path(processed_dir)
@@ -118,6 +211,7 @@ class ProcessedDataModule(pl.LightningDataModule):
         self.class_weights: torch.Tensor | None = None
         self.n_channels: int | None = None
         self._data: dict[str, TensorDataset] = {}
+        self._train_groups: list[np.ndarray] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
@@ -133,7 +227,11 @@ class ProcessedDataModule(pl.LightningDataModule):
         index["label"] = label[keep].to_numpy()
         index["target"] = index["label"].map({c: i for i, c in enumerate(self.classes)}).astype(np.int64)
         x = np.asarray(x[keep], dtype=np.float32)
-        self.splits = split_objects(index["oid"], index["label"], self.val_fraction, self.test_fraction, self.seed)
+        held = index["oid"].astype(str).isin(self.holdout).to_numpy()
+        splits = split_objects(index["oid"][~held], index["label"][~held], self.val_fraction, self.test_fraction,
+                               self.seed)
+        splits["test"] = np.sort(np.concatenate([splits["test"], index["oid"][held].to_numpy(dtype=str)]))
+        self.splits = splits
         split_of = {oid: name for name, ids in self.splits.items() for oid in ids}
         index["split"] = index["oid"].astype(str).map(split_of)
         self.index, self.n_channels = index, x.shape[1]
@@ -144,16 +242,48 @@ class ProcessedDataModule(pl.LightningDataModule):
         if self.imbalance in ("weights", "both"):
             self.class_weights = torch.as_tensor(class_weights(self.targets("train"), len(self.classes)),
                                                  dtype=torch.float32)
+        if self.truncations > 0:
+            self._add_truncated_views(index)
+
+    def _add_truncated_views(self, index: pd.DataFrame) -> None:
+        import json
+
+        from deeprubin.store import RawStore
+
+        config = json.loads((self.processed_dir / "manifest.json").read_text()).get("config", {})
+        train = index.loc[index["split"] == "train"].reset_index(drop=True)
+        detections = RawStore(self.raw_dir).read().detections
+        xv, owners, days = truncated_views(detections, train["oid"].astype(str), self.truncations,
+                                           self.truncation_min_days, self.seed,
+                                           int(config.get("grid_days", 100)), float(config.get("fit_context_days", 100)))
+        position = {oid: i for i, oid in enumerate(train["oid"].astype(str))}
+        owner_pos = np.array([position[o] for o in owners], dtype=np.int64)
+        full_x, full_y = self._data["train"].tensors
+        self._data["train"] = TensorDataset(torch.cat([full_x, torch.from_numpy(xv)]),
+                                            torch.cat([full_y, full_y[torch.from_numpy(owner_pos)]]))
+        groups: list[list[int]] = [[i] for i in range(len(train))]
+        for row, pos in enumerate(owner_pos):
+            groups[pos].append(len(train) + row)
+        self._train_groups = [np.asarray(g) for g in groups]
+        self.train_views = pd.DataFrame({"oid": owners, "days": days})
 
     def targets(self, split: str) -> np.ndarray:
-        return self._data[split].tensors[1].numpy()
+        """One target per object of the split (augmented views of training objects are not counted again)."""
+        y = self._data[split].tensors[1].numpy()
+        return y[:len(self._train_groups)] if split == "train" and self._train_groups is not None else y
 
     def dataset(self, split: str) -> TensorDataset:
         return self._data[split]
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         kwargs = {}
-        if train and self.imbalance in ("sampler", "both"):
+        if train and self._train_groups is not None:
+            weights = None
+            if self.imbalance in ("sampler", "both"):
+                y = self.targets(split)
+                weights = 1.0 / np.bincount(y)[y]
+            kwargs["sampler"] = ViewSampler(self._train_groups, weights, self.seed)
+        elif train and self.imbalance in ("sampler", "both"):
             kwargs["sampler"] = balanced_sampler(self.targets(split), self.seed)
         elif train:
             kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(self.seed))

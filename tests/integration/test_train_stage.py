@@ -67,12 +67,28 @@ def test_run_has_params_metrics_and_tags(trained, client):
     assert [s[1] for s in trained[3] if s[1]][-1] == {"completed": 2, "total": 2}
 
 
+def _register(root, params):
+    from deeprubin.config import Params
+    from deeprubin.stages import register
+
+    full = Params.model_validate({"train": params.model_dump(mode="json"),
+                                  "evaluate": {"metrics_dir": str(root / "no-metrics")}})
+    return register.run(full)
+
+
 def test_model_artifact_and_registered_version(trained, client):
     root, params, result, _ = trained
-    version = client.get_model_version(params.registered_model, result.model_version)
-    assert version.run_id == result.run_id
+    assert not client.search_registered_models(f"name='{params.registered_model}'")  # train only logs
+    first = _register(root, params)
+    version = client.get_model_version(params.registered_model, first["version"])
+    assert version.tags["run_id"] == result.run_id and version.tags["evaluated"] == "false"
     assert version.tags["git_commit"] == result.git_commit and version.tags["data_hash"] == result.data_hash
-    assert client.search_model_versions(f"name='{params.registered_model}'")
+    # Registering again (a rerun) finds the same version instead of adding one.
+    again = _register(root, params)
+    assert again["version"] == first["version"] and not again["new"] and first["new"]
+    assert len(client.search_model_versions(f"name='{params.registered_model}'")) == 1
+    report = json.loads((root / "models" / "registered.json").read_text())
+    assert report["model_uri"] == f"models:/{params.registered_model}/{first['version']}"
     # The logged model's files live under the tmp artifact location, not in ./mlruns.
     import mlflow
 
@@ -90,10 +106,11 @@ def test_registered_model_loads_and_predicts_probabilities(trained):
     import mlflow
 
     root, params, result, _ = trained
+    uri = _register(root, params)["model_uri"]
     mlflow.set_tracking_uri(params.tracking_uri)
     try:
-        model = mlflow.pytorch.load_model(result.model_uri)
-        pyfunc = mlflow.pyfunc.load_model(result.model_uri)
+        model = mlflow.pytorch.load_model(uri)
+        pyfunc = mlflow.pyfunc.load_model(uri)
     finally:
         mlflow.set_tracking_uri(None)
     x, _ = preprocess.load_processed(root / "processed")
@@ -110,9 +127,10 @@ def test_registered_model_loads_and_predicts_probabilities(trained):
 def test_dvc_outputs(trained):
     root, params, result, _ = trained
     report = json.loads((root / "models" / train.REPORT).read_text())
-    assert report["run_id"] == result.run_id and report["model_version"] == result.model_version
+    assert report["run_id"] == result.run_id and report["model_uri"] == result.model_uri
     assert report["split_sizes"] == {"train": 32, "val": 8, "test": 8}
-    assert sorted(p.name for p in (root / "models").iterdir()) == [train.CHECKPOINT, train.REPORT]
+    assert {train.CHECKPOINT, train.REPORT} <= {p.name for p in (root / "models").iterdir()}
+    assert not list((root / "models").glob("best*.ckpt"))
     from deeprubin.models.lit import LitTCN
 
     best = LitTCN.load_from_checkpoint(root / "models" / train.CHECKPOINT, map_location="cpu")

@@ -33,7 +33,7 @@ MONITOR_MODE = "max"
 class LitTCN(pl.LightningModule):
     def __init__(self, n_channels: int = 6, classes: Sequence[str] = CLASSES, hidden: int = 32,
                  kernel_size: int = 3, levels: int = 5, dropout: float = 0.1, lr: float = 1e-3,
-                 class_weights: Sequence[float] | None = None):
+                 class_weights: Sequence[float] | None = None, lr_plateau_patience: int = 0):
         super().__init__()
         classes = [str(c) for c in classes]
         if class_weights is not None:
@@ -42,9 +42,10 @@ class LitTCN(pl.LightningModule):
                 raise ValueError(f"{len(class_weights)} class weights for {len(classes)} classes")
         self.save_hyperparameters({"n_channels": n_channels, "classes": classes, "hidden": hidden,
                                    "kernel_size": kernel_size, "levels": levels, "dropout": dropout, "lr": lr,
-                                   "class_weights": class_weights})
+                                   "class_weights": class_weights, "lr_plateau_patience": lr_plateau_patience})
         self.classes = tuple(classes)
         self.lr = lr
+        self.lr_plateau_patience = lr_plateau_patience
         self.model = TCN(n_channels, len(classes), hidden, kernel_size, levels, dropout)
         self.register_buffer("class_weights",
                              None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32))
@@ -81,8 +82,14 @@ class LitTCN(pl.LightningModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return torch.softmax(self(x), dim=1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.lr_plateau_patience <= 0:
+            return optimizer
+        # Halve the rate when validation macro-F1 stalls: late epochs refine instead of jumping between minima.
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=MONITOR_MODE, factor=0.5,
+                                                               patience=self.lr_plateau_patience)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR}}
 
 
 def default_callbacks(patience: int = 10, dirpath: Path | str | None = None) -> list[Callback]:

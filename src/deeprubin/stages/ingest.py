@@ -139,6 +139,21 @@ def prepare_batch(mapped: MappedTables, params: IngestParams, base: BaseParams, 
         dropped
 
 
+def concat_batches(first: LightCurves, second: LightCurves) -> LightCurves:
+    """Two sources' objects in one store; an oid in both would mix two light curves, so it is an error."""
+    shared = set(first.objects["oid"]) & set(second.objects["oid"])
+    if shared:
+        raise ValueError(f"{len(shared)} oid(s) come from both sources, e.g. {sorted(shared)[0]}: "
+                         "rename one source's objects (e.g. ingest.simulator.oid_prefix)")
+    objects = pd.concat([first.objects, second.objects], ignore_index=True).sort_values("oid", kind="mergesort")
+    frames = {}
+    for name in ("detections", "non_detections"):
+        a, b = getattr(first, name), getattr(second, name)
+        frame = pd.concat([f for f in (a, b) if len(f)] or [a], ignore_index=True)
+        frames[name] = frame.sort_values(["oid", "mjd", "band"], kind="mergesort").reset_index(drop=True)
+    return LightCurves(objects=objects.reset_index(drop=True), **frames)
+
+
 def _class_counts(lcs: LightCurves) -> dict[str, int]:
     labels = lcs.objects["label"].fillna("(none)")
     return {str(k): int(v) for k, v in labels.value_counts().sort_index().items()}
@@ -162,6 +177,13 @@ def run(params: IngestParams, paths: IngestPaths, base: BaseParams | None = None
     # Deterministic for deterministic sources, so that `dvc repro` reproduces the same bytes.
     ingested_at = pd.Timestamp(0, tz="UTC") if params.source == "simulator" else pd.Timestamp.now(tz="UTC")
     batch, reports, dropped = prepare_batch(mapped, params, base, ingested_at, step)
+    if params.mix_files:
+        from deeprubin.sources.files import load
+
+        step(f"reading {params.files.detections}")
+        extra, extra_reports, extra_dropped = prepare_batch(load(params.files), params, base, ingested_at, step)
+        batch = concat_batches(batch, extra)
+        reports, dropped = reports + extra_reports, dropped + extra_dropped
 
     step(f"writing {paths.raw_dir}")
     store = RawStore(paths.raw_dir)
@@ -169,7 +191,7 @@ def run(params: IngestParams, paths: IngestPaths, base: BaseParams | None = None
     if params.upsert:
         batch, counts = upsert(store.read(), batch)
     result = IngestResult(
-        source=params.source,
+        source=params.source + ("+files" if params.mix_files else ""),
         raw_dir=paths.raw_dir,
         objects_per_class=_class_counts(batch),
         detections=len(batch.detections),

@@ -276,10 +276,20 @@ def tensorize_curves(curves: Sequence[Curve], grid_days: int = 100, fit_context_
 
 
 def curves_from_detections(detections: pd.DataFrame) -> list[Curve]:
-    """Contract detections (any number of objects) -> one Curve per oid, in oid order."""
+    """Contract detections (any number of objects) -> one Curve per oid, in oid order.
+
+    Equal to ``Curve.from_frame`` per group, with one sort of the whole table instead of one per object."""
     if detections.empty:
         return []
-    return [Curve.from_frame(str(oid), det) for oid, det in detections.groupby("oid", sort=True)]
+    det = detections.assign(oid=detections["oid"].astype(str)).sort_values(["oid", "mjd", "band"], kind="mergesort")
+    oid = det["oid"].to_numpy()
+    band = det["band"].map(BAND_INDEX).to_numpy()
+    band = np.where(pd.isna(band), -1, band).astype(np.int64)
+    mjd, flux, err = (det[c].to_numpy(dtype=np.float64) for c in ("mjd", "flux", "flux_err"))
+    starts = np.r_[0, np.flatnonzero(oid[1:] != oid[:-1]) + 1]
+    ends = np.r_[starts[1:], len(oid)]
+    return [Curve(oid=oid[a], mjd=mjd[a:b], band=band[a:b], flux=flux[a:b], flux_err=err[a:b])
+            for a, b in zip(starts, ends)]
 
 
 def tensorize(detections: pd.DataFrame, grid_days: int = 100, fit_context_days: float = 100.0,
@@ -526,10 +536,9 @@ def run(params: PreprocessParams, paths: PreprocessPaths, base: BaseParams | Non
     todo_set = set(todo)
     by_partition: dict[int, list[Curve]] = {}
     sub = det.loc[det["oid"].astype(str).isin(todo_set)]
-    grouped = dict(iter(sub.groupby("oid", sort=True))) if not sub.empty else {}
+    grouped = {c.oid: c for c in curves_from_detections(sub)}
     for oid in todo:
-        frame = grouped.get(oid)
-        curve = Curve.from_frame(oid, frame) if frame is not None else Curve(
+        curve = grouped.get(oid) or Curve(
             oid, *(np.zeros(0, dtype=t) for t in (np.float64, np.int64, np.float64, np.float64)))
         by_partition.setdefault(part_of[oid], []).append(curve)
     tasks = [PartitionTask(p, by_partition[p], params.grid_days, params.fit_context_days)

@@ -13,8 +13,8 @@
   over the classes, in ``classes`` order) in MLflow's ``pt2`` format (``torch.export``: loading it needs neither
   this package nor pickle), with a signature inferred from an input example of two validation objects (float32
   ``(2, C, 100)``: batch size 1 would freeze the batch dimension of the exported graph) and explicit
-  ``pip_requirements`` (no requirement inference: it is slow and reaches for the network). It is registered as a
-  new version of ``train.registered_model``; the version carries the same tags.
+  ``pip_requirements`` (no requirement inference: it is slow and reaches for the network). Registration as a
+  version of ``train.registered_model`` comes after evaluation (:mod:`deeprubin.stages.register`).
 - DVC outputs in ``train.model_dir``: ``tcn.ckpt`` (the best Lightning checkpoint, for evaluation) and
   ``train.json`` (run id, model version, best validation macro-F1, split sizes, hashes). MLflow's own files
   (``mlflow.db``, artifacts) are never DVC outputs.
@@ -28,7 +28,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +51,12 @@ class TrainPaths:
     processed_dir: Path
     model_dir: Path
     dvc_lock: Path = Path("dvc.lock")
+    raw_dir: Path | None = None  # needed for truncation augmentation (the GP is refitted on cut light curves)
 
     @classmethod
     def from_params(cls, params: Params) -> "TrainPaths":
-        return cls(processed_dir=Path(params.preprocess.processed_dir), model_dir=Path(params.train.model_dir))
+        return cls(processed_dir=Path(params.preprocess.processed_dir), model_dir=Path(params.train.model_dir),
+                   raw_dir=Path(params.ingest.raw_dir))
 
 
 @dataclass
@@ -62,9 +64,8 @@ class TrainResult:
     run_id: str
     experiment_id: str
     tracking_uri: str
-    model_uri: str
+    model_uri: str  # the logged model (models:/m-...), registered later by `deeprubin register`
     registered_model: str
-    model_version: str
     best_val_macro_f1: float
     epochs: int
     checkpoint: Path
@@ -168,8 +169,10 @@ def _progress_callback(step: Progress, max_epochs: int):
 
 
 def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
-        progress: Progress | None = None) -> TrainResult:
-    """Train, track, log and register the TCN; write ``paths.model_dir``; see the module docstring."""
+        progress: Progress | None = None, holdout: Sequence[str] = ()) -> TrainResult:
+    """Train, track and log the TCN; write ``paths.model_dir``; see the module docstring.
+
+    ``holdout``: oids never trained on (the real evaluation set's held-out objects, :mod:`deeprubin.realset`)."""
     import mlflow
     import pytorch_lightning as pl
     from mlflow.models import infer_signature
@@ -189,11 +192,16 @@ def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
     pl.seed_everything(base.seed, workers=True, verbose=False)
     dm = ProcessedDataModule(paths.processed_dir, classes=base.classes, batch_size=params.batch_size,
                              val_fraction=params.val_fraction, test_fraction=params.test_fraction, seed=base.seed,
-                             imbalance=params.imbalance)
+                             imbalance=params.imbalance, holdout=holdout,
+                             raw_dir=paths.raw_dir if params.truncations else None,
+                             truncations=params.truncations if paths.raw_dir is not None else 0,
+                             truncation_min_days=params.truncation_min_days)
+    step("cutting training light curves (augmentation)" if dm.truncations else "splitting objects")
     dm.setup("fit")
     if len(dm.dataset("val")) == 0:
         raise ValueError("train.val_fraction is 0: early stopping and the best checkpoint need a validation set")
-    split_sizes = {name: len(dm.dataset(name)) for name in ("train", "val", "test")}
+    split_sizes = {name: len(dm.targets(name)) for name in ("train", "val", "test")}
+    n_views = 0 if dm.train_views is None else len(dm.train_views)
     class_counts = {name: {c: int(n) for c, n in zip(base.classes, np.bincount(dm.targets(name),
                                                                                minlength=len(base.classes)))}
                     for name in ("train", "val", "test")}
@@ -211,12 +219,13 @@ def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
 
     model = LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=params.hidden,
                    kernel_size=params.kernel_size, levels=params.levels, dropout=params.dropout,
-                   lr=params.learning_rate,
+                   lr=params.learning_rate, lr_plateau_patience=params.lr_plateau_patience,
                    class_weights=None if dm.class_weights is None else dm.class_weights.tolist())
     logger = MLFlowLogger(experiment_name=params.experiment, tracking_uri=params.tracking_uri, tags=tags,
                           artifact_location=params.artifact_location, log_model=False)
     logger.log_hyperparams({"train": params.model_dump(mode="json"), "base": {"seed": base.seed},
-                            "data": {"n_" + k: v for k, v in split_sizes.items()}})
+                            "data": {**{"n_" + k: v for k, v in split_sizes.items()}, "n_train_views": n_views,
+                                     "n_holdout": len(holdout)}})
     callbacks = default_callbacks(params.patience, dirpath=model_dir)
     trainer = pl.Trainer(accelerator=params.accelerator, devices=1 if params.accelerator != "auto" else "auto",
                          deterministic=True, max_epochs=params.max_epochs, logger=logger,
@@ -246,23 +255,17 @@ def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
         with mlflow.start_run(run_id=logger.run_id):
             mlflow.log_metric("best_val_macro_f1", best_f1)
             info = mlflow.pytorch.log_model(served, name=MODEL_NAME, signature=signature, input_example=example,
-                                            pip_requirements=pip_requirements(),
-                                            registered_model_name=params.registered_model,
-                                            serialization_format="pt2", tags=tags)
-        client = mlflow.MlflowClient(tracking_uri=params.tracking_uri)
-        version = str(info.registered_model_version)
-        for key, value in {**tags, "run_id": logger.run_id, "best_val_macro_f1": f"{best_f1:.6f}"}.items():
-            client.set_model_version_tag(params.registered_model, version, key, value)
+                                            pip_requirements=pip_requirements(), serialization_format="pt2",
+                                            tags=tags)
     finally:
         mlflow.set_tracking_uri(previous_uri)
 
     result = TrainResult(
         run_id=logger.run_id, experiment_id=logger.experiment_id, tracking_uri=params.tracking_uri,
-        model_uri=f"models:/{params.registered_model}/{version}", registered_model=params.registered_model,
-        model_version=version, best_val_macro_f1=best_f1, epochs=trainer.current_epoch, checkpoint=target,
+        model_uri=info.model_uri, registered_model=params.registered_model, best_val_macro_f1=best_f1, epochs=trainer.current_epoch, checkpoint=target,
         split_sizes=split_sizes, class_counts=class_counts, git_commit=commit, data_hash=dhash,
         data_hash_source=dsource, params_hash=phash, accelerator=str(trainer.accelerator.__class__.__name__),
-        seconds=time.perf_counter() - started, extra={"logged_model_uri": info.model_uri})
+        seconds=time.perf_counter() - started, extra={"logged_model_uri": info.model_uri, "tags": tags})
     (model_dir / REPORT).write_text(json.dumps(result.report(), indent=2, sort_keys=True) + "\n")
     return result
 

@@ -1,0 +1,80 @@
+"""``deeprubin register``: the trained and evaluated model becomes a version of ``train.registered_model``.
+
+Reads ``train.json`` (the run and its logged model) and, when present, ``metrics/evaluate.json``; registers the
+logged model with the training tags (git commit, data hash, params hash, run id) and the headline evaluation numbers
+as version tags. Idempotent: a version of this run that already exists is reused and re-tagged, never duplicated.
+Writes ``<train.model_dir>/registered.json`` (name, version, run id, model URI) for the promotion step.
+
+Not a DVC stage: it writes to the model registry, which is not a file DVC could reproduce; `make run` and the
+Prefect flows call it after `deeprubin evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from deeprubin.config import Params
+
+REPORT = "registered.json"
+
+
+def headline_tags(metrics: dict[str, Any]) -> dict[str, str]:
+    """``eval/<model>/<set>/<metric>`` -> value, for the numbers a reviewer of a version looks at first."""
+    tags: dict[str, str] = {}
+    for model, per_set in metrics.items():
+        if not isinstance(per_set, dict) or model == "skipped":
+            continue
+        for name, m in per_set.items():
+            if not isinstance(m, dict) or "macro_f1" not in m:
+                continue
+            for key in ("macro_f1", "macro_f1_low", "macro_f1_high", "ece"):
+                if m.get(key) is not None:
+                    tags[f"eval/{model}/{name}/{key}"] = f"{m[key]:.4f}"
+            for c, pc in m.get("per_class", {}).items():
+                if pc.get("recall") is not None:
+                    tags[f"eval/{model}/{name}/recall_{c}"] = f"{pc['recall']:.4f}"
+            e20 = m.get("early", {}).get("20d", {}).get("macro_f1")
+            if e20 is not None:
+                tags[f"eval/{model}/{name}/macro_f1_at_20d"] = f"{e20:.4f}"
+    return tags
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Register (or find) the version of the latest training run; returns what it writes to registered.json."""
+    import mlflow
+
+    from deeprubin.stages.train import REPORT as TRAIN_REPORT
+
+    model_dir = Path(params.train.model_dir)
+    train_path = model_dir / TRAIN_REPORT
+    if not train_path.exists():
+        raise FileNotFoundError(f"no training report at {train_path}: run `deeprubin train` first")
+    trained = json.loads(train_path.read_text())
+    metrics_path = Path(params.evaluate.metrics_dir) / "evaluate.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    name, run_id = params.train.registered_model, trained["run_id"]
+    tags = {**{k: str(v) for k, v in trained.get("extra", {}).get("tags", {}).items()}, "run_id": run_id,
+            "best_val_macro_f1": f"{trained['best_val_macro_f1']:.6f}",
+            "evaluated": "true" if metrics else "false", **headline_tags(metrics)}
+
+    client = mlflow.MlflowClient(tracking_uri=params.train.tracking_uri)
+    existing = []
+    if client.search_registered_models(filter_string=f"name='{name}'"):
+        existing = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("run_id") == run_id]
+    if existing:
+        version = str(min(int(v.version) for v in existing))
+    else:
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(params.train.tracking_uri)
+        try:
+            version = str(mlflow.register_model(trained["model_uri"], name, tags=tags).version)
+        finally:
+            mlflow.set_tracking_uri(previous)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    out = {"registered_model": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}",
+           "logged_model_uri": trained["model_uri"], "new": not existing, "evaluated": bool(metrics)}
+    (model_dir / REPORT).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return out
