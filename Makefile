@@ -30,6 +30,9 @@ run: install
 	$(BIN)/deeprubin ingest
 	$(BIN)/deeprubin preprocess
 	$(BIN)/deeprubin train
+	$(BIN)/deeprubin baseline
+	$(BIN)/deeprubin evaluate
+	$(BIN)/deeprubin register
 
 test: install
 	$(BIN)/python -m pytest
@@ -41,6 +44,7 @@ bench: install
 	$(BIN)/python bench/simulate_speed.py
 	$(BIN)/python bench/alerce_pull.py
 	$(BIN)/python bench/gp.py
+	$(BIN)/python bench/baseline_bts.py
 
 realism: install
 	$(BIN)/python bench/realism.py

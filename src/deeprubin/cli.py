@@ -257,7 +257,7 @@ def train(
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: train.model_dir).")] = None,
 ) -> None:
-    """Train the TCN on data/processed, track it in MLflow and register it as a version of deeprubin-tcn.
+    """Train the TCN on data/processed and log it to MLflow (`deeprubin register` versions it after evaluation).
 
     Early stopping and the best checkpoint on validation macro-F1; writes tcn.ckpt and train.json under
     train.model_dir. Examples:
@@ -277,15 +277,97 @@ def train(
     params = _load(params_path, extra)
     paths = stage.TrainPaths.from_params(params)
 
+    from deeprubin.realset import holdout_oids
+
+    holdout = holdout_oids(params.evaluate.real, params.base)
     result = _run_with_progress("train", lambda report: stage.run(params.train, paths, base=params.base,
-                                                                   progress=report), unit=" epochs")
+                                                                   progress=report, holdout=holdout),
+                                unit=" epochs")
     console.print(f"[bold]train[/] {result.epochs} epoch(s) on {result.accelerator} in {result.seconds:.1f} s; "
                   f"best val macro-F1 {result.best_val_macro_f1:.3f}")
     console.print(f"objects train/val/test: {result.split_sizes['train']}/{result.split_sizes['val']}/"
                   f"{result.split_sizes['test']}")
-    console.print(f"MLflow run {result.run_id} at {result.tracking_uri}; registered {result.model_uri}")
+    console.print(f"MLflow run {result.run_id} at {result.tracking_uri}; model {result.model_uri} "
+                  "(`deeprubin register` registers it after `deeprubin evaluate`)")
     console.print(f"data {result.data_hash} ({result.data_hash_source}), commit {result.git_commit}")
     console.print(f"checkpoint: {result.checkpoint}   report: {result.checkpoint.parent / stage.REPORT}")
+
+
+@app.command()
+def baseline(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Train the balanced random forest (light-curve features) on the TCN's training split.
+
+    Writes forest.joblib and forest.json under train.model_dir; `deeprubin evaluate` scores it beside the TCN.
+    """
+    from deeprubin.stages import baseline as stage
+
+    params = _load(params_path, overrides)
+    report = _run_with_progress("baseline", lambda r: stage.run(params, stage.BaselinePaths.from_params(params), r))
+    counts = ", ".join(f"{k} {v}" for k, v in report["objects_per_class"].items())
+    console.print(f"[bold]baseline[/] {report['trees']} trees on {counts} (+ cuts at {report['truncations']} d) "
+                  f"in {report['seconds']:.1f} s -> {report['model']}")
+
+
+@app.command()
+def evaluate(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Do not log to the training run.")] = False,
+) -> None:
+    """Score the TCN and the forest on the test split and the held-out real set (evaluate.real).
+
+    Macro-F1 and per-class recall with bootstrap 95% intervals, calibration, and macro-F1 against days since
+    first detection; writes metrics/evaluate.json, metrics/plots/*.csv and metrics/figures/*.png and logs them to
+    the training run in MLflow.
+    """
+    from rich.table import Table
+
+    from deeprubin.stages import evaluate as stage
+
+    params = _load(params_path, overrides)
+    result = _run_with_progress("evaluate", lambda r: stage.run(params, stage.EvaluatePaths.from_params(params), r,
+                                                                log_to_mlflow=not no_mlflow))
+    table = Table(title="evaluation: macro-F1 [95% bootstrap interval]; F1@d: curves cut d days after first "
+                        "detection")
+    for column in ("model", "data", "n", "macro-F1", "recall", "ECE", *(f"@{d:g}d" for d in params.evaluate.early_days)):
+        table.add_column(column, no_wrap=column != "recall")
+    for model, per_set in result.metrics.items():
+        for name, m in per_set.items():
+            if not isinstance(m, dict) or "macro_f1" not in m:
+                continue
+            recalls = " ".join(f"{c} {pc['recall']:.2f}" for c, pc in m["per_class"].items())
+            early = [f"{m.get('early', {}).get(f'{d:g}d', {}).get('macro_f1', float('nan')):.2f}"
+                     for d in params.evaluate.early_days]
+            table.add_row(model, name, str(m["n"]),
+                          f"{m['macro_f1']:.3f} [{m['macro_f1_low']:.2f}, {m['macro_f1_high']:.2f}]", recalls,
+                          f"{m['ece']:.3f}", *early)
+    console.print(table)
+    for name, why in result.skipped.items():
+        console.print(f"[yellow]not evaluated:[/] {name}: {why}")
+    console.print(f"metrics: {result.metrics_path}   report: {result.report_path}   figures: "
+                  f"{result.metrics_path.parent / 'figures'}" + (f"   MLflow run {result.run_id}" if result.run_id
+                                                                 else ""))
+
+
+@app.command()
+def register(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Register the trained, evaluated model as a version of train.registered_model (idempotent).
+
+    The version is tagged with the run, commit, data and params hashes and the headline evaluation numbers.
+    """
+    from deeprubin.stages import register as stage
+
+    params = _load(params_path, overrides)
+    out = _run_with_progress("register", lambda _r: stage.run(params))
+    verb = "registered" if out["new"] else "already registered"
+    console.print(f"[bold]register[/] {verb} {out['model_uri']} (run {out['run_id']})"
+                  + ("" if out["evaluated"] else "  [yellow]not evaluated: run `deeprubin evaluate` first[/]"))
 
 
 @app.command()

@@ -31,13 +31,18 @@ def project(tmp_path: Path) -> Path:
         shutil.copy(REPO / name, work / name)
     shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "infra" / "dvc", work / "infra" / "dvc")  # the offline plots template
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["simulator"]["n_per_class"] = 10
     params["preprocess"]["partitions"] = 2
     params["preprocess"]["workers"] = 1
-    params["train"].update(max_epochs=2, accelerator="cpu")
+    params["train"].update(max_epochs=2, accelerator="cpu", truncations=1)
+    params["evaluate"].update(n_bootstrap=20, forest_trees=10)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], work)
+    run(["git", "config", "user.email", "test@example.org"], work)
+    run(["git", "config", "user.name", "test"], work)
+    shutil.copy(REPO / ".gitignore", work / ".gitignore")  # MLflow's files are never committed
     return work
 
 
@@ -73,9 +78,11 @@ def test_dvc_repro_preprocess_follows_ingest_and_is_then_a_no_op(project: Path):
     assert "didn't change" in second.stdout or "up to date" in second.stdout
 
 
-def test_dvc_repro_train_through_the_cli_tags_the_dvc_data_hash(project: Path):
-    """`dvc repro train` runs ingest, preprocess and train through the CLI; the run's data_hash is the md5 DVC
-    recorded for data/processed, and a second repro is a no-op."""
+def test_dvc_repro_whole_pipeline_metrics_plots_and_an_experiment(project: Path):
+    """`dvc repro` runs ingest, preprocess, train, baseline and evaluate through the CLI; the run's data_hash is the
+    md5 DVC recorded for data/processed; a second repro is a no-op; `dvc metrics show` reads the evaluation;
+    `dvc plots show` writes HTML with no CDN; `dvc exp run -S train.learning_rate=1e-4` makes an experiment that
+    `dvc exp show` lists with its parameter and metrics."""
     import json
 
     from mlflow import MlflowClient
@@ -83,10 +90,10 @@ def test_dvc_repro_train_through_the_cli_tags_the_dvc_data_hash(project: Path):
     from deeprubin.stages import train
 
     dvc = str(BIN / "dvc")
-    run([dvc, "repro", "train"], project)
+    run([dvc, "repro"], project)
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"ingest", "preprocess", "train"}
-    assert [o["path"] for o in lock["train"]["outs"]] == ["models"]
+    assert set(lock) == {"ingest", "preprocess", "train", "baseline", "evaluate"}
+    assert [o["path"] for o in lock["train"]["outs"]] == ["models/tcn.ckpt", "models/train.json"]
     processed_md5 = lock["preprocess"]["outs"][0]["md5"]
     report = json.loads((project / "models" / train.REPORT).read_text())
     assert report["data_hash"] == processed_md5 and report["data_hash_source"] == "dvc.lock"
@@ -94,6 +101,29 @@ def test_dvc_repro_train_through_the_cli_tags_the_dvc_data_hash(project: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
     run_ = client.get_run(report["run_id"])
     assert run_.data.tags["data_hash"] == processed_md5 and run_.data.tags["git_commit"] == "unknown"
-    assert client.get_model_version("deeprubin-tcn", report["model_version"]).run_id == report["run_id"]
+    assert "eval/tcn/test/macro_f1" in run_.data.metrics
+    run([str(BIN / "deeprubin"), "register"], project)  # after evaluation; not a DVC stage (it writes the registry)
+    registered = json.loads((project / "models" / "registered.json").read_text())
+    assert client.get_model_version("deeprubin-tcn", registered["version"]).tags["run_id"] == report["run_id"]
     second = run([dvc, "repro"], project)
     assert "didn't change" in second.stdout or "up to date" in second.stdout
+
+    metrics = json.loads(run([dvc, "metrics", "show", "--json"], project).stdout)
+    shown = json.dumps(metrics)
+    assert "macro_f1" in shown and "forest" in shown
+
+    run([dvc, "plots", "show", "--out", "plots_html"], project)
+    html = (project / "plots_html" / "index.html").read_text()
+    assert "https://cdn" not in html and "<script src" not in html
+    assert "vegaEmbed" in html and "days" in html
+
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    run([dvc, "exp", "run", "-S", "train.learning_rate=1e-4"], project)
+    shown = json.loads(run([dvc, "exp", "show", "--json"], project).stdout)
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    assert experiments, shown
+    runs = [r for e in experiments for r in (e.get("revs") or [])]
+    lrs = [r["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] for r in runs]
+    assert 1e-4 in lrs
+    assert any(r["data"]["metrics"] for r in runs)

@@ -1,0 +1,149 @@
+"""Stages baseline and evaluate end to end: simulated objects mixed with a small subset of the real BTS supernovae
+(written to a temporary directory, never into the repository), the real held-out objects kept out of training,
+the TCN and the forest scored side by side, DVC metrics/plots files, figures, and the MLflow run and version."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deeprubin.config import Params
+from deeprubin.stages import baseline, evaluate, ingest, preprocess, train
+
+pytestmark = pytest.mark.real_data
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, shared_data):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    root = tmp_path_factory.mktemp("evaluate_stage")
+    labels = pd.read_csv(shared_data / "bts" / "labels.csv")
+    subset = pd.concat([labels[labels["label"] == "SNIa"].head(50), labels[labels["label"] == "SNII"].head(30),
+                        labels[labels["label"] == "SNIbc"].head(5)])
+    det = pd.read_parquet(shared_data / "bts" / "detections.parquet")
+    det[det["oid"].isin(subset["oid"])].to_parquet(root / "bts.parquet")
+    subset.to_csv(root / "bts.csv", index=False)
+    params = Params.model_validate({
+        "ingest": {"raw_dir": str(root / "raw"), "simulator": {"n_per_class": 15}, "mix_files": True,
+                   "files": {"detections": str(root / "bts.parquet"), "labels": str(root / "bts.csv"),
+                             "label_source": "bts:spectroscopic"}},
+        "preprocess": {"processed_dir": str(root / "processed"), "workers": 1, "partitions": 2},
+        "train": {"max_epochs": 2, "accelerator": "cpu", "truncations": 2, "tracking_uri": f"sqlite:///{root}/m.db",
+                  "artifact_location": (root / "artifacts").as_uri(), "model_dir": str(root / "models")},
+        "evaluate": {"metrics_dir": str(root / "metrics"), "n_bootstrap": 50, "forest_trees": 20,
+                     "real": {"detections": str(root / "bts.parquet"), "labels": str(root / "bts.csv")}},
+    })
+    ingest.run(params.ingest, ingest.IngestPaths.from_params(params.ingest), params.base)
+    preprocess.run(params.preprocess, preprocess.PreprocessPaths.from_params(params), params.base)
+    from deeprubin.realset import holdout_oids
+
+    holdout = holdout_oids(params.evaluate.real, params.base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = train.run(params.train, train.TrainPaths.from_params(params), params.base, holdout=holdout)
+        forest = baseline.run(params, baseline.BaselinePaths.from_params(params))
+        steps = []
+        result = evaluate.run(params, evaluate.EvaluatePaths.from_params(params),
+                              progress=lambda *a, **k: steps.append((a, k)))
+    from deeprubin.stages import register
+
+    registered = register.run(params)
+    trained.extra["registered"] = registered
+    yield root, params, holdout, trained, forest, result
+    mp.undo()
+
+
+def test_real_held_out_objects_never_train(evaluated):
+    root, params, holdout, trained, forest, _ = evaluated
+    from deeprubin.data import ProcessedDataModule
+
+    assert len(holdout) == round(0.3 * 50) + round(0.3 * 30)  # stratified; SNIbc is not a scored class
+    dm = ProcessedDataModule(root / "processed", holdout=holdout, seed=params.base.seed)
+    dm.setup()
+    processed = set(dm.index["oid"])
+    assert set(holdout) & processed  # mix_files put them into data/raw ...
+    assert set(holdout) & processed <= set(dm.splits["test"])  # ... and they are only ever test objects
+    assert trained.class_counts["train"]["SNIa"] > 15  # simulated + real SNe Ia trained
+    assert sum(forest["objects_per_class"].values()) == trained.split_sizes["train"]
+
+
+def test_metrics_file_has_both_models_on_both_sets_with_intervals(evaluated):
+    root, params, holdout, *_, result = evaluated
+    metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {"tcn", "forest"}
+    for model in ("tcn", "forest"):
+        test, bts = metrics[model]["test"], metrics[model]["bts"]
+        assert set(test["per_class"]) == {"QSO", "CEP", "SNIa", "SNII"}
+        assert set(bts["per_class"]) == {"SNIa", "SNII"}  # SNIa vs SNII, prediction restricted to them
+        assert bts["n"] == len(holdout)
+        for m in (test, bts):
+            assert 0 <= m["macro_f1_low"] <= m["macro_f1"] <= m["macro_f1_high"] <= 1
+            assert 0 <= m["ece"] <= 1
+            assert set(m["early"]) == {"5d", "10d", "20d", "30d", "50d", "100d"}
+            for pc in m["per_class"].values():
+                assert pc["recall_low"] <= pc["recall"] <= pc["recall_high"]
+    # At 100 days every curve is whole: the early curve ends at the full-curve score.
+    assert metrics["tcn"]["bts"]["early"]["100d"]["macro_f1"] == pytest.approx(metrics["tcn"]["bts"]["macro_f1"],
+                                                                              abs=0.05)
+    report = json.loads((root / "metrics" / "report.json").read_text())
+    cm = report["tcn"]["bts"]["confusion_matrix"]
+    assert cm["rows"] == ["SNIa", "SNII"] and np.sum(cm["counts"]) == len(holdout)
+
+
+def test_plot_data_and_figures(evaluated):
+    root = evaluated[0]
+    plots = root / "metrics" / "plots"
+    early = pd.read_csv(plots / "early_bts.csv")
+    assert list(early["days"]) == [5, 10, 20, 30, 50, 100] and {"tcn", "forest"} <= set(early.columns)
+    conf = pd.read_csv(plots / "confusion_test.csv")
+    assert list(conf.columns) == ["actual", "predicted"]
+    dist = pd.read_csv(plots / "class_distribution.csv")
+    assert dist.loc[dist["source"] == "simulator", "count"].sum() == 60
+    names = {p.name for p in (root / "metrics" / "figures").iterdir()}
+    for expected in ("confusion_tcn_test.png", "confusion_tcn_bts.png", "confusion_forest_bts.png",
+                     "reliability_bts.png", "early_tcn_bts.png", "class_distribution.png", "mean_profiles.png"):
+        assert expected in names
+        assert (root / "metrics" / "figures" / expected).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mlflow_run_has_evaluation_metrics_artifacts_and_version_tags(evaluated):
+    from mlflow import MlflowClient
+
+    root, params, _, trained, _, result = evaluated
+    client = MlflowClient(tracking_uri=params.train.tracking_uri)
+    run = client.get_run(trained.run_id)
+    assert result.run_id == trained.run_id
+    m = run.data.metrics
+    assert m["eval/tcn/bts/macro_f1"] == pytest.approx(result.metrics["tcn"]["bts"]["macro_f1"])
+    assert "eval/forest/test/macro_f1" in m and "eval/tcn/bts/macro_f1_at_20d" in m
+    artifacts = {a.path for a in client.list_artifacts(trained.run_id, "evaluation")}
+    assert {"evaluation/confusion_tcn_bts.png", "evaluation/early_tcn_bts.png", "evaluation/report.json",
+            "evaluation/mean_profiles.png", "evaluation/class_distribution.png"} <= artifacts
+    version = client.get_model_version(params.train.registered_model, trained.extra["registered"]["version"])
+    assert version.tags["evaluated"] == "true"
+    assert float(version.tags["eval/tcn/bts/macro_f1"]) == pytest.approx(m["eval/tcn/bts/macro_f1"], abs=1e-4)
+    assert "eval/forest/bts/recall_SNII" in version.tags
+
+
+def test_missing_real_set_is_skipped_and_said(evaluated, tmp_path):
+    root, params, *_ = evaluated
+    other = params.model_copy(deep=True)
+    other.evaluate.real.detections = tmp_path / "absent.parquet"
+    other.evaluate.metrics_dir = tmp_path / "metrics"
+    other.evaluate.baseline = False
+    result = evaluate.run(other, evaluate.EvaluatePaths.from_params(other), log_to_mlflow=False)
+    assert set(result.metrics) == {"tcn"} and set(result.metrics["tcn"]) == {"test"}
+    assert "absent.parquet" in result.skipped["bts"]
+    assert json.loads((tmp_path / "metrics" / "evaluate.json").read_text())["skipped"]["bts"]
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    params = Params.model_validate({"train": {"model_dir": str(tmp_path / "none")}})
+    with pytest.raises(FileNotFoundError, match="deeprubin train"):
+        evaluate.run(params, evaluate.EvaluatePaths.from_params(params))
