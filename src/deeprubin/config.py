@@ -183,6 +183,9 @@ class TrainParams(Section):
                              "(GP refitted on the detections before the cut); each epoch draws one view per object.")
     truncation_min_days: float = Field(
         3.0, gt=0, description="Earliest cut, days after the first detection (cuts are log-uniform up to the span).")
+    full_view_probability: float = Field(
+        0.5, ge=0, le=1, description="With augmentation, the chance that an epoch shows an object's whole curve "
+                                     "rather than one of its cuts.")
 
 
 class RealSetParams(Section):

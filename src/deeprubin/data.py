@@ -14,8 +14,9 @@ LightningDataModule, with a stratified split by object and class-imbalance handl
   the stratified split says, so they are never trained or early-stopped on.
 - Early-classification augmentation (``truncations > 0``, needs ``raw_dir``): each training object also gets
   ``truncations`` copies cut at random times after its first detection (:func:`truncated_views`: the GP is refitted
-  on the detections before the cut, exactly as at inference on a young alert); every epoch draws one view (the full
-  curve or a cut) per object (:class:`ViewSampler`). Validation and test use the full curves.
+  on the detections before the cut, exactly as at inference on a young alert); every epoch draws one view per object
+  (:class:`ViewSampler`): the whole curve with probability ``full_view_probability``, else one of the cuts.
+  Validation and test use the full curves.
 """
 
 from __future__ import annotations
@@ -136,12 +137,20 @@ def truncated_views(detections: pd.DataFrame, oids: Sequence[str], n_views: int,
 
 class ViewSampler(Sampler[int]):
     """One dataset row per object per epoch: objects in random order (or drawn by ``object_weights`` with
-    replacement, for balanced batches), each represented by one of its rows (views) chosen at random."""
+    replacement, for balanced batches), each represented by one of its rows (views) chosen at random.
 
-    def __init__(self, groups: Sequence[np.ndarray], object_weights: np.ndarray | None = None, seed: int = 42):
+    ``full_probability``: the first row of a group (the whole light curve) is chosen with this probability and a
+    cut otherwise (None: every view equally likely). Whole curves stay frequent, so augmentation for early
+    classification does not cost much accuracy on complete light curves."""
+
+    def __init__(self, groups: Sequence[np.ndarray], object_weights: np.ndarray | None = None, seed: int = 42,
+                 full_probability: float | None = None):
         self.groups = [torch.as_tensor(np.asarray(g, dtype=np.int64)) for g in groups]
         if any(len(g) == 0 for g in self.groups):
             raise ValueError("every object needs at least one view")
+        if full_probability is not None and not 0 <= full_probability <= 1:
+            raise ValueError(f"full_probability must lie in [0, 1]; got {full_probability}")
+        self.full_probability = full_probability
         self.weights = None if object_weights is None else torch.as_tensor(object_weights, dtype=torch.double)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -156,7 +165,12 @@ class ViewSampler(Sampler[int]):
             order = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
         for i in order.tolist():
             group = self.groups[i]
-            yield int(group[torch.randint(len(group), (1,), generator=self.generator)])
+            if self.full_probability is None or len(group) == 1:
+                yield int(group[torch.randint(len(group), (1,), generator=self.generator)])
+            elif torch.rand(1, generator=self.generator).item() < self.full_probability:
+                yield int(group[0])
+            else:
+                yield int(group[1 + torch.randint(len(group) - 1, (1,), generator=self.generator)])
 
 
 def class_weights(labels: Sequence[int], n_classes: int) -> np.ndarray:
@@ -191,13 +205,15 @@ class ProcessedDataModule(pl.LightningDataModule):
     def __init__(self, processed_dir: Path | str, classes: Sequence[str] = CLASSES, batch_size: int = 32,
                  val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
                  imbalance: Imbalance = "weights", num_workers: int = 0, holdout: Sequence[str] = (),
-                 raw_dir: Path | str | None = None, truncations: int = 0, truncation_min_days: float = 3.0):
+                 raw_dir: Path | str | None = None, truncations: int = 0, truncation_min_days: float = 3.0,
+                 full_view_probability: float | None = None):
         super().__init__()
         if truncations and raw_dir is None:
             raise ValueError("truncation augmentation refits the GP on cut light curves: it needs raw_dir")
         self.holdout = frozenset(map(str, holdout))
         self.raw_dir = None if raw_dir is None else Path(raw_dir)
         self.truncations, self.truncation_min_days = truncations, truncation_min_days
+        self.full_view_probability = full_view_probability
         self.train_views: pd.DataFrame | None = None  # owner oid and cut day of each augmented training row
         if imbalance not in ("none", "weights", "sampler", "both"):
             raise ValueError(f"imbalance must be none, weights, sampler or both; got {imbalance!r}")
@@ -282,7 +298,7 @@ class ProcessedDataModule(pl.LightningDataModule):
             if self.imbalance in ("sampler", "both"):
                 y = self.targets(split)
                 weights = 1.0 / np.bincount(y)[y]
-            kwargs["sampler"] = ViewSampler(self._train_groups, weights, self.seed)
+            kwargs["sampler"] = ViewSampler(self._train_groups, weights, self.seed, self.full_view_probability)
         elif train and self.imbalance in ("sampler", "both"):
             kwargs["sampler"] = balanced_sampler(self.targets(split), self.seed)
         elif train:

@@ -63,3 +63,13 @@ def test_view_sampler_gives_each_object_once_per_epoch_with_varying_views():
     assert list(weighted) == [1, 1, 1]
     with pytest.raises(ValueError, match="at least one view"):
         ViewSampler([np.array([], dtype=int)])
+
+
+def test_view_sampler_shows_the_whole_curve_with_the_given_probability():
+    groups = [np.array([0, 10, 11, 12, 13]) + 20 * i for i in range(200)]
+    for p in (0.0, 0.5, 1.0):
+        rows = [r for _ in range(5) for r in ViewSampler(groups, seed=4, full_probability=p)]
+        full = np.mean([r % 20 == 0 for r in rows])
+        assert abs(full - p) < 0.05, (p, full)
+    with pytest.raises(ValueError, match="full_probability"):
+        ViewSampler(groups, full_probability=1.5)

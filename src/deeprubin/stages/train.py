@@ -195,7 +195,8 @@ def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
                              imbalance=params.imbalance, holdout=holdout,
                              raw_dir=paths.raw_dir if params.truncations else None,
                              truncations=params.truncations if paths.raw_dir is not None else 0,
-                             truncation_min_days=params.truncation_min_days)
+                             truncation_min_days=params.truncation_min_days,
+                             full_view_probability=params.full_view_probability)
     step("cutting training light curves (augmentation)" if dm.truncations else "splitting objects")
     dm.setup("fit")
     if len(dm.dataset("val")) == 0:
