@@ -158,7 +158,7 @@ class TrainParams(Section):
 
     max_epochs: int = Field(50, ge=1, description="Upper bound on epochs (early stopping may end sooner).")
     batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (`dvc exp run -S train.lr=1e-4`).")
     accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Lightning accelerator.")
     hidden: int = Field(32, ge=1, description="TCN channels per block.")
     kernel_size: int = Field(3, ge=2, description="TCN convolution kernel, days.")

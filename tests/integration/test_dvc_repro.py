@@ -81,7 +81,7 @@ def test_dvc_repro_preprocess_follows_ingest_and_is_then_a_no_op(project: Path):
 def test_dvc_repro_whole_pipeline_metrics_plots_and_an_experiment(project: Path):
     """`dvc repro` runs ingest, preprocess, train, baseline and evaluate through the CLI; the run's data_hash is the
     md5 DVC recorded for data/processed; a second repro is a no-op; `dvc metrics show` reads the evaluation;
-    `dvc plots show` writes HTML with no CDN; `dvc exp run -S train.learning_rate=1e-4` makes an experiment that
+    `dvc plots show` writes HTML with no CDN; `dvc exp run -S train.lr=1e-4` makes an experiment that
     `dvc exp show` lists with its parameter and metrics."""
     import json
 
@@ -119,11 +119,11 @@ def test_dvc_repro_whole_pipeline_metrics_plots_and_an_experiment(project: Path)
 
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
-    run([dvc, "exp", "run", "-S", "train.learning_rate=1e-4"], project)
+    run([dvc, "exp", "run", "-S", "train.lr=1e-4"], project)
     shown = json.loads(run([dvc, "exp", "show", "--json"], project).stdout)
     experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
     assert experiments, shown
     runs = [r for e in experiments for r in (e.get("revs") or [])]
-    lrs = [r["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] for r in runs]
+    lrs = [r["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs]
     assert 1e-4 in lrs
     assert any(r["data"]["metrics"] for r in runs)

@@ -50,7 +50,7 @@ def test_run_has_params_metrics_and_tags(trained, client):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "deeprubin"
-    assert run.data.params["train/learning_rate"] == "0.001"
+    assert run.data.params["train/lr"] == "0.001"
     assert run.data.params["train/imbalance"] == "weights"
     assert run.data.params["lr"] == "0.001" and run.data.params["hidden"] == "32"  # LitTCN's hyperparameters
     for key in ("train/loss", "train/macro_f1", "val/loss", "val/macro_f1"):

@@ -66,11 +66,11 @@ def test_cli_overrides_beat_environment_which_beats_file(tmp_path):
 
 
 def test_override_values_are_typed_by_yaml_and_validated():
-    params = load_params(None, ["base.classes=[SNIa, SNII]", "train.learning_rate=3e-4"], environ={})
+    params = load_params(None, ["base.classes=[SNIa, SNII]", "train.lr=3e-4"], environ={})
     assert params.base.classes == ["SNIa", "SNII"]
-    assert params.train.learning_rate == pytest.approx(3e-4)
+    assert params.train.lr == pytest.approx(3e-4)
     with pytest.raises(ConfigError, match="not of the form"):
-        load_params(None, ["train.learning_rate"], environ={})
+        load_params(None, ["train.lr"], environ={})
     with pytest.raises(ConfigError, match=r"environment DEEPRUBIN_TRAIN__NOPE.*|train\.nope: unknown key"):
         load_params(None, environ={"DEEPRUBIN_TRAIN__NOPE": "1"})
 

@@ -1,7 +1,7 @@
 """Stage ``train``: ``data/processed`` -> a trained TCN, tracked in MLflow and registered as a model version.
 
 - Data: :class:`deeprubin.data.ProcessedDataModule` (stratified split by object, class imbalance per
-  ``train.imbalance``). Model: :class:`deeprubin.models.lit.LitTCN` (Adam at ``train.learning_rate``).
+  ``train.imbalance``). Model: :class:`deeprubin.models.lit.LitTCN` (Adam at ``train.lr``).
 - Trainer: ``accelerator=train.accelerator`` (``auto``), ``deterministic=True``, everything seeded with
   ``base.seed``; early stopping and the best checkpoint on validation macro-F1 (:func:`default_callbacks`).
 - Tracking: Lightning's ``MLFlowLogger`` at ``train.tracking_uri`` (default ``sqlite:///mlflow.db``, no server):
@@ -220,7 +220,7 @@ def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
 
     model = LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=params.hidden,
                    kernel_size=params.kernel_size, levels=params.levels, dropout=params.dropout,
-                   lr=params.learning_rate, lr_plateau_patience=params.lr_plateau_patience,
+                   lr=params.lr, lr_plateau_patience=params.lr_plateau_patience,
                    class_weights=None if dm.class_weights is None else dm.class_weights.tolist())
     logger = MLFlowLogger(experiment_name=params.experiment, tracking_uri=params.tracking_uri, tags=tags,
                           artifact_location=params.artifact_location, log_model=False)
