@@ -330,21 +330,24 @@ def evaluate(
     params = _load(params_path, overrides)
     result = _run_with_progress("evaluate", lambda r: stage.run(params, stage.EvaluatePaths.from_params(params), r,
                                                                 log_to_mlflow=not no_mlflow))
-    table = Table(title="evaluation: macro-F1 [95% bootstrap interval]; F1@d: curves cut d days after first "
-                        "detection")
-    for column in ("model", "data", "n", "macro-F1", "recall", "ECE", *(f"@{d:g}d" for d in params.evaluate.early_days)):
-        table.add_column(column, no_wrap=column != "recall")
+    table = Table(title="evaluation: macro-F1 [95% bootstrap interval]")
+    for column in ("model", "data", "n", "macro-F1", "ECE", "F1@20d"):
+        table.add_column(column, no_wrap=True)
+    lines = []
     for model, per_set in result.metrics.items():
         for name, m in per_set.items():
             if not isinstance(m, dict) or "macro_f1" not in m:
                 continue
-            recalls = " ".join(f"{c} {pc['recall']:.2f}" for c, pc in m["per_class"].items())
-            early = [f"{m.get('early', {}).get(f'{d:g}d', {}).get('macro_f1', float('nan')):.2f}"
-                     for d in params.evaluate.early_days]
+            early = m.get("early", {})
             table.add_row(model, name, str(m["n"]),
-                          f"{m['macro_f1']:.3f} [{m['macro_f1_low']:.2f}, {m['macro_f1_high']:.2f}]", recalls,
-                          f"{m['ece']:.3f}", *early)
+                          f"{m['macro_f1']:.3f} [{m['macro_f1_low']:.2f}, {m['macro_f1_high']:.2f}]",
+                          f"{m['ece']:.3f}", f"{early.get('20d', {}).get('macro_f1', float('nan')):.3f}")
+            recalls = ", ".join(f"{c} {pc['recall']:.2f}" for c, pc in m["per_class"].items())
+            curve = ", ".join(f"{d} {e['macro_f1']:.2f}" for d, e in early.items())
+            lines.append(f"{model} on {name}: recall {recalls}; macro-F1 by days since first detection: {curve}")
     console.print(table)
+    for line in lines:
+        console.print(line)
     for name, why in result.skipped.items():
         console.print(f"[yellow]not evaluated:[/] {name}: {why}")
     console.print(f"metrics: {result.metrics_path}   report: {result.report_path}   figures: "
