@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -88,9 +87,8 @@ def test_metrics_file_has_both_models_on_both_sets_with_intervals(evaluated):
             assert set(m["early"]) == {"5d", "10d", "20d", "30d", "50d", "100d"}
             for pc in m["per_class"].values():
                 assert pc["recall_low"] <= pc["recall"] <= pc["recall_high"]
-    # At 100 days every curve is whole: the early curve ends at the full-curve score.
-    assert metrics["tcn"]["bts"]["early"]["100d"]["macro_f1"] == pytest.approx(metrics["tcn"]["bts"]["macro_f1"],
-                                                                              abs=0.05)
+    # Every held-out object has a prediction at 100 days (its curve cut there, or whole).
+    assert metrics["tcn"]["bts"]["early"]["100d"]["n"] == metrics["tcn"]["bts"]["n"]
     report = json.loads((root / "metrics" / "report.json").read_text())
     cm = report["tcn"]["bts"]["confusion_matrix"]
     assert cm["rows"] == ["SNIa", "SNII"] and np.sum(cm["counts"]) == len(holdout)

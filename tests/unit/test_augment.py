@@ -73,3 +73,17 @@ def test_view_sampler_shows_the_whole_curve_with_the_given_probability():
         assert abs(full - p) < 0.05, (p, full)
     with pytest.raises(ValueError, match="full_probability"):
         ViewSampler(groups, full_probability=1.5)
+
+
+def test_evaluation_cuts_are_the_inference_tensors_of_the_cut_curves():
+    from deeprubin.stages.evaluate import _cut_tensors
+    from deeprubin.stages.preprocess import curves_from_detections
+
+    det = pd.concat([_curve("X1", 59000.0, 30), _curve("X2", 59100.0, 25)])
+    curves = curves_from_detections(det)
+    oids, x = _cut_tensors(curves, 1000.0, 100, 100.0)  # a cut after the last detection changes nothing
+    np.testing.assert_array_equal(x, tensorize(det).x)
+    oids, x = _cut_tensors(curves, 10.0, 100, 100.0)
+    first = det.groupby("oid")["mjd"].transform("min")
+    np.testing.assert_array_equal(x, tensorize(det[det["mjd"] <= first + 10.0]).x)
+    assert list(oids) == ["X1", "X2"]
