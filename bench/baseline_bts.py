@@ -8,7 +8,8 @@ Data: ../shared/data/bts (or $DEEPRUBIN_SHARED_DATA/bts): detections.parquet and
 ``files`` source and validated like any ingest; objects labelled SNIa or SNII are kept (redshift and peakmag of
 labels.csv are never read: they are not available in real time).
 
-Protocol: objects split 70/30, stratified by class, with a fixed seed (:func:`deeprubin.data.split_objects`).
+Protocol: 30 % of each class held out by a seeded hash of the oid (:func:`deeprubin.data.holdout_by_hash`, the objects
+`deeprubin evaluate` holds out of the real set), the forest trained on the other 70 %.
 The forest (default settings: 300 trees, truncated training copies at 10, 20, 30 and 50 days) is trained on the
 70 %, once. On the held-out 30 % it classifies the full curves and the curves cut 20 and 10 days after the first
 detection; predictions are restricted to SNIa/SNII (the argmax of the two), and macro-F1, SN Ia recall and SN II
@@ -40,7 +41,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from deeprubin.baseline import BaselineForest, extract_features
 from deeprubin.config import FilesParams
-from deeprubin.data import split_objects
+from deeprubin.data import holdout_by_hash
 from deeprubin.evaluate import bootstrap_ci, classification_metrics, encode_labels, macro_f1
 from deeprubin.schema import CLASSES, validate_detections
 from deeprubin.sources import files
@@ -147,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (root / "detections.parquet").exists():
         sys.exit(f"no BTS data at {root} (set DEEPRUBIN_SHARED_DATA or --data)")
     det, labels = load_bts(root)
-    split = split_objects(labels.index, labels.to_numpy(), val_fraction=0.0, test_fraction=0.3, seed=args.seed)
-    train_oids, test_oids = split["train"], split["test"]
+    # The objects `deeprubin evaluate` holds out (evaluate.real): the same 30 %, so the numbers compare directly.
+    test_oids = holdout_by_hash(labels.index, labels.to_numpy(), 0.3, seed=args.seed)
+    train_oids = np.sort(np.setdiff1d(labels.index.to_numpy(dtype=str), test_oids))
     print(f"objects: {len(labels)} ({labels.value_counts().to_dict()}); train {len(train_oids)}, "
           f"held out {len(test_oids)} ({labels.reindex(test_oids).value_counts().to_dict()})")
     det_train = det[det["oid"].isin(train_oids)]
