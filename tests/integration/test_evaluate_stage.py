@@ -127,6 +127,10 @@ def test_mlflow_run_has_evaluation_metrics_artifacts_and_version_tags(evaluated)
     assert version.tags["evaluated"] == "true"
     assert float(version.tags["eval/tcn/bts/macro_f1"]) == pytest.approx(m["eval/tcn/bts/macro_f1"], abs=1e-4)
     assert "eval/forest/bts/recall_SNII" in version.tags
+    report = json.loads((root / "metrics" / "report.json").read_text())
+    assert version.tags["eval/set/bts"] == report["tcn"]["bts"]["objects_hash"] == report["forest"]["bts"]["objects_hash"]
+    assert version.tags["eval/set/test"].startswith("sha256:") and version.tags["eval/set/test"] != \
+        version.tags["eval/set/bts"]
 
 
 def test_missing_real_set_is_skipped_and_said(evaluated, tmp_path):

@@ -306,7 +306,8 @@ def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
             if s.note:
                 m["note"] = s.note
             metrics[name][s.name] = m
-            report[name][s.name] = {**extra["report"], "ece": m["ece"], "early": m.get("early", {})}
+            report[name][s.name] = {**extra["report"], "ece": m["ece"], "early": m.get("early", {}),
+                                     "objects_hash": objects_hash(s.oids, s.labels)}
             extras[(name, s.name)] = extra
 
     step(f"writing {paths.metrics_dir}")
@@ -321,6 +322,14 @@ def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
         result.run_id = _log_to_mlflow(json.loads(train_report.read_text()), params, metrics, figures, report_path)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def objects_hash(oids: np.ndarray, labels: np.ndarray) -> str:
+    """Fingerprint of an evaluation set (its objects and labels): two models' numbers compare only when it matches."""
+    import hashlib
+
+    pairs = sorted(zip(map(str, oids), map(str, labels)))
+    return "sha256:" + hashlib.sha256("\n".join(f"{o}\t{label}" for o, label in pairs).encode()).hexdigest()
 
 
 def _align(src_oids: np.ndarray, proba: np.ndarray, oids: np.ndarray, src_classes, classes) -> np.ndarray:

@@ -54,10 +54,15 @@ def run(params: Params) -> dict[str, Any]:
     trained = json.loads(train_path.read_text())
     metrics_path = Path(params.evaluate.metrics_dir) / "evaluate.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    report_path = Path(params.evaluate.metrics_dir) / "report.json"
+    report = json.loads(report_path.read_text()) if metrics and report_path.exists() else {}
     name, run_id = params.train.registered_model, trained["run_id"]
     tags = {**{k: str(v) for k, v in trained.get("extra", {}).get("tags", {}).items()}, "run_id": run_id,
             "best_val_macro_f1": f"{trained['best_val_macro_f1']:.6f}",
-            "evaluated": "true" if metrics else "false", **headline_tags(metrics)}
+            "evaluated": "true" if metrics else "false", **headline_tags(metrics),
+            # Which objects the numbers were measured on: promotion compares versions on the same set only.
+            **{f"eval/set/{name}": r["objects_hash"] for name, r in report.get("tcn", {}).items()
+               if isinstance(r, dict) and "objects_hash" in r}}
 
     client = mlflow.MlflowClient(tracking_uri=params.train.tracking_uri)
     existing = []
