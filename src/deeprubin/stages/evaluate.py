@@ -197,19 +197,14 @@ def _test_split(params: Params, paths: EvaluatePaths, holdout: np.ndarray) -> Ev
                              val_fraction=params.train.val_fraction, test_fraction=params.train.test_fraction,
                              seed=params.base.seed, holdout=holdout)
     dm.setup("test")
-    held = set(map(str, holdout))
-    idx = dm.index
-    rows = np.flatnonzero(((idx["split"] == "test") & ~idx["oid"].astype(str).isin(held)).to_numpy())
-    from deeprubin.stages.preprocess import load_processed
-
-    # dm.index keeps only the rows of target classes: map back to the processed index by oid.
-    x_all, full_index = load_processed(paths.processed_dir)
-    oids = idx["oid"].astype(str).to_numpy()[rows]
-    position = {o: i for i, o in enumerate(full_index["oid"].astype(str))}
-    x = np.asarray(x_all[[position[o] for o in oids]], dtype=np.float32)
+    # The data module's test rows, in index order, minus the real held-out objects (scored as their own set).
+    test = dm.index.loc[dm.index["split"] == "test"]
+    keep = ~test["oid"].astype(str).isin(set(map(str, holdout))).to_numpy()
+    oids = test["oid"].astype(str).to_numpy()[keep]
+    x = dm.dataset("test").tensors[0].numpy()[keep]
     det = RawStore(paths.raw_dir).read().detections
     det = det.loc[det["oid"].astype(str).isin(set(oids))].reset_index(drop=True)
-    return EvalSet(name="test", oids=oids, labels=idx["label"].to_numpy()[rows].astype(str), x=x, detections=det,
+    return EvalSet(name="test", oids=oids, labels=test["label"].to_numpy()[keep].astype(str), x=x, detections=det,
                    scored_classes=list(params.base.classes), restrict=False)
 
 
