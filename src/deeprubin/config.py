@@ -18,6 +18,7 @@ from deeprubin.schema import CLASSES
 
 ENV_PREFIX = "DEEPRUBIN_"
 DEFAULT_PARAMS = Path("params.yaml")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class ConfigError(ValueError):
@@ -172,7 +173,10 @@ class TrainParams(Section):
     lr_plateau_patience: int = Field(
         0, ge=0, description="Halve the learning rate after this many epochs without a better validation macro-F1; "
                              "0: constant, as the paper.")
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking (and registry) URI.")
+    tracking_uri: str = Field(
+        None, validate_default=True,
+        description="MLflow tracking (and registry) URI; null: $MLFLOW_TRACKING_URI when set (a tracking server, "
+                    "`deeprubin up`), else sqlite:///mlflow.db (embedded, no server).")
     experiment: str = Field("deeprubin", description="MLflow experiment name.")
     artifact_location: str | None = Field(
         None, description="Artifact root of a new experiment; null: MLflow's default (local, beside the cwd).")
@@ -186,6 +190,12 @@ class TrainParams(Section):
     full_view_probability: float = Field(
         0.5, ge=0, le=1, description="With augmentation, the chance that an epoch shows an object's whole curve "
                                      "rather than one of its cuts.")
+
+    @field_validator("tracking_uri", mode="before")
+    @classmethod
+    def _tracking_uri_from_environment(cls, value: str | None) -> str:
+        # Servers are chosen by configuration alone: the standard MLflow variable, as every MLflow tool reads it.
+        return value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 class RealSetParams(Section):
@@ -222,13 +232,77 @@ class EvaluateParams(Section):
 
 
 class PromoteParams(Section):
-    registered_model: str = Field("deeprubin-tcn")
-    metric: str = Field("macro_f1", description="Metric the challenger must beat the champion on.")
+    """Champion/challenger promotion in the MLflow registry (registry.py, stages/promote.py)."""
+
+    registered_model: str = Field("deeprubin-tcn", description="Registered model whose aliases are managed.")
+    metric: Literal["macro_f1", "balanced_accuracy"] = Field(
+        "macro_f1", description="Metric the challenger must beat the champion on.")
+    evaluation_set: str = Field(
+        "test", description="The frozen set both models are scored on: `test` (the test split, all classes) or the "
+                            "name of the real held-out set (evaluate.real.name, e.g. bts).")
+    min_improvement: float = Field(
+        0.0, ge=0, description="The challenger's metric must exceed the champion's by more than this margin.")
+    max_recall_drop: float = Field(
+        0.05, ge=0, le=1, description="No class's recall may fall by more than this against the champion.")
+    lock_timeout_s: float = Field(
+        600.0, gt=0, description="Wait this long for another promotion on the same registry to finish.")
 
 
 class ClassifyParams(Section):
-    model_uri: str = Field("models:/deeprubin-tcn@champion")
-    batch_size: int = Field(1024, ge=1)
+    """Classification of new objects with the serving model (classify.py)."""
+
+    model_uri: str = Field("models:/deeprubin-tcn@champion", description="Model URI, or a local MLflow model path.")
+    batch_size: int = Field(1024, ge=1, description="Objects per batch (GP, TCN, write).")
+    output_dir: Path = Field(Path("data/classifications"),
+                             description="Nightly results: one Parquet file per night, replaced when rerun.")
+
+
+class ScheduleParams(Section):
+    cron: str = Field(..., description="Cron expression.")
+    timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError  # Prefect's own cron parser
+
+        try:
+            CronSim(value, datetime(2026, 1, 1))
+        except CronSimError as exc:
+            raise ValueError(f"not a cron expression: {value!r} ({exc})") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (IANA names, e.g. America/Los_Angeles)") from None
+        return value
+
+
+class FlowsParams(Section):
+    """Prefect orchestration (flows/): retries, timeouts, concurrency, the retraining threshold and schedules."""
+
+    retrain_min_new_labelled: int = Field(
+        100, ge=0, description="Nightly: retrain when this many labelled objects arrived since the last training "
+                               "(always when no model was trained yet).")
+    retries: int = Field(3, ge=0, description="Retries of a task that failed with a transient (server) error.")
+    retry_delay_s: float = Field(10.0, ge=0, description="First retry delay; doubles each retry (with jitter).")
+    task_timeout_s: float = Field(4 * 3600.0, gt=0, description="A task running longer than this fails.")
+    concurrency_limit: str = Field(
+        "deeprubin-data", description="Prefect global concurrency limit (1 slot) held by a run that writes data, so "
+                                      "two nightly runs never overlap on the same data.")
+    dvc_push: bool = Field(True, description="Push the versioned data to the DVC remote when one is configured.")
+    nightly: ScheduleParams = Field(
+        default_factory=lambda: ScheduleParams(cron="0 9 * * *", timezone="America/Los_Angeles"),
+        description="After the ZTF night at Palomar and ALeRCE's processing of it.")
+    train: ScheduleParams | None = Field(None, description="Optional schedule of a forced retraining.")
 
 
 class Params(Section):
@@ -239,6 +313,7 @@ class Params(Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     promote: PromoteParams = Field(default_factory=PromoteParams)
     classify: ClassifyParams = Field(default_factory=ClassifyParams)
+    flows: FlowsParams = Field(default_factory=FlowsParams)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

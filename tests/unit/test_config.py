@@ -18,7 +18,7 @@ def test_repository_params_yaml_is_valid_and_complete():
     params = load_params(REPO / "params.yaml")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(raw) == set(Params.model_fields) == {
-        "base", "ingest", "preprocess", "train", "evaluate", "promote", "classify"}
+        "base", "ingest", "preprocess", "train", "evaluate", "promote", "classify", "flows"}
     assert params.base.classes == ["QSO", "CEP", "SNIa", "SNII"]
     assert params.ingest.source == "simulator"
     assert params.preprocess.grid_days == 100
@@ -105,3 +105,23 @@ def test_sections_validate_assignment():
     section = IngestParams()
     with pytest.raises(ValueError):
         section.min_detections = 0
+
+
+def test_tracking_uri_follows_mlflow_tracking_uri_unless_set(monkeypatch, tmp_path):
+    # Servers by configuration alone: the standard MLflow variable picks the tracking server.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert load_params(None).train.tracking_uri == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert load_params(REPO / "params.yaml").train.tracking_uri == "http://127.0.0.1:5999"
+    assert load_params(None, ["train.tracking_uri=sqlite:///x.db"]).train.tracking_uri == "sqlite:///x.db"
+
+
+def test_flows_schedule_is_validated():
+    params = load_params(REPO / "params.yaml")
+    assert params.flows.nightly.cron == "0 9 * * *" and params.flows.nightly.timezone == "America/Los_Angeles"
+    with pytest.raises(ConfigError, match="flows.nightly.cron"):
+        load_params(None, ["flows.nightly={timezone: UTC}"])
+    with pytest.raises(ConfigError, match="not a cron expression"):
+        load_params(REPO / "params.yaml", ["flows.nightly.cron=every night"])
+    with pytest.raises(ConfigError, match="unknown time zone"):
+        load_params(REPO / "params.yaml", ["flows.nightly.timezone=Mars/Olympus"])

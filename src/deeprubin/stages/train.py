@@ -211,7 +211,9 @@ def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
     dhash, dsource = data_hash(paths.processed_dir, paths.dvc_lock)
     phash = params_hash(params, base)
     tags = {"git_commit": commit, "data_hash": dhash, "data_hash_source": dsource, "params_hash": phash,
-            "deeprubin_version": __version__, "stage": "train"}
+            "deeprubin_version": __version__, "stage": "train",
+            # The logged model's output columns, in order: classification reads them from the version.
+            "classes": ",".join(base.classes), "n_labelled_objects": str(int(sum(split_sizes.values())))}
 
     model_dir = Path(paths.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
