@@ -1,0 +1,252 @@
+"""Champion/challenger promotion in the MLflow model registry (aliases, not stages).
+
+Aliases of ``promote.registered_model``: ``champion`` (serving), ``challenger`` (the latest candidate), ``previous``
+(the champion before the current one, for :func:`rollback`). A candidate version is always tagged ``challenger``; it
+becomes ``champion`` only when :func:`decide` says so, comparing both versions' scores on **one** evaluation set
+(the same objects, the same labels, fingerprinted by ``set_hash``):
+
+- no champion yet: promoted (the first model);
+- the challenger's metric must beat the champion's by more than ``min_improvement``;
+- no class's recall may drop by more than ``max_recall_drop``.
+
+Every decision and its reason is written as ``promotion/*`` tags on the candidate version. The champion history is a
+registered-model tag (``champion_history``: versions, oldest first), so a rollback knows what came before.
+
+Two promotions at once: an alias names exactly one version, so the registry can never hold two champions; the
+read-decide-write sequence runs under a lock (a file lock on this machine, keyed on the tracking URI and the model
+name; the Prefect flows also hold a global concurrency limit), so the second promotion compares against the
+outcome of the first, never against a champion that has already been replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous"
+HISTORY_TAG = "champion_history"
+TAG_PREFIX = "promotion/"
+MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+class RegistryError(RuntimeError):
+    """The registry is not in a state the operation can work from (no such version, nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A model's numbers on the frozen evaluation set."""
+
+    metric: float
+    recall: dict[str, float]
+    n_objects: int
+
+
+@dataclass
+class Decision:
+    registered_model: str
+    version: str
+    promoted: bool
+    reason: str
+    champion_before: str | None
+    champion_after: str | None
+    metric: str
+    evaluation_set: str = ""
+    set_hash: str = ""
+    challenger: dict[str, Any] | None = None
+    champion: dict[str, Any] | None = None
+    recall_drops: dict[str, float] = field(default_factory=dict)
+    decided_at: str = ""
+
+    @property
+    def outcome(self) -> str:
+        return "promoted" if self.promoted else "rejected"
+
+    def tags(self) -> dict[str, str]:
+        """``promotion/*`` tags of the candidate version."""
+        tags = {"decision": self.outcome, "reason": self.reason, "decided_at": self.decided_at,
+                "champion_before": self.champion_before or "none", "metric": self.metric,
+                "evaluation_set": self.evaluation_set, "set_hash": self.set_hash}
+        if self.challenger is not None:
+            tags[f"{self.metric}"] = f"{self.challenger['metric']:.4f}"
+        if self.champion is not None:
+            tags[f"champion_{self.metric}"] = f"{self.champion['metric']:.4f}"
+        for c, d in self.recall_drops.items():
+            tags[f"recall_drop_{c}"] = f"{d:.4f}"
+        return {TAG_PREFIX + k: str(v)[:5000] for k, v in tags.items()}
+
+    def report(self) -> dict[str, Any]:
+        return {**asdict(self), "outcome": self.outcome}
+
+
+def decide(challenger: Scores, champion: Scores | None, metric: str, min_improvement: float,
+           max_recall_drop: float) -> tuple[bool, str, dict[str, float]]:
+    """``(promote?, reason, recall drop per class)``; pure, so every rule is unit-tested."""
+    if champion is None:
+        return True, "no champion yet: the first model is promoted", {}
+    if not math.isfinite(challenger.metric):
+        return False, f"the challenger's {metric} is not a number", {}
+    drops = {c: round(champion.recall[c] - challenger.recall.get(c, 0.0), 6) for c in champion.recall
+             if math.isfinite(champion.recall[c])}
+    gain = challenger.metric - champion.metric
+    if gain <= min_improvement:
+        return False, (f"{metric} {challenger.metric:.4f} does not beat the champion's {champion.metric:.4f} by more "
+                       f"than {min_improvement:g} (difference {gain:+.4f})"), drops
+    worst = max(drops, key=drops.get) if drops else None
+    if worst is not None and drops[worst] > max_recall_drop:
+        return False, (f"{metric} improves by {gain:+.4f}, but the recall of {worst} drops by {drops[worst]:.4f} "
+                       f"({champion.recall[worst]:.4f} -> {challenger.recall.get(worst, 0.0):.4f}), more than "
+                       f"the bound {max_recall_drop:g}"), drops
+    return True, (f"{metric} {challenger.metric:.4f} beats the champion's {champion.metric:.4f} by {gain:+.4f} "
+                  f"(> {min_improvement:g}); no class's recall drops by more than {max_recall_drop:g}"), drops
+
+
+def _lock_path(tracking_uri: str, name: str) -> Path:
+    key = hashlib.sha256(f"{tracking_uri}\n{name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "deeprubin-locks" / f"registry-{key}.lock"
+
+
+class Registry:
+    """The aliases and tags of one registered model."""
+
+    def __init__(self, tracking_uri: str, name: str):
+        import mlflow
+
+        self.tracking_uri, self.name = tracking_uri, name
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    @contextmanager
+    def lock(self, timeout_s: float = 600.0) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        path = _lock_path(self.tracking_uri, self.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(str(path), timeout=timeout_s):
+                yield
+        except Timeout:
+            raise RegistryError(f"another promotion of {self.name} held the registry lock {path} for more than "
+                                f"{timeout_s:g} s") from None
+
+    def alias(self, alias: str) -> str | None:
+        """The version an alias points to, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+        except MlflowException as exc:
+            if exc.error_code in MISSING:
+                return None
+            raise  # a server or network error is not "no such alias"
+
+    def aliases(self) -> dict[str, str]:
+        return {a: v for a in (CHAMPION, CHALLENGER, PREVIOUS) if (v := self.alias(a)) is not None}
+
+    def version(self, version: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException as exc:
+            raise RegistryError(f"{self.name} has no version {version}: {exc}") from None
+
+    def history(self) -> list[str]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            raw = self.client.get_registered_model(self.name).tags.get(HISTORY_TAG, "")
+        except MlflowException:
+            return []
+        return [v for v in raw.split(",") if v]
+
+    def _set_history(self, versions: list[str]) -> None:
+        # Bounded: the tag value is a string column; 200 champions is years of nights.
+        self.client.set_registered_model_tag(self.name, HISTORY_TAG, ",".join(versions[-200:]))
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, str(version))
+
+    def tag(self, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, str(version), key, value)
+
+
+def promote(registry: Registry, version: str, score: Callable[[str], Scores], metric: str = "macro_f1",
+            min_improvement: float = 0.0, max_recall_drop: float = 0.05, evaluation_set: str = "",
+            set_hash: str = "", lock_timeout_s: float = 600.0) -> Decision:
+    """Tag ``version`` challenger and promote it to champion when :func:`decide` allows; see the module docstring.
+
+    ``score(model_uri)`` scores a version (``models:/<name>/<version>``) on the frozen evaluation set; it is called
+    inside the lock, for the challenger and for whichever version is champion at that moment."""
+    version = str(version)
+    registry.version(version)  # a clear error for a version that does not exist
+    with registry.lock(lock_timeout_s):
+        champion = registry.alias(CHAMPION)
+        registry.set_alias(CHALLENGER, version)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        base = dict(registered_model=registry.name, version=version, metric=metric, evaluation_set=evaluation_set,
+                    set_hash=set_hash, champion_before=champion, decided_at=stamp)
+        if champion == version:
+            decision = Decision(**base, promoted=False, champion_after=champion,
+                                reason=f"version {version} is already the champion")
+            registry.tag(version, {TAG_PREFIX + "last_check": f"{stamp}: already champion"})
+            return decision
+        challenger_scores = score(f"models:/{registry.name}/{version}")
+        champion_scores = None if champion is None else score(f"models:/{registry.name}/{champion}")
+        promoted, reason, drops = decide(challenger_scores, champion_scores, metric, min_improvement,
+                                         max_recall_drop)
+        decision = Decision(**base, promoted=promoted, reason=reason, recall_drops=drops,
+                            champion_after=version if promoted else champion,
+                            challenger=asdict(challenger_scores),
+                            champion=None if champion_scores is None else asdict(champion_scores))
+        if promoted:
+            if champion is not None:
+                registry.set_alias(PREVIOUS, champion)
+                registry.tag(champion, {TAG_PREFIX + "replaced_by": version, TAG_PREFIX + "replaced_at": stamp})
+            # The one write that changes what serves: an alias moves atomically, never zero or two champions.
+            registry.set_alias(CHAMPION, version)
+            history = [v for v in registry.history() if v != version]
+            if champion is not None and (not history or history[-1] != champion):
+                history.append(champion)
+            registry._set_history(history + [version])
+        registry.tag(version, decision.tags())
+        return decision
+
+
+def rollback(registry: Registry, lock_timeout_s: float = 600.0) -> dict[str, Any]:
+    """Make ``previous`` the champion again; the version before it (if any) becomes ``previous``.
+
+    The demoted version is tagged ``promotion/decision=rolled_back``; raises RegistryError when there is no champion
+    or nothing to roll back to."""
+    with registry.lock(lock_timeout_s):
+        champion, previous = registry.alias(CHAMPION), registry.alias(PREVIOUS)
+        if champion is None:
+            raise RegistryError(f"{registry.name} has no champion at {registry.tracking_uri}: nothing to roll back")
+        if previous is None:
+            raise RegistryError(f"{registry.name} has no previous champion to roll back to (champion is version "
+                                f"{champion})")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        registry.set_alias(CHAMPION, previous)
+        history = [v for v in registry.history() if v != champion]
+        if not history or history[-1] != previous:
+            history = [v for v in history if v != previous] + [previous]
+        registry._set_history(history)
+        before = history[-2] if len(history) >= 2 else None
+        if before is not None:
+            registry.set_alias(PREVIOUS, before)
+        else:
+            registry.client.delete_registered_model_alias(registry.name, PREVIOUS)
+        reason = f"rolled back: version {previous} is champion again in place of {champion}"
+        registry.tag(champion, {TAG_PREFIX + "decision": "rolled_back", TAG_PREFIX + "reason": reason,
+                                TAG_PREFIX + "rolled_back_at": stamp})
+        registry.tag(previous, {TAG_PREFIX + "restored_at": stamp})
+        return {"registered_model": registry.name, "champion_before": champion, "champion_after": previous,
+                "previous_after": before, "reason": reason, "decided_at": stamp}
