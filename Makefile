@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-slow bench realism install clean
+.PHONY: run test test-slow bench realism install clean up down serve-flows
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,20 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(STAMP)
 
+# The nightly Prefect flow, embedded (ephemeral Prefect, sqlite MLflow, local DVC cache, the simulator): ingest,
+# preprocess, version with DVC, train, baseline, evaluate, register, promote, classify the night's objects.
 run: install
-	$(BIN)/deeprubin ingest
-	$(BIN)/deeprubin preprocess
-	$(BIN)/deeprubin train
-	$(BIN)/deeprubin baseline
-	$(BIN)/deeprubin evaluate
-	$(BIN)/deeprubin register
+	$(BIN)/deeprubin nightly
+
+# Local Prefect (127.0.0.1:4200) and MLflow (127.0.0.1:5000) servers; `make serve-flows` serves the schedules.
+up: install
+	$(BIN)/deeprubin up
+
+down: install
+	$(BIN)/deeprubin down
+
+serve-flows: install
+	PREFECT_API_URL=http://127.0.0.1:4200/api MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/deeprubin serve-flows
 
 test: install
 	$(BIN)/python -m pytest

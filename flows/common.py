@@ -1,0 +1,126 @@
+"""What every flow shares: configuration, task options, the retry condition, the data lock and artifacts."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import get_run_logger
+from prefect.tasks import Task
+
+from deeprubin.config import Params, load_params
+
+# Stable artifact keys: each run publishes a new version of each, so the UI shows their history night by night.
+PULL_ARTIFACT = "nightly-pull"
+EVALUATION_ARTIFACT = "nightly-evaluation"
+PROMOTION_ARTIFACT = "promotion-decision"
+CLASSIFICATION_ARTIFACT = "nightly-classifications"
+
+
+class TransientError(RuntimeError):
+    """A server-side or network failure worth retrying (a source or server was unavailable)."""
+
+
+class ClientError(RuntimeError):
+    """A request the server refused (4xx) or bad input: retrying cannot help."""
+
+
+def load(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    path = Path(params_path) if params_path else None
+    return load_params(path if path is None or path.exists() or str(path) != "params.yaml" else None, overrides)
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int):
+        return status
+    getter = getattr(exc, "get_http_status_code", None)  # MlflowException
+    if callable(getter):
+        try:
+            return int(getter())
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Server errors (5xx, 429), dropped connections and network timeouts are transient; client errors (4xx), bad
+    input and bugs are not, and neither is a task that ran out of its own time limit."""
+    from prefect.task_engine import TaskRunTimeoutError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ClientError) or isinstance(exc, TaskRunTimeoutError):
+            return False
+        if isinstance(exc, TransientError):
+            return True
+        status = _http_status(exc)
+        if status is not None:
+            return status >= 500 or status == 429
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return True
+        try:
+            import requests
+
+            if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+                return True
+        except ImportError:  # pragma: no cover
+            pass
+        try:
+            import httpx
+
+            if isinstance(exc, httpx.TransportError):
+                return True
+        except ImportError:  # pragma: no cover
+            pass
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def retry_on_transient(task: Task, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry only what :func:`is_transient` calls transient."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except BaseException as raised:  # noqa: BLE001 - the state may re-raise its exception
+        exc = raised
+    retry = is_transient(exc if isinstance(exc, BaseException) else None)
+    get_run_logger().info("%s: %s -> %s", task.name, type(exc).__name__,
+                          "transient, retrying" if retry else "not transient, no retry")
+    return retry
+
+
+def backoff(params: Params) -> list[float]:
+    """Exponential backoff: retry_delay_s, 2x, 4x, ... (jitter is added by Prefect's retry_jitter_factor)."""
+    return [params.flows.retry_delay_s * 2 ** k for k in range(max(params.flows.retries, 1))]
+
+
+def configured(task: Task, params: Params, retries: int | None = None) -> Task:
+    """``task`` with the retries, backoff, retry condition and timeout of ``params.flows``."""
+    n = params.flows.retries if retries is None else retries
+    return task.with_options(retries=n, retry_delay_seconds=backoff(params) if n else 0, retry_jitter_factor=0.5,
+                             retry_condition_fn=retry_on_transient, timeout_seconds=params.flows.task_timeout_s)
+
+
+@contextmanager
+def data_lock(params: Params, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold the one slot of the global concurrency limit ``flows.concurrency_limit`` (created when missing), so two
+    runs that write the data never overlap; a second run waits for the first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = params.flows.concurrency_limit
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield

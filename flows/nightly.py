@@ -1,0 +1,65 @@
+"""The nightly flow: pull -> preprocess -> version the data -> (retrain -> evaluate -> register -> promote) -> classify.
+
+Runs embedded (ephemeral Prefect, sqlite MLflow) or against servers chosen by PREFECT_API_URL and
+MLFLOW_TRACKING_URI. The whole run holds the data lock (``flows.concurrency_limit``), so two nightly runs never
+overlap on the same data. Artifacts (stable keys): ``nightly-pull``, ``nightly-evaluation``, ``promotion-decision``,
+``nightly-classifications``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows import artifacts, tasks
+from flows.common import configured, data_lock, load
+
+
+@flow(name="nightly", log_prints=True)
+def nightly(params_path: str = "params.yaml", overrides: list[str] | None = None, force_retrain: bool = False,
+            night: str | None = None) -> dict[str, Any]:
+    """One night of the platform; ``night`` (YYYY-MM-DD, default today in UTC) names the classification file."""
+    params = load(params_path, overrides)
+    logger = get_run_logger()
+    night = night or dt.datetime.now(dt.timezone.utc).date().isoformat()
+    out: dict[str, Any] = {"night": night}
+    with data_lock(params):
+        pulled = configured(tasks.ingest, params)(params)
+        artifacts.pull_table(pulled, night)
+        out["pulled"] = {k: pulled[k] for k in ("source", "per_class", "detections")}
+        out["changed_objects"] = len(pulled["changed_oids"])
+        out["preprocess"] = configured(tasks.preprocess, params)(params)
+        out["data_version"] = configured(tasks.version_data, params)(params, ["ingest", "preprocess"])
+
+        retrain, why = tasks.should_retrain(params, force_retrain)
+        logger.info("retraining: %s (%s)", retrain, why)
+        out["retrain"] = {"retrain": retrain, "reason": why}
+        if retrain:
+            out["train"] = configured(tasks.train, params)(params)
+            stages = ["train"]
+            if params.evaluate.baseline:
+                configured(tasks.baseline, params)(params)
+                stages.append("baseline")
+            evaluated = configured(tasks.evaluate, params)(params)
+            stages.append("evaluate")
+            artifacts.evaluation(evaluated, out["train"])
+            out["evaluate"] = evaluated["metrics"]
+            out["model_version"] = configured(tasks.version_data, params)(params, stages)
+            registered = configured(tasks.register, params)(params)
+            decision = configured(tasks.promote, params)(params, registered["version"])
+            artifacts.promotion(decision)
+            out["promotion"] = decision
+        else:
+            artifacts.no_retraining(why)
+        output = Path(params.classify.output_dir) / f"{night}.parquet"
+        classified = configured(tasks.classify, params)(params, pulled["changed_oids"], str(output))
+        artifacts.classifications(classified, night)
+        out["classify"] = classified
+    return out
+
+
+if __name__ == "__main__":
+    nightly()

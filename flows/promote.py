@@ -1,0 +1,33 @@
+"""On-demand promotion (a registered version against the champion) and rollback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows import artifacts, tasks
+from flows.common import configured, load
+
+
+@flow(name="promote", log_prints=True)
+def promote(params_path: str = "params.yaml", overrides: list[str] | None = None,
+            version: str | None = None) -> dict[str, Any]:
+    """Promote ``version`` (default: the last one `deeprubin register` wrote) if it beats the champion."""
+    params = load(params_path, overrides)
+    decision = configured(tasks.promote, params)(params, version)
+    artifacts.promotion(decision)
+    return decision
+
+
+@flow(name="rollback", log_prints=True)
+def rollback(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Make the previous champion the champion again."""
+    params = load(params_path, overrides)
+    done = configured(tasks.rollback, params)(params)
+    artifacts.rollback(done)
+    return done
+
+
+if __name__ == "__main__":
+    promote()

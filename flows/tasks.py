@@ -1,0 +1,179 @@
+"""Prefect tasks: each calls one stage's ``run()`` and returns a small JSON-able summary.
+
+A task shares its name with its stage (and DVC stage). Retries, backoff, the retry condition and the timeout are
+applied per run from ``params.flows`` (:func:`flows.common.configured`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import get_run_logger, task
+
+from deeprubin.config import Params
+from flows.common import ClientError, TransientError
+
+
+def _changed_oids(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return sorted(o for o, h in after.items() if before.get(o) != h)
+
+
+def _fingerprints(raw_dir: Path) -> dict[str, str]:
+    from deeprubin.stages.preprocess import fingerprints
+    from deeprubin.store import RawStore
+
+    det = RawStore(raw_dir).read().detections
+    return fingerprints(det) if len(det) else {}
+
+
+@task(name="ingest")
+def ingest(params: Params) -> dict[str, Any]:
+    """Pull (or simulate) into data/raw; returns per-class counts and the objects whose detections changed.
+
+    A class whose listing failed raises: TransientError for a server error (the task is retried and the pull resumes
+    from its watermarks, upserting, so nothing is duplicated), ClientError otherwise. Objects that failed alone are
+    reported, never fatal."""
+    from deeprubin.stages import ingest as stage
+
+    raw_dir = Path(params.ingest.raw_dir)
+    before = _fingerprints(raw_dir)
+    result = stage.run(params.ingest, stage.IngestPaths.from_params(params.ingest), base=params.base)
+    per_class = result.per_class or {}
+    broken = {c: pc["failures"] for c, pc in per_class.items() if not pc.get("listing_complete", True)}
+    if broken:
+        reasons = "; ".join(f"{c}: {f[0]['reason'] if f else 'listing incomplete'}" for c, f in broken.items())
+        failures = [f for fs in broken.values() for f in fs]
+        # A page the server answered with a 4xx is a client error; the listing's own "stopped after N pages" is a
+        # consequence of the page failures, not a cause.
+        pages = [f for f in failures if str(f.get("what", "")).startswith("objects page")] or failures
+        transient = not pages or any(f.get("transient", True) for f in pages)
+        raise (TransientError if transient else ClientError)(
+            f"the {result.source} listing is incomplete for {sorted(broken)} ({reasons}); what was fetched is stored")
+    changed = _changed_oids(before, _fingerprints(raw_dir))
+    rows = []
+    for c in params.base.classes:
+        pc = per_class.get(c, {})
+        rows.append({"class": c, "stored": result.objects_per_class.get(c, 0), "listed": pc.get("listed", ""),
+                     "fetched": pc.get("fetched", ""), "new": pc.get("objects_new", ""),
+                     "updated": pc.get("objects_updated", ""), "detections_added": pc.get("detections_added", ""),
+                     "failures": len(pc.get("failures", []))})
+    get_run_logger().info("ingest (%s): %d objects changed", result.source, len(changed))
+    return {"source": result.source, "per_class": rows, "changed_oids": changed, "detections": result.detections,
+            "objects_dropped": len(result.objects_dropped)}
+
+
+@task(name="preprocess")
+def preprocess(params: Params) -> dict[str, Any]:
+    from deeprubin.stages import preprocess as stage
+
+    result = stage.run(params.preprocess, stage.PreprocessPaths.from_params(params), base=params.base)
+    return result.report()
+
+
+@task(name="version-data")
+def version_data(params: Params, stages: list[str]) -> dict[str, Any]:
+    """Record the stages' outputs in dvc.lock and the DVC cache; push them to the remote when configured."""
+    from deeprubin.versioning import commit_and_push
+
+    done = commit_and_push(stages, Path("."), push=params.flows.dvc_push)
+    for note in done.skipped:
+        get_run_logger().warning(note)
+    return done.report()
+
+
+@task(name="train")
+def train(params: Params) -> dict[str, Any]:
+    from deeprubin.realset import holdout_oids
+    from deeprubin.stages import train as stage
+
+    result = stage.run(params.train, stage.TrainPaths.from_params(params), base=params.base,
+                       holdout=holdout_oids(params.evaluate.real, params.base))
+    return {"run_id": result.run_id, "model_uri": result.model_uri, "best_val_macro_f1": result.best_val_macro_f1,
+            "epochs": result.epochs, "split_sizes": result.split_sizes, "data_hash": result.data_hash}
+
+
+@task(name="baseline")
+def baseline(params: Params) -> dict[str, Any]:
+    from deeprubin.stages import baseline as stage
+
+    return stage.run(params, stage.BaselinePaths.from_params(params))
+
+
+@task(name="evaluate")
+def evaluate(params: Params) -> dict[str, Any]:
+    from deeprubin.stages import evaluate as stage
+
+    result = stage.run(params, stage.EvaluatePaths.from_params(params))
+    return {"metrics": result.metrics, "skipped": result.skipped, "run_id": result.run_id}
+
+
+@task(name="register")
+def register(params: Params) -> dict[str, Any]:
+    from deeprubin.stages import register as stage
+
+    return stage.run(params)
+
+
+@task(name="promote")
+def promote(params: Params, version: str | None = None) -> dict[str, Any]:
+    from deeprubin.stages import promote as stage
+
+    return stage.run(params, version=version).report()
+
+
+@task(name="rollback")
+def rollback(params: Params) -> dict[str, Any]:
+    from deeprubin.registry import Registry, rollback as roll_back
+
+    return roll_back(Registry(params.train.tracking_uri, params.promote.registered_model),
+                     params.promote.lock_timeout_s)
+
+
+@task(name="classify")
+def classify(params: Params, oids: list[str] | None, output: str) -> dict[str, Any]:
+    """Classify ``oids`` (all stored objects when None) from data/raw with the serving model; the night's file is
+    upserted by oid, so a rerun of the night replaces its rows and never duplicates them."""
+    from deeprubin import classify as clf
+    from deeprubin.store import RawStore
+
+    det = RawStore(Path(params.ingest.raw_dir)).read().detections
+    if oids is not None:
+        det = det.loc[det["oid"].astype(str).isin(set(oids))]
+    out = Path(output)
+    previous = pd.read_parquet(out) if out.exists() else None
+    result = clf.run(params, det.reset_index(drop=True), out)
+    if previous is not None and len(previous):
+        fresh = pd.read_parquet(out)
+        kept = previous.loc[~previous["oid"].isin(set(fresh["oid"]))]
+        merged = pd.concat([kept, fresh], ignore_index=True).sort_values("oid", kind="stable")
+        clf.write_atomically(merged.reset_index(drop=True), out)
+        result.n_classified = len(merged)
+        result.per_class = {str(k): int(v) for k, v in merged["predicted_class"].value_counts().items()}
+    return result.report()
+
+
+def should_retrain(params: Params, force: bool = False) -> tuple[bool, str]:
+    """Retrain when forced, when no model was trained yet, when the registry has no champion, or when at least
+    ``flows.retrain_min_new_labelled`` labelled objects arrived since the last training."""
+    from deeprubin.registry import CHAMPION, Registry
+    from deeprubin.stages.train import REPORT
+
+    if force:
+        return True, "retraining forced"
+    report_path = Path(params.train.model_dir) / REPORT
+    if not report_path.exists():
+        return True, "no model trained yet"
+    if Registry(params.train.tracking_uri, params.promote.registered_model).alias(CHAMPION) is None:
+        return True, f"the registry at {params.train.tracking_uri} has no champion"
+    report = json.loads(report_path.read_text())
+    then = int(report.get("extra", {}).get("tags", {}).get("n_labelled_objects")
+               or sum(report.get("split_sizes", {}).values()))
+    index = pd.read_parquet(Path(params.preprocess.processed_dir) / "index.parquet", columns=["oid", "label"])
+    now = int(index.loc[index["label"].isin(params.base.classes), "oid"].nunique())
+    new, need = now - then, params.flows.retrain_min_new_labelled
+    if new >= need:
+        return True, f"{new} labelled objects arrived since the last training (threshold {need})"
+    return False, f"only {new} new labelled objects since the last training (threshold {need})"

@@ -1,0 +1,39 @@
+"""On-demand retraining: preprocess what changed -> train -> baseline -> evaluate -> version -> register -> promote."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows import artifacts, tasks
+from flows.common import configured, data_lock, load
+
+
+@flow(name="train", log_prints=True)
+def train(params_path: str = "params.yaml", overrides: list[str] | None = None,
+          promote: bool = True) -> dict[str, Any]:
+    params = load(params_path, overrides)
+    out: dict[str, Any] = {}
+    with data_lock(params):
+        out["preprocess"] = configured(tasks.preprocess, params)(params)
+        out["train"] = configured(tasks.train, params)(params)
+        stages = ["preprocess", "train"]
+        if params.evaluate.baseline:
+            configured(tasks.baseline, params)(params)
+            stages.append("baseline")
+        evaluated = configured(tasks.evaluate, params)(params)
+        stages.append("evaluate")
+        artifacts.evaluation(evaluated, out["train"])
+        out["evaluate"] = evaluated["metrics"]
+        out["data_version"] = configured(tasks.version_data, params)(params, stages)
+        out["registered"] = configured(tasks.register, params)(params)
+    if promote:
+        decision = configured(tasks.promote, params)(params, out["registered"]["version"])
+        artifacts.promotion(decision)
+        out["promotion"] = decision
+    return out
+
+
+if __name__ == "__main__":
+    train()

@@ -1,0 +1,353 @@
+"""The Prefect flows against a real Prefect server and a real MLflow server (both on free loopback ports).
+
+One nightly run on tiny parameters (module fixture) is checked from the outside: its state and artifacts in the
+Prefect API, its run, metrics, registered version and aliases in MLflow, its DVC record and push, and the night's
+classifications. Then: a deliberately worse model is not promoted (and says why), rollback, two promotions at once,
+task retries on server errors (and none on client errors), and the served deployments with their cron schedule.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.alerce_server import AlerceReplayServer, Catalogue, FaultRule
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+NIGHT = "2026-11-25"
+
+
+def _git(args: list[str], cwd: Path) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_project(root: Path, remote: Path | None = None, **sections) -> Path:
+    """A copy of the repository's pipeline files with tiny parameters, as its own git + DVC repository."""
+    root.mkdir(parents=True)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "infra" / "dvc", root / "infra" / "dvc")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["simulator"]["n_per_class"] = 16
+    params["preprocess"].update(partitions=2, workers=1)
+    params["train"].update(max_epochs=12, patience=12, accelerator="cpu", truncations=1, tracking_uri=None)
+    params["evaluate"].update(n_bootstrap=20, forest_trees=10, early_days=[10, 30])
+    params["evaluate"]["real"].update(detections=None, labels=None)  # the real set has its own tests
+    params["flows"].update(retries=2, retry_delay_s=0.05)
+    for section, values in sections.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(["init", "-q"], root)
+    _git(["config", "user.email", "test@example.org"], root)
+    _git(["config", "user.name", "test"], root)
+    if remote is not None:
+        subprocess.run([str(BIN / "dvc"), "remote", "add", "-d", "store", str(remote)], cwd=root, check=True,
+                       capture_output=True, timeout=60)
+    return root
+
+
+@pytest.fixture(scope="module")
+def servers_env(prefect_server, mlflow_server):
+    """PREFECT_API_URL and MLFLOW_TRACKING_URI for the module (the flows pick servers by configuration alone)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_API_URL", prefect_server["url"])
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
+        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server["url"]}):
+            yield {"prefect": prefect_server["url"], "mlflow": mlflow_server["url"]}
+
+
+@pytest.fixture(scope="module")
+def night(servers_env, tmp_path_factory):
+    """One nightly run in a fresh project; yields (project, flow result, flow run id)."""
+    from flows.nightly import nightly
+
+    base = tmp_path_factory.mktemp("nightly")
+    project = make_project(base / "project", remote=base / "remote")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        state = nightly(params_path="params.yaml", night=NIGHT, return_state=True)
+        result = state.result()
+        yield project, result, state.state_details.flow_run_id
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def test_nightly_flow_completes_with_its_artifacts(night):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    project, result, flow_run_id = night
+    with _client() as client:
+        run = client.read_flow_run(flow_run_id)
+        assert run.state.type.value == "COMPLETED"
+        tasks = {t.name.rsplit("-", 1)[0]: t.state.type.value for t in client.read_task_runs()
+                 if t.flow_run_id == flow_run_id}
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    assert {"ingest", "preprocess", "version-data", "train", "baseline", "evaluate", "register", "promote",
+            "classify"} <= set(tasks)
+    assert set(tasks.values()) == {"COMPLETED"}
+    by_key = {a.key: a for a in artifacts}
+    assert {"nightly-pull", "nightly-evaluation", "promotion-decision", "nightly-classifications"} <= set(by_key)
+    pulled = by_key["nightly-pull"].data
+    pulled = yaml.safe_load(pulled) if isinstance(pulled, str) else pulled
+    assert {row["class"]: row["stored"] for row in pulled} == {"QSO": 16, "CEP": 16, "SNIa": 16, "SNII": 16}
+    assert "promoted" in by_key["promotion-decision"].data
+    assert "| tcn | test |" in by_key["nightly-evaluation"].data
+    assert result["retrain"]["reason"] == "no model trained yet"
+    assert result["changed_objects"] == 64
+
+
+def test_nightly_run_is_tracked_registered_and_champion(night, servers_env):
+    import mlflow
+
+    project, result, _ = night
+    client = mlflow.MlflowClient(tracking_uri=servers_env["mlflow"])
+    run = client.get_run(result["train"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert {"best_val_macro_f1", "val/macro_f1"} <= set(run.data.metrics)
+    assert any(k.startswith("eval") or k.startswith("test") for k in run.data.metrics), sorted(run.data.metrics)
+    assert run.data.tags["data_hash_source"] == "dvc.lock"  # trained on the data version DVC recorded
+    champion = client.get_model_version_by_alias("deeprubin-tcn", "champion")
+    assert champion.run_id == result["train"]["run_id"]
+    assert champion.tags["promotion/decision"] == "promoted"
+    assert champion.tags["promotion/reason"].startswith("no champion yet")
+    assert champion.tags["classes"] == "QSO,CEP,SNIa,SNII"
+
+
+def test_nightly_data_is_versioned_and_pushed(night):
+    project, result, _ = night
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert {"ingest", "preprocess", "train", "baseline", "evaluate"} <= set(lock)
+    raw_md5 = lock["ingest"]["outs"][0]["md5"]
+    assert result["data_version"]["outs"]["data/raw"] == raw_md5
+    assert result["data_version"]["pushed_to"] == "store"
+    status = subprocess.run([str(BIN / "dvc"), "status", "--cloud"], cwd=project, capture_output=True, text=True,
+                            timeout=120)
+    assert status.returncode == 0 and "new:" not in status.stdout, status.stdout  # everything is in the remote
+
+
+def test_the_nights_classifications_are_written_once(night):
+    project, result, _ = night
+    out = project / "data" / "classifications" / f"{NIGHT}.parquet"
+    frame = pd.read_parquet(out)
+    assert list(frame.columns[:8]) == ["oid", "predicted_class", "p_QSO", "p_CEP", "p_SNIa", "p_SNII", "n_det",
+                                       "days_since_first_detection"]
+    assert len(frame) == frame["oid"].nunique() == result["classify"]["n_classified"] > 0
+    assert (frame["model_version"] == result["promotion"]["version"]).all()
+    assert frame[["p_QSO", "p_CEP", "p_SNIa", "p_SNII"]].sum(axis=1).round(5).eq(1).all()
+
+
+def test_a_worse_model_is_not_promoted_and_the_reason_is_recorded(night, servers_env):
+    import mlflow
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.train import train
+
+    project, first, _ = night
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        # Deliberately worse: one epoch at a learning rate too small to move the weights.
+        state = train(params_path="params.yaml", overrides=["train.max_epochs=1", "train.lr=1e-9"],
+                      return_state=True)
+        result = state.result()
+    decision = result["promotion"]
+    assert decision["outcome"] == "rejected", decision
+    assert decision["champion_after"] == first["promotion"]["version"]
+    assert "does not beat the champion" in decision["reason"] or "recall" in decision["reason"]
+    client = mlflow.MlflowClient(tracking_uri=servers_env["mlflow"])
+    version = client.get_model_version("deeprubin-tcn", decision["version"])
+    assert version.tags["promotion/decision"] == "rejected"
+    assert version.tags["promotion/reason"] == decision["reason"]
+    assert version.aliases == ["challenger"]
+    assert client.get_model_version_by_alias("deeprubin-tcn", "champion").version == first["promotion"]["version"]
+    with _client() as pc:
+        artifacts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])))
+    assert any(a.key == "promotion-decision" and "rejected" in a.data for a in artifacts)
+
+
+def _fake_scores(table: dict[str, float]):
+    from deeprubin.registry import Scores
+
+    def score(uri: str) -> Scores:
+        version = uri.rsplit("/", 1)[1]
+        return Scores(metric=table[version], recall={"QSO": table[version]}, n_objects=10)
+
+    return score
+
+
+def _register_copies(tracking_uri: str, name: str, n: int) -> list[str]:
+    """Register ``n`` more versions of the champion's logged model (real versions, scored by the test)."""
+    import mlflow
+
+    source = mlflow.MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias("deeprubin-tcn", "champion")
+    before = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets (or unsets) this variable
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return [str(mlflow.register_model(source.source, name).version) for _ in range(n)]
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def test_rollback_restores_the_previous_champion(night, servers_env):
+    import mlflow
+
+    from deeprubin.registry import Registry, promote
+    from flows.promote import rollback
+
+    project, _, _ = night
+    name = "rollback-model"
+    v1, v2 = _register_copies(servers_env["mlflow"], name, 2)
+    registry = Registry(servers_env["mlflow"], name)
+    scores = _fake_scores({v1: 0.5, v2: 0.8})
+    assert promote(registry, v1, scores).promoted
+    assert promote(registry, v2, scores).promoted
+    assert registry.aliases() == {"champion": v2, "previous": v1, "challenger": v2}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        done = rollback(params_path="params.yaml", overrides=[f"promote.registered_model={name}"])
+    assert done["champion_after"] == v1 and done["champion_before"] == v2
+    assert registry.alias("champion") == v1 and registry.alias("previous") is None
+    demoted = mlflow.MlflowClient(tracking_uri=servers_env["mlflow"]).get_model_version(name, v2)
+    assert demoted.tags["promotion/decision"] == "rolled_back"
+    with pytest.raises(Exception, match="no previous champion"):
+        rollback(params_path=str(project / "params.yaml"), overrides=[f"promote.registered_model={name}"])
+
+
+def test_two_promotions_at_once_leave_exactly_one_champion(night, servers_env):
+    from deeprubin.registry import Registry, promote
+
+    name = "race-model"
+    v1, v2, v3 = _register_copies(servers_env["mlflow"], name, 3)
+    registry = Registry(servers_env["mlflow"], name)
+    table = {v1: 0.5, v2: 0.6, v3: 0.7}
+    assert promote(registry, v1, _fake_scores(table)).promoted
+    inside = threading.Event()
+
+    def slow(uri):  # both promotions would read champion v1 without the lock
+        inside.set()
+        time.sleep(0.5)
+        return _fake_scores(table)(uri)
+
+    decisions = {}
+    threads = [threading.Thread(target=lambda v=v: decisions.__setitem__(v, promote(Registry(
+        servers_env["mlflow"], name), v, slow))) for v in (v2, v3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    champion = registry.alias("champion")
+    assert champion == v3  # the better one wins, whatever the order
+    befores = sorted(d.champion_before for d in decisions.values())
+    assert befores in ([v1, v2], [v1, v3]), befores  # the second compared against the first one's outcome
+    assert registry.history()[-1] == v3 and len(set(registry.history())) == len(registry.history())
+
+
+@pytest.fixture
+def alerce(servers_env):
+    from deeprubin.config import SimulatorParams
+    from deeprubin.sources.simulate import simulate
+
+    lcs = simulate(SimulatorParams(n_per_class=3, survey_days=365.0), seed=5)
+    with AlerceReplayServer(Catalogue.from_lightcurves(lcs, probability=lambda oid, label: 0.9)) as srv:
+        yield srv
+
+
+def _ingest_flow():
+    from prefect import flow
+
+    from flows import tasks
+    from flows.common import configured, load
+
+    @flow(name="ingest-only")
+    def ingest_only(overrides: list[str]):
+        params = load(None, overrides)
+        return configured(tasks.ingest, params)(params)
+
+    return ingest_only
+
+
+def _task_runs(flow_run_id):
+    with _client() as client:
+        return [t for t in client.read_task_runs() if t.flow_run_id == flow_run_id]
+
+
+def test_a_task_that_fails_twice_with_a_server_error_succeeds_on_retry(alerce, tmp_path):
+    overrides = ["ingest.source=alerce", f"ingest.raw_dir={tmp_path / 'raw'}", f"ingest.alerce.base_url={alerce.url}",
+                 "ingest.alerce.max_attempts=1", "ingest.alerce.page_size=50", "flows.retries=2",
+                 "flows.retry_delay_s=0.05"]
+    flow = _ingest_flow()
+    # How many first listing pages one pull asks for (a clean pull into a scratch store).
+    assert flow([*overrides, f"ingest.raw_dir={tmp_path / 'scratch'}"], return_state=True).is_completed()
+    first_pages = sum(r.route == "objects" and r.page in (None, 1) for r in alerce.requests)
+    assert first_pages >= 4
+    # Every first page fails on two attempts, then the server heals.
+    alerce.add_fault(FaultRule(route="objects", kind="http_500", page=1, times=2 * first_pages))
+    state = flow(overrides, return_state=True)
+    (run,) = _task_runs(state.state_details.flow_run_id)
+    assert state.is_completed(), (run.run_count, [r.status for r in alerce.requests if r.route == "objects"])
+    assert run.run_count == 3 and run.state.type.value == "COMPLETED"
+    assert sum(r["stored"] for r in state.result()["per_class"]) == 12
+
+
+def test_a_client_error_is_not_retried(alerce, tmp_path):
+    overrides = ["ingest.source=alerce", f"ingest.raw_dir={tmp_path / 'raw'}",
+                 f"ingest.alerce.base_url={alerce.url}/no-such-api", "ingest.alerce.max_attempts=1",
+                 "flows.retries=2", "flows.retry_delay_s=0.05"]
+    state = _ingest_flow()(overrides, return_state=True)
+    assert state.is_failed()
+    (run,) = _task_runs(state.state_details.flow_run_id)
+    assert run.run_count == 1, "a 404 must not be retried"
+
+
+def test_served_deployments_have_their_cron_schedule(servers_env, tmp_path):
+    project = make_project(tmp_path / "project")
+    env = {**os.environ, "PREFECT_API_URL": servers_env["prefect"], "PATH": f"{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(BIN / "deeprubin"), "serve-flows"], cwd=project, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        listed = ""
+        while time.monotonic() < deadline:
+            listed = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True,
+                                    text=True, timeout=60).stdout
+            if "nightly/nightly" in listed and "classify/classify" in listed:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(2)
+        assert "nightly/nightly" in listed, listed
+        with _client() as client:
+            deployment = client.read_deployment_by_name("nightly/nightly")
+        (schedule,) = deployment.schedules
+        assert schedule.schedule.cron == "0 9 * * *"
+        assert schedule.schedule.timezone == "America/Los_Angeles"
+        limit = getattr(deployment, "global_concurrency_limit", None)
+        assert getattr(deployment, "concurrency_limit", None) == 1 or (limit is not None and limit.limit == 1)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with _client() as client:
+        assert client.read_deployment_by_name("nightly/nightly").schedules[0].active  # pause_on_shutdown=False
