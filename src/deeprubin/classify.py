@@ -85,15 +85,10 @@ def load_model(uri: str, tracking_uri: str, default_classes: Iterable[str] = CLA
                 from None
         version, run_id, tags = str(mv.version), mv.run_id, dict(mv.tags)
         uri = f"models:/{name}/{version}"  # pin the version: an alias may move while we classify
-    previous = mlflow.get_tracking_uri()
-    previous_registry = mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
+    from deeprubin.tracking import using
+
+    with using(tracking_uri):
         module = mlflow.pytorch.load_model(uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous_registry)
     classes = tuple(tags["classes"].split(",")) if tags.get("classes") else tuple(default_classes)
     return ServingModel(uri=uri, name=name, version=version, classes=classes, module=module, run_id=run_id)
 

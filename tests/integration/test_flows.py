@@ -201,12 +201,10 @@ def _register_copies(tracking_uri: str, name: str, n: int) -> list[str]:
     import mlflow
 
     source = mlflow.MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias("deeprubin-tcn", "champion")
-    before = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets (or unsets) this variable
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    from deeprubin.tracking import using
+
+    with using(tracking_uri):
         return [str(mlflow.register_model(source.source, name).version) for _ in range(n)]
-    finally:
-        mlflow.set_tracking_uri(before)
 
 
 def test_rollback_restores_the_previous_champion(night, servers_env):
@@ -342,7 +340,7 @@ def test_served_deployments_have_their_cron_schedule(servers_env, tmp_path):
         assert schedule.schedule.cron == "0 9 * * *"
         assert schedule.schedule.timezone == "America/Los_Angeles"
         limit = getattr(deployment, "global_concurrency_limit", None)
-        assert getattr(deployment, "concurrency_limit", None) == 1 or (limit is not None and limit.limit == 1)
+        assert (limit is not None and limit.limit == 1) or deployment.concurrency_limit == 1
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

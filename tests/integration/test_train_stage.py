@@ -107,12 +107,11 @@ def test_registered_model_loads_and_predicts_probabilities(trained):
 
     root, params, result, _ = trained
     uri = _register(root, params)["model_uri"]
-    mlflow.set_tracking_uri(params.tracking_uri)
-    try:
+    from deeprubin.tracking import using
+
+    with using(params.tracking_uri):
         model = mlflow.pytorch.load_model(uri)
         pyfunc = mlflow.pyfunc.load_model(uri)
-    finally:
-        mlflow.set_tracking_uri(None)
     x, _ = preprocess.load_processed(root / "processed")
     x = torch.from_numpy(np.asarray(x[:5], dtype=np.float32))
     with torch.no_grad():

@@ -37,16 +37,15 @@ def registry(tmp_path):
     import mlflow
     import torch
 
+    from deeprubin.tracking import using
+
     uri = f"sqlite:///{tmp_path}/m.db"
-    mlflow.set_tracking_uri(uri)
-    try:
+    with using(uri):
         with mlflow.start_run():
             info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", pip_requirements=["torch"],
                                             input_example=torch.zeros(2, 2).numpy())
         for _ in range(3):
             mlflow.register_model(info.model_uri, "m")
-    finally:
-        mlflow.set_tracking_uri(None)
     return Registry(uri, "m")
 
 

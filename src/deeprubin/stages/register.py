@@ -71,12 +71,10 @@ def run(params: Params) -> dict[str, Any]:
     if existing:
         version = str(min(int(v.version) for v in existing))
     else:
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(params.train.tracking_uri)
-        try:
+        from deeprubin.tracking import using
+
+        with using(params.train.tracking_uri):
             version = str(mlflow.register_model(trained["model_uri"], name, tags=tags).version)
-        finally:
-            mlflow.set_tracking_uri(previous)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     out = {"registered_model": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}",

@@ -252,16 +252,12 @@ def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
         output = served(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
 
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(params.tracking_uri)
-    try:
-        with mlflow.start_run(run_id=logger.run_id):
-            mlflow.log_metric("best_val_macro_f1", best_f1)
-            info = mlflow.pytorch.log_model(served, name=MODEL_NAME, signature=signature, input_example=example,
-                                            pip_requirements=pip_requirements(), serialization_format="pt2",
-                                            tags=tags)
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
+    from deeprubin.tracking import using
+
+    with using(params.tracking_uri), mlflow.start_run(run_id=logger.run_id):
+        mlflow.log_metric("best_val_macro_f1", best_f1)
+        info = mlflow.pytorch.log_model(served, name=MODEL_NAME, signature=signature, input_example=example,
+                                        pip_requirements=pip_requirements(), serialization_format="pt2", tags=tags)
 
     result = TrainResult(
         run_id=logger.run_id, experiment_id=logger.experiment_id, tracking_uri=params.tracking_uri,
