@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import get_run_logger
 from prefect.tasks import Task
 
-from deeprubin.config import Params, load_params
+from deeprubin.config import Params, load_project_params
 
 # Stable artifact keys: each run publishes a new version of each, so the UI shows their history night by night.
 PULL_ARTIFACT = "nightly-pull"
@@ -27,8 +26,7 @@ class ClientError(RuntimeError):
 
 
 def load(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> Params:
-    path = Path(params_path) if params_path else None
-    return load_params(path if path is None or path.exists() or str(path) != "params.yaml" else None, overrides)
+    return load_project_params(params_path, overrides)
 
 
 def _http_status(exc: BaseException) -> int | None:

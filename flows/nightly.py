@@ -9,7 +9,6 @@ overlap on the same data. Artifacts (stable keys): ``nightly-pull``, ``nightly-e
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -38,26 +37,14 @@ def nightly(params_path: str = "params.yaml", overrides: list[str] | None = None
         logger.info("retraining: %s (%s)", retrain, why)
         out["retrain"] = {"retrain": retrain, "reason": why}
         if retrain:
-            out["train"] = configured(tasks.train, params)(params)
-            stages = ["train"]
-            if params.evaluate.baseline:
-                configured(tasks.baseline, params)(params)
-                stages.append("baseline")
-            evaluated = configured(tasks.evaluate, params)(params)
-            stages.append("evaluate")
-            artifacts.evaluation(evaluated, out["train"])
+            out["train"], evaluated, stages = tasks.train_and_evaluate(params)
             out["evaluate"] = evaluated["metrics"]
             out["model_version"] = configured(tasks.version_data, params)(params, stages)
             registered = configured(tasks.register, params)(params)
-            decision = configured(tasks.promote, params)(params, registered["version"])
-            artifacts.promotion(decision)
-            out["promotion"] = decision
+            out["promotion"] = tasks.promote_version(params, registered["version"])
         else:
             artifacts.no_retraining(why)
-        output = Path(params.classify.output_dir) / f"{night}.parquet"
-        classified = configured(tasks.classify, params)(params, pulled["changed_oids"], str(output))
-        artifacts.classifications(classified, night)
-        out["classify"] = classified
+        out["classify"] = tasks.classify_night(params, pulled["changed_oids"], night)
     return out
 
 

@@ -15,9 +15,7 @@ def promote(params_path: str = "params.yaml", overrides: list[str] | None = None
             version: str | None = None) -> dict[str, Any]:
     """Promote ``version`` (default: the last one `deeprubin register` wrote) if it beats the champion."""
     params = load(params_path, overrides)
-    decision = configured(tasks.promote, params)(params, version)
-    artifacts.promotion(decision)
-    return decision
+    return tasks.promote_version(params, version)
 
 
 @flow(name="rollback", log_prints=True)

@@ -14,7 +14,8 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from deeprubin.config import Params
-from flows.common import ClientError, TransientError
+from flows import artifacts
+from flows.common import ClientError, TransientError, configured
 
 
 def _changed_oids(before: dict[str, str], after: dict[str, str]) -> list[str]:
@@ -142,17 +143,7 @@ def classify(params: Params, oids: list[str] | None, output: str) -> dict[str, A
     det = RawStore(Path(params.ingest.raw_dir)).read().detections
     if oids is not None:
         det = det.loc[det["oid"].astype(str).isin(set(oids))]
-    out = Path(output)
-    previous = pd.read_parquet(out) if out.exists() else None
-    result = clf.run(params, det.reset_index(drop=True), out)
-    if previous is not None and len(previous):
-        fresh = pd.read_parquet(out)
-        kept = previous.loc[~previous["oid"].isin(set(fresh["oid"]))]
-        merged = pd.concat([kept, fresh], ignore_index=True).sort_values("oid", kind="stable")
-        clf.write_atomically(merged.reset_index(drop=True), out)
-        result.n_classified = len(merged)
-        result.per_class = {str(k): int(v) for k, v in merged["predicted_class"].value_counts().items()}
-    return result.report()
+    return clf.run(params, det.reset_index(drop=True), Path(output), upsert=True).report()
 
 
 def should_retrain(params: Params, force: bool = False) -> tuple[bool, str]:
@@ -177,3 +168,36 @@ def should_retrain(params: Params, force: bool = False) -> tuple[bool, str]:
     if new >= need:
         return True, f"{new} labelled objects arrived since the last training (threshold {need})"
     return False, f"only {new} new labelled objects since the last training (threshold {need})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequences of tasks that more than one flow runs.
+
+def train_and_evaluate(params: Params) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """train -> baseline (when enabled) -> evaluate, publishing the evaluation artifact.
+
+    Returns (training summary, evaluation, the DVC stages that produced outputs)."""
+    trained = configured(train, params)(params)
+    stages = ["train"]
+    if params.evaluate.baseline:
+        configured(baseline, params)(params)
+        stages.append("baseline")
+    evaluated = configured(evaluate, params)(params)
+    stages.append("evaluate")
+    artifacts.evaluation(evaluated, trained)
+    return trained, evaluated, stages
+
+
+def promote_version(params: Params, version: str | None) -> dict[str, Any]:
+    """promote ``version`` and publish the decision."""
+    decision = configured(promote, params)(params, version)
+    artifacts.promotion(decision)
+    return decision
+
+
+def classify_night(params: Params, oids: list[str] | None, night: str, output: str | None = None) -> dict[str, Any]:
+    """classify into ``classify.output_dir/<night>.parquet`` (or ``output``) and publish the counts."""
+    output = output or str(Path(params.classify.output_dir) / f"{night}.parquet")
+    done = configured(classify, params)(params, oids, output)
+    artifacts.classifications(done, night)
+    return done

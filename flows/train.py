@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows import artifacts, tasks
+from flows import tasks
 from flows.common import configured, data_lock, load
 
 
@@ -17,21 +17,12 @@ def train(params_path: str = "params.yaml", overrides: list[str] | None = None,
     out: dict[str, Any] = {}
     with data_lock(params):
         out["preprocess"] = configured(tasks.preprocess, params)(params)
-        out["train"] = configured(tasks.train, params)(params)
-        stages = ["preprocess", "train"]
-        if params.evaluate.baseline:
-            configured(tasks.baseline, params)(params)
-            stages.append("baseline")
-        evaluated = configured(tasks.evaluate, params)(params)
-        stages.append("evaluate")
-        artifacts.evaluation(evaluated, out["train"])
+        out["train"], evaluated, stages = tasks.train_and_evaluate(params)
         out["evaluate"] = evaluated["metrics"]
-        out["data_version"] = configured(tasks.version_data, params)(params, stages)
+        out["data_version"] = configured(tasks.version_data, params)(params, ["preprocess", *stages])
         out["registered"] = configured(tasks.register, params)(params)
     if promote:
-        decision = configured(tasks.promote, params)(params, out["registered"]["version"])
-        artifacts.promotion(decision)
-        out["promotion"] = decision
+        out["promotion"] = tasks.promote_version(params, out["registered"]["version"])
     return out
 
 

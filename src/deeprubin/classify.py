@@ -161,9 +161,12 @@ class ClassifyResult:
 
 
 def run(params, detections: pd.DataFrame, output: Path, model: ServingModel | None = None,
-        progress: Progress | None = None) -> ClassifyResult:
+        progress: Progress | None = None, upsert: bool = False) -> ClassifyResult:
     """Classify every object of ``detections`` (contract columns) with ``params.classify.model_uri`` (or ``model``);
-    write ``output`` (Parquet) and ``<output stem>.rejected.csv`` when objects were rejected."""
+    write ``output`` (Parquet) and ``<output stem>.rejected.csv`` when objects were rejected.
+
+    ``upsert``: keep the rows of an existing ``output`` for objects not classified now (a night's file rerun replaces
+    its rows and never duplicates them); the result then counts the whole file."""
     from deeprubin.stages.preprocess import curves_from_detections
 
     started = time.perf_counter()
@@ -171,6 +174,10 @@ def run(params, detections: pd.DataFrame, output: Path, model: ServingModel | No
     curves = curves_from_detections(detections)
     out, rejected = classify_curves(curves, model, params.preprocess.grid_days, params.preprocess.fit_context_days,
                                     params.classify.batch_size, progress)
+    if upsert and Path(output).exists():
+        previous = pd.read_parquet(output)
+        kept = previous.loc[~previous["oid"].isin(set(out["oid"]))]
+        out = pd.concat([kept, out], ignore_index=True).sort_values("oid", kind="stable").reset_index(drop=True)
     write_atomically(out, Path(output))
     side = Path(output).with_suffix(".rejected.csv")
     if len(rejected):
