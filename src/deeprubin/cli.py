@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from deeprubin import __version__
-from deeprubin.config import ConfigError, Params, dump_params, load_params
+from deeprubin.config import ConfigError, Params, dump_params, load_project_params
 
 app = typer.Typer(
     name="deeprubin",
@@ -38,8 +38,7 @@ SetOption = Annotated[
 
 def _load(params_path: Path, overrides: list[str] | None) -> Params:
     try:
-        return load_params(params_path if params_path.exists() or params_path != Path("params.yaml") else None,
-                           overrides)
+        return load_project_params(params_path, overrides)
     except ConfigError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -393,5 +393,13 @@ def load_params(path: Path | str | None = DEFAULT_PARAMS, overrides: list[str] |
         raise ConfigError(_format_errors(err, origin)) from None
 
 
+def load_project_params(path: Path | str | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """:func:`load_params`, except that a missing *default* ``params.yaml`` means the defaults (a command run
+    outside a checkout); any other missing file is an error."""
+    if path is not None and Path(path) == DEFAULT_PARAMS and not Path(path).exists():
+        path = None
+    return load_params(path, overrides)
+
+
 def dump_params(params: BaseModel) -> str:
     return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
