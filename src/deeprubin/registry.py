@@ -76,7 +76,7 @@ class Decision:
                 "champion_before": self.champion_before or "none", "metric": self.metric,
                 "evaluation_set": self.evaluation_set, "set_hash": self.set_hash}
         if self.challenger is not None:
-            tags[f"{self.metric}"] = f"{self.challenger['metric']:.4f}"
+            tags[self.metric] = f"{self.challenger['metric']:.4f}"
         if self.champion is not None:
             tags[f"champion_{self.metric}"] = f"{self.champion['metric']:.4f}"
         for c, d in self.recall_drops.items():
@@ -167,7 +167,7 @@ class Registry:
             return []
         return [v for v in raw.split(",") if v]
 
-    def _set_history(self, versions: list[str]) -> None:
+    def set_history(self, versions: list[str]) -> None:
         # Bounded: the tag value is a string column; 200 champions is years of nights.
         self.client.set_registered_model_tag(self.name, HISTORY_TAG, ",".join(versions[-200:]))
 
@@ -216,7 +216,7 @@ def promote(registry: Registry, version: str, score: Callable[[str], Scores], me
             history = [v for v in registry.history() if v != version]
             if champion is not None and (not history or history[-1] != champion):
                 history.append(champion)
-            registry._set_history(history + [version])
+            registry.set_history(history + [version])
         registry.tag(version, decision.tags())
         return decision
 
@@ -238,7 +238,7 @@ def rollback(registry: Registry, lock_timeout_s: float = 600.0) -> dict[str, Any
         history = [v for v in registry.history() if v != champion]
         if not history or history[-1] != previous:
             history = [v for v in history if v != previous] + [previous]
-        registry._set_history(history)
+        registry.set_history(history)
         before = history[-2] if len(history) >= 2 else None
         if before is not None:
             registry.set_alias(PREVIOUS, before)
