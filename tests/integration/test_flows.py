@@ -157,6 +157,24 @@ def test_the_nights_classifications_are_written_once(night):
     assert frame[["p_QSO", "p_CEP", "p_SNIa", "p_SNII"]].sum(axis=1).round(5).eq(1).all()
 
 
+def test_rerunning_a_night_replaces_its_rows_and_never_duplicates_them(night):
+    from flows.classify import classify
+
+    project, _, _ = night
+    out = project / "data" / "classifications" / f"{NIGHT}.parquet"
+    before = pd.read_parquet(out).set_index("oid")
+    again = sorted(before.index)[:5]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        done = classify(params_path="params.yaml", oids=again, output=str(out))
+    after = pd.read_parquet(out).set_index("oid")
+    assert sorted(after.index) == sorted(before.index) and after.index.is_unique
+    assert done["n_classified"] == len(after)
+    assert (after.loc[again, "classified_at"] > before.loc[again, "classified_at"]).all()
+    others = sorted(set(before.index) - set(again))
+    pd.testing.assert_frame_equal(after.loc[others], before.loc[others])
+
+
 def test_a_worse_model_is_not_promoted_and_the_reason_is_recorded(night, servers_env):
     import mlflow
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
