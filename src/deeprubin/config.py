@@ -255,6 +255,48 @@ class ClassifyParams(Section):
     batch_size: int = Field(1024, ge=1, description="Objects per batch (GP, TCN, write).")
     output_dir: Path = Field(Path("data/classifications"),
                              description="Nightly results: one Parquet file per night, replaced when rerun.")
+    workers: int = Field(0, ge=0, description="GP processes beside the TCN (0: one per core; 1: all in this "
+                                              "process).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the TCN runs (auto: cuda when "
+                                                                       "available).")
+
+
+class KafkaParams(Section):
+    """A Kafka topic of alert packets (confluent-kafka); unset means read packets from a directory."""
+
+    bootstrap_servers: str | None = Field(None, description="host:port[,host:port]; null: no Kafka.")
+    topic: str | None = Field(None, description="Topic of alert packets.")
+    group_id: str = Field("deeprubin", description="Consumer group (offsets are committed after each batch).")
+    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="Where a new group starts.")
+    poll_timeout_s: float = Field(1.0, gt=0, description="Wait for a message at most this long per poll.")
+    config: dict[str, str] = Field(default_factory=dict,
+                                   description="Extra librdkafka settings (security.protocol, sasl.*, ...).")
+
+
+class AlertsParams(Section):
+    """Alert-stream consumer (alerts.py): ZTF Avro alerts or LSST alert packets, from a directory or Kafka."""
+
+    format: Literal["auto", "ztf", "lsst"] = Field("auto", description="Packet format (auto: from its fields).")
+    lsst_schema_version: str | None = Field(None, description="lsst-alert-packet schema, e.g. '7.4' (null: the "
+                                                              "package's latest) for packets without a schema.")
+    batch_alerts: int = Field(1024, ge=1, description="Alerts classified together (one GP/TCN batch).")
+    max_objects: int = Field(1_000_000, ge=1, description="Light curves kept in memory; the least recently "
+                                                          "updated are dropped past this.")
+    output_dir: Path = Field(Path("data/alerts"), description="Classifications of the stream, one Parquet part "
+                                                              "per batch.")
+    kafka: KafkaParams = Field(default_factory=KafkaParams)
+
+
+class ServeParams(Section):
+    """The HTTP classification service (deeprubin serve-api)."""
+
+    host: str = Field("127.0.0.1", description="Bind address (loopback by default: put a proxy in front).")
+    port: int = Field(8000, ge=0, le=65535, description="Port (0: a free one).")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_curves_per_request: int = Field(1000, ge=1, description="Light curves in one POST /classify at most.")
+    max_detections_per_curve: int = Field(10_000, ge=1, description="Detections in one light curve at most.")
+    reload_interval_s: float = Field(30.0, gt=0, description="How often the registry alias is checked for a new "
+                                                             "champion.")
 
 
 class ScheduleParams(Section):
@@ -313,6 +355,8 @@ class Params(Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     promote: PromoteParams = Field(default_factory=PromoteParams)
     classify: ClassifyParams = Field(default_factory=ClassifyParams)
+    alerts: AlertsParams = Field(default_factory=AlertsParams)
+    serve: ServeParams = Field(default_factory=ServeParams)
     flows: FlowsParams = Field(default_factory=FlowsParams)
 
 

@@ -18,7 +18,7 @@ def test_repository_params_yaml_is_valid_and_complete():
     params = load_params(REPO / "params.yaml")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(raw) == set(Params.model_fields) == {
-        "base", "ingest", "preprocess", "train", "evaluate", "promote", "classify", "flows"}
+        "base", "ingest", "preprocess", "train", "evaluate", "promote", "classify", "alerts", "serve", "flows"}
     assert params.base.classes == ["QSO", "CEP", "SNIa", "SNII"]
     assert params.ingest.source == "simulator"
     assert params.preprocess.grid_days == 100
