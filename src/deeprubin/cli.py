@@ -429,22 +429,27 @@ def classify(
     """Classify every object of a detections file with the serving model; rejected objects go to
     OUTPUT.rejected.csv with their reasons."""
     from deeprubin import classify as clf
-    from deeprubin.schema import SchemaError, map_detections
-    from deeprubin.sources.files import read_table
+    from deeprubin.schema import SchemaError
 
     params = _load(params_path, [*(overrides or []), *([f"classify.model_uri={model}"] if model else [])])
     try:
-        detections = map_detections(read_table(input_path), source="files")
-        result = _run_with_progress("classify", lambda r: clf.run(params, detections, output, progress=r))
+        result = _run_with_progress("classify", lambda r: clf.run_file(params, input_path, output, progress=r),
+                                    unit=" rows")
     except (SchemaError, LookupError) as exc:
         err_console.print(f"[bold red]classify failed:[/] {exc}")
         raise typer.Exit(1) from None
-    table = Table(title=f"{result.n_classified} objects classified with {result.model_uri}")
+    table = Table(title=f"{result.n_classified} objects classified with {result.model_uri} "
+                        f"in {result.seconds:.1f} s ({result.n_classified / max(result.seconds, 1e-9):.0f}/s)")
     table.add_column("predicted class")
     table.add_column("objects", justify="right")
     for c, n in sorted(result.per_class.items()):
         table.add_row(c, str(n))
     console.print(table)
+    for reason, n in sorted((result.n_points_dropped or {}).items()):
+        console.print(f"dropped {n} detection(s): {reason}")
+    if not result.input_grouped:
+        console.print("the input was not grouped by object: it was partitioned on disk first (sort it by oid to "
+                      "stream it in one pass)")
     console.print(f"wrote {result.output}" + (f"; {result.n_rejected} rejected objects in {result.rejections}"
                                                if result.rejections else ""))
 

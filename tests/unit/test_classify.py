@@ -1,0 +1,175 @@
+"""Batch classification of files: streaming in bounded batches, any contract-mapped format, rejections on the side,
+atomic output (deeprubin.classify)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deeprubin import classify as clf
+from deeprubin.config import load_params
+from deeprubin.schema import CLASSES
+from deeprubin.sources import simulate
+from tests.model_fixtures import served_tcn
+
+
+@pytest.fixture(scope="module")
+def detections() -> pd.DataFrame:
+    sim = simulate.simulate(load_params(None).ingest.simulator.model_copy(update={"n_per_class": 15}), seed=3)
+    return sim.detections.sort_values(["oid", "mjd"], kind="stable").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def model() -> clf.ServingModel:
+    return clf.ServingModel(uri="local:test", name="test", version="0", classes=tuple(CLASSES), module=served_tcn())
+
+
+@pytest.fixture
+def params():
+    return load_params(None, ["classify.batch_size=16", "classify.workers=1"])
+
+
+def _chunks(frame: pd.DataFrame, rows: int):
+    for start in range(0, len(frame), rows):
+        yield frame.iloc[start:start + rows]
+
+
+def test_grouped_reader_yields_whole_objects_across_chunk_boundaries(detections):
+    frames = list(clf.grouped_objects(_chunks(detections, 37)))
+    seen = [f["oid"].unique() for f in frames]
+    flat = np.concatenate(seen)
+    assert len(flat) == len(set(flat)) == detections["oid"].nunique()  # no object split between two frames
+    assert max(len(f) for f in frames) <= 37 + detections.groupby("oid").size().max()  # a chunk plus one object
+    pd.testing.assert_frame_equal(pd.concat(frames).reset_index(drop=True), detections)
+
+
+def test_grouped_reader_refuses_interleaved_objects(detections):
+    interleaved = detections.sample(frac=1, random_state=0)
+    with pytest.raises(clf.NotGroupedError, match="not contiguous"):
+        list(clf.grouped_objects(_chunks(interleaved, 50)))
+
+
+def test_partitioned_reader_gives_each_object_once_with_all_its_rows(detections, tmp_path):
+    shuffled = detections.sample(frac=1, random_state=1)
+    frames = list(clf.partitioned_objects(_chunks(shuffled, 41), tmp_path / "spill", partitions=5))
+    assert len(frames) <= 5
+    per_frame = [set(f["oid"]) for f in frames]
+    assert sum(len(s) for s in per_frame) == len(set().union(*per_frame)) == detections["oid"].nunique()
+    back = pd.concat(frames).sort_values(["oid", "mjd", "band"]).reset_index(drop=True)
+    want = detections.sort_values(["oid", "mjd", "band"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(back[want.columns], want, check_dtype=False)
+    assert not list((tmp_path / "spill").glob("*.parquet"))  # spilled partitions are removed once read
+
+
+def test_batches_are_bounded_and_bad_points_are_counted(detections):
+    bad = detections.copy()
+    bad.loc[bad.index[:3], "flux_err"] = -1.0
+    dropped: Counter = Counter()
+    batches = list(clf.curve_batches(clf.grouped_objects(_chunks(bad, 100)), 8, dropped))
+    assert all(len(b.curves) <= 8 for b in batches)
+    assert sum(len(b.curves) for b in batches) == detections["oid"].nunique()
+    assert sum(b.rows_read for b in batches) == len(bad)
+    assert sum(dropped.values()) == 3
+
+
+def _alerce_csv(detections: pd.DataFrame) -> pd.DataFrame:
+    """The same detections in ALeRCE's columns (fid, magpsf, sigmapsf, isdiffpos)."""
+    return pd.DataFrame({"oid": detections["oid"], "mjd": detections["mjd"],
+                         "fid": detections["band"].map({"g": 1, "r": 2}), "magpsf": detections["mag"],
+                         "sigmapsf": detections["mag_err"],
+                         "isdiffpos": np.where(detections["flux"] >= 0, "t", "f")})
+
+
+def test_classify_file_any_format_equals_in_memory_and_reports_bad_objects(detections, model, params, tmp_path):
+    frame = detections.copy()
+    lonely = pd.DataFrame({"oid": ["ZTFbad_nan"] * 2, "mjd": [60000.0, 60001.0], "band": ["g", "g"],
+                           "mag": [np.nan, np.nan], "mag_err": [0.1, 0.1], "flux": [np.nan, np.nan],
+                           "flux_err": [1.0, 1.0], "source": "test"})
+    frame = pd.concat([frame, lonely], ignore_index=True)
+    csv = tmp_path / "alerce.csv"
+    _alerce_csv(frame).to_csv(csv, index=False)
+
+    result = clf.run_file(params, csv, tmp_path / "out.parquet", model=model, read_rows=97)
+    out = pd.read_parquet(result.output)
+    assert list(out.columns) == clf.COLUMNS
+    assert out["oid"].is_unique and result.n_classified == len(out) == detections["oid"].nunique()
+    assert np.allclose(out[[f"p_{c}" for c in CLASSES]].sum(axis=1), 1.0)
+    assert set(out["predicted_class"]) <= set(CLASSES)
+    assert (out["model_version"] == "0").all() and result.input_grouped
+    side = pd.read_csv(result.rejections)
+    assert list(side.columns) == clf.REJECTION_COLUMNS
+    assert side.loc[side["oid"] == "ZTFbad_nan", "reason"].tolist() == ["no valid detection"]
+    assert "mag is NaN" in side.loc[side["oid"] == "ZTFbad_nan", "detail"].iloc[0]
+
+    memory = clf.run(params, detections, tmp_path / "memory.parquet", model=model)
+    mem = pd.read_parquet(memory.output).set_index("oid").sort_index()
+    got = out.set_index("oid").sort_index()
+    assert (got["n_det"] == mem["n_det"]).all()
+    np.testing.assert_allclose(got["days_since_first_detection"], mem["days_since_first_detection"])
+    # magnitudes round-trip to fluxes to ~1e-6 relative: the probabilities agree closely, not bit for bit
+    np.testing.assert_allclose(got[[f"p_{c}" for c in CLASSES]], mem[[f"p_{c}" for c in CLASSES]], atol=1e-4)
+
+
+def test_unsorted_input_is_partitioned_on_disk_and_gives_the_same_result(detections, model, params, tmp_path):
+    grouped = tmp_path / "grouped.parquet"
+    shuffled = tmp_path / "shuffled.parquet"
+    detections.to_parquet(grouped, index=False)
+    detections.sample(frac=1, random_state=2).to_parquet(shuffled, index=False)
+    a = clf.run_file(params, grouped, tmp_path / "a.parquet", model=model, read_rows=200)
+    b = clf.run_file(params, shuffled, tmp_path / "b.parquet", model=model, read_rows=200)
+    assert a.input_grouped and not b.input_grouped
+    pa_, pb = (pd.read_parquet(r.output).set_index("oid").sort_index() for r in (a, b))
+    cols = [f"p_{c}" for c in CLASSES] + ["n_det", "days_since_first_detection"]
+    pd.testing.assert_frame_equal(pa_[cols], pb[cols])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".classify-")]  # temporary files cleaned
+
+
+def test_a_failed_run_leaves_the_previous_output_whole(detections, model, params, tmp_path):
+    src = tmp_path / "in.parquet"
+    detections.to_parquet(src, index=False)
+    out = tmp_path / "out.parquet"
+    clf.run_file(params, src, out, model=model)
+    before = out.read_bytes()
+
+    class Exploding(clf.ServingModel):
+        def predict_proba(self, x, batch=1024):
+            raise RuntimeError("GPU fell off")
+
+    broken = Exploding(uri="local:x", name="x", version="1", classes=tuple(CLASSES), module=None)
+    with pytest.raises(RuntimeError, match="GPU fell off"):
+        clf.run_file(params, src, out, model=broken)
+    assert out.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_upsert_replaces_the_rows_of_reclassified_objects_only(detections, model, params, tmp_path):
+    out = tmp_path / "night.parquet"
+    clf.run(params, detections, out, model=model)
+    first = pd.read_parquet(out).set_index("oid")
+    some = sorted(first.index)[:4]
+    again = clf.run(params, detections[detections["oid"].isin(some)], out, model=model, upsert=True)
+    after = pd.read_parquet(out).set_index("oid")
+    assert after.index.is_unique and sorted(after.index) == sorted(first.index)
+    assert again.n_classified == len(after)
+    assert (after.loc[some, "classified_at"] >= first.loc[some, "classified_at"]).all()
+
+
+def test_missing_or_unknown_input_is_a_clear_error(model, params, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        clf.run_file(params, tmp_path / "nope.parquet", tmp_path / "o.parquet", model=model)
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="unknown format"):
+        clf.run_file(params, tmp_path / "x.json", tmp_path / "o.parquet", model=model)
+
+
+def test_classification_on_a_process_pool_equals_in_process(detections, model, tmp_path):
+    src = tmp_path / "in.parquet"
+    detections.to_parquet(src, index=False)
+    params = load_params(None, ["classify.batch_size=8"])
+    one = clf.run_file(params, src, tmp_path / "one.parquet", model=model, workers=1)
+    pool = clf.run_file(params, src, tmp_path / "pool.parquet", model=model, workers=2, min_rows_for_pool=0)
+    a, b = (pd.read_parquet(r.output).drop(columns="classified_at") for r in (one, pool))
+    pd.testing.assert_frame_equal(a, b)
