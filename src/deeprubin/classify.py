@@ -155,11 +155,12 @@ def _tensorize_job(job):
 
     from deeprubin.stages.preprocess import tensorize_curves
 
-    curves, grid_days, fit_context_days = job
+    curves, grid_days, fit_context_days, *rest = job
+    interpolator = rest[0] if rest else None
     # The GP's linear algebra is many small matrices: BLAS threads only add synchronisation, and they starve
     # when torch's own threads spin between TCN batches in the same process (8x slower measured on 2 cores).
     with threadpool_limits(limits=1, user_api="blas"):
-        return tensorize_curves(curves, grid_days, fit_context_days)
+        return tensorize_curves(curves, grid_days, fit_context_days, interpolator=interpolator)
 
 
 # Streaming: input files of any size in bounded memory.
@@ -401,7 +402,7 @@ class _Written:
 
 
 def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params, tmp: Path, workers: int,
-                      step: Progress, total_rows: int | None) -> _Written:
+                      step: Progress, total_rows: int | None, interpolator=None) -> _Written:
     """GP (``workers`` processes) -> TCN -> one Parquet file and one rejections CSV in ``tmp``, batch by batch."""
     grid, context, batch_size = params.preprocess.grid_days, params.preprocess.fit_context_days, \
         params.classify.batch_size
@@ -412,7 +413,7 @@ def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params
     try:
         with open(tmp / "rejected.csv", "w", newline="") as side:
             pd.DataFrame(columns=REJECTION_COLUMNS).to_csv(side, index=False)
-            jobs = ((b, (b.curves, grid, context)) for b in batches)
+            jobs = ((b, (b.curves, grid, context, interpolator)) for b in batches)
             for batch, t in tensorizer.map(jobs):
                 stamp = pd.Timestamp.now(tz="UTC")
                 rejected = [*batch.rejected, *t.skipped]
@@ -494,12 +495,14 @@ def _useful_workers(workers: int, n_rows: int, min_rows: int = MIN_ROWS_FOR_POOL
 
 def run_file(params, input_path: Path | str, output: Path, model: ServingModel | None = None,
              progress: Progress | None = None, upsert: bool = False, workers: int | None = None,
-             read_rows: int = READ_ROWS, min_rows_for_pool: int = MIN_ROWS_FOR_POOL) -> ClassifyResult:
+             read_rows: int = READ_ROWS, min_rows_for_pool: int = MIN_ROWS_FOR_POOL,
+             interpolator=None) -> ClassifyResult:
     """Classify a detections file of any size (Parquet or CSV, any contract-mapped columns) in bounded memory.
 
     Input grouped by object streams in one pass. When an object's rows turn out not to be contiguous, the partial
     results are discarded and the input is partitioned on disk by object first (memory then holds one partition).
-    Results are written to a temporary file and moved in at the end: a failed run leaves ``output`` as it was."""
+    Results are written to a temporary file and moved in at the end: a failed run leaves ``output`` as it was.
+    ``interpolator`` (a top-level function, it may run in worker processes) replaces the GP: benchmarks only."""
     started = time.perf_counter()
     step = progress or (lambda *_a, **_k: None)
     input_path = Path(input_path)
@@ -515,7 +518,7 @@ def run_file(params, input_path: Path | str, output: Path, model: ServingModel |
         try:
             frames = grouped_objects(read_detections(input_path, read_rows))
             written = _classify_batches(curve_batches(frames, params.classify.batch_size, dropped), model, params,
-                                        tmp, workers, step, total_rows)
+                                        tmp, workers, step, total_rows, interpolator)
         except NotGroupedError as exc:
             grouped = False
             step(f"input not grouped by object ({exc}): partitioning it on disk")
@@ -523,7 +526,7 @@ def run_file(params, input_path: Path | str, output: Path, model: ServingModel |
             frames = partitioned_objects(read_detections(input_path, read_rows), tmp / "spill",
                                          _spill_partitions(input_path))
             written = _classify_batches(curve_batches(frames, params.classify.batch_size, dropped), model, params,
-                                        tmp, workers, step, total_rows)
+                                        tmp, workers, step, total_rows, interpolator)
         n, per_class, side = _finish(tmp, Path(output), upsert, written)
     return ClassifyResult(output=Path(output), rejections=side, n_classified=n, n_rejected=written.n_rejected,
                           model_uri=model.uri, model_version=model.version, per_class=per_class,

@@ -245,8 +245,9 @@ def _bands(frame: pd.DataFrame, aliases: dict[str, tuple[str, ...]]) -> pd.Serie
             raise SchemaError("no band column: expected one of "
                               f"{list(aliases['band']) + list(aliases['fid'])}")
         raw = frame[fid_col].astype(str).str.replace(r"\.0$", "", regex=True)
-    mapped = raw.map(lambda b: BAND_ALIASES.get(b, BAND_ALIASES.get(b.lower(), b)))
-    return mapped
+    codes, names = pd.factorize(raw)  # map each distinct spelling once, not each row
+    mapped = np.array([BAND_ALIASES.get(b, BAND_ALIASES.get(b.lower(), b)) for b in names], dtype=object)
+    return pd.Series(mapped[codes] if len(mapped) else np.array([], dtype=object), index=raw.index)
 
 
 def _times(frame: pd.DataFrame, aliases: dict[str, tuple[str, ...]]) -> pd.Series:

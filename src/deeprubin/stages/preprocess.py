@@ -120,7 +120,7 @@ class Curve:
     @classmethod
     def from_frame(cls, oid: str, det: pd.DataFrame) -> "Curve":
         det = det.sort_values(["mjd", "band"], kind="mergesort")
-        band = det["band"].map(BAND_INDEX).to_numpy()
+        band = band_index(det["band"])
         return cls(oid=str(oid), mjd=det["mjd"].to_numpy(dtype=np.float64),
                    band=np.where(pd.isna(band), -1, band).astype(np.int64),
                    flux=det["flux"].to_numpy(dtype=np.float64), flux_err=det["flux_err"].to_numpy(dtype=np.float64))
@@ -248,8 +248,11 @@ class Tensors:
 
 
 def tensorize_curves(curves: Sequence[Curve], grid_days: int = 100, fit_context_days: float = 100.0,
-                     until_mjd: float | None = None) -> Tensors:
-    """The one path from light curves to model input, shared by the stage, evaluation and classification."""
+                     until_mjd: float | None = None,
+                     interpolator: Callable[[Sequence[PreparedCurve]], list[Any]] | None = None) -> Tensors:
+    """The one path from light curves to model input, shared by the stage, evaluation and classification.
+
+    ``interpolator`` replaces :func:`interpolate` (benchmarks run the same path with a baseline GP)."""
     preps: list[PreparedCurve] = []
     skipped: list[dict[str, str]] = []
     for curve in curves:
@@ -258,7 +261,7 @@ def tensorize_curves(curves: Sequence[Curve], grid_days: int = 100, fit_context_
         except Exception as exc:  # noqa: BLE001
             skip = exc if isinstance(exc, Skip) else Skip(f"bad light curve: {type(exc).__name__}", str(exc))
             skipped.append({"oid": curve.oid, "reason": skip.reason, "detail": skip.detail})
-    results = interpolate(preps) if preps else []
+    results = (interpolator or interpolate)(preps) if preps else []
     xs, rows = [], []
     for prep, res in zip(preps, results):
         try:
@@ -275,6 +278,13 @@ def tensorize_curves(curves: Sequence[Curve], grid_days: int = 100, fit_context_
     return Tensors(x=x, rows=rows, skipped=skipped)
 
 
+def band_index(bands: pd.Series) -> np.ndarray:
+    """``g``/``r`` -> 0/1, anything else -> -1 (vectorised: each distinct value is looked up once)."""
+    codes, names = pd.factorize(bands)
+    lookup = np.array([BAND_INDEX.get(b, -1) for b in names] + [-1], dtype=np.int64)  # code -1 (NaN) -> -1
+    return lookup[codes]
+
+
 def curves_from_detections(detections: pd.DataFrame) -> list[Curve]:
     """Contract detections (any number of objects) -> one Curve per oid, in oid order.
 
@@ -283,8 +293,7 @@ def curves_from_detections(detections: pd.DataFrame) -> list[Curve]:
         return []
     det = detections.assign(oid=detections["oid"].astype(str)).sort_values(["oid", "mjd", "band"], kind="mergesort")
     oid = det["oid"].to_numpy()
-    band = det["band"].map(BAND_INDEX).to_numpy()
-    band = np.where(pd.isna(band), -1, band).astype(np.int64)
+    band = band_index(det["band"])
     mjd, flux, err = (det[c].to_numpy(dtype=np.float64) for c in ("mjd", "flux", "flux_err"))
     starts = np.r_[0, np.flatnonzero(oid[1:] != oid[:-1]) + 1]
     ends = np.r_[starts[1:], len(oid)]
