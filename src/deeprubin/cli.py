@@ -455,6 +455,52 @@ def classify(
 
 
 @app.command()
+def consume(
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="A directory of alert packets (*.avro: ZTF "
+                                                                      "alerts or LSST alert packets). Without "
+                                                                      "it: the Kafka topic of alerts.kafka.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory (default "
+                                                                           "alerts.output_dir).")] = None,
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    model: Annotated[Optional[str], typer.Option(help="Model URI or local MLflow model path "
+                                                      "(default: classify.model_uri, the champion).")] = None,
+    max_alerts: Annotated[Optional[int], typer.Option(help="Stop after this many alerts.")] = None,
+    idle_timeout: Annotated[Optional[float], typer.Option(help="Kafka: stop after this many seconds without a "
+                                                               "message (default: run until Ctrl-C).")] = None,
+) -> None:
+    """Classify an alert stream, alert by alert: each packet updates its object's light curve, which is classified
+    as of that alert. One Parquet part per batch in OUTPUT/classifications; rejected alerts and malformed packets in
+    OUTPUT/rejections; a rerun (or Kafka re-delivery) never duplicates a row."""
+    from deeprubin import alerts
+
+    params = _load(params_path, [*(overrides or []), *([f"classify.model_uri={model}"] if model else [])])
+
+    def show(r) -> None:
+        err_console.print(f"\r{r.alerts_read} alerts, {r.classified} classified, {r.rejected} rejected, "
+                          f"{r.malformed} malformed, {r.objects_tracked} objects, {r.alerts_per_s:.0f} alerts/s",
+                          end="")
+
+    try:
+        result = alerts.run(params, directory=directory, output_dir=output, max_alerts=max_alerts,
+                            idle_timeout_s=idle_timeout, progress=show)
+    except (FileNotFoundError, ValueError, LookupError) as exc:
+        err_console.print(f"[bold red]consume failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    err_console.print()
+    r = result.report()
+    table = Table(title=f"{r['alerts_read']} alerts in {r['seconds']:.1f} s with {r['model_uri']}")
+    table.add_column("")
+    table.add_column("", justify="right")
+    for key in ("classified", "rejected", "malformed", "duplicates", "objects_tracked", "objects_evicted",
+                "parts_written", "alerts_per_s"):
+        table.add_row(key.replace("_", " "), str(r[key]))
+    console.print(table)
+    console.print(f"wrote {r['output_dir']}" + (" (interrupted: the batch in hand was written)"
+                                               if r["interrupted"] else ""))
+
+
+@app.command()
 def nightly(
     params_path: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,

@@ -228,7 +228,7 @@ def _pick(frame: pd.DataFrame, aliases: dict[str, tuple[str, ...]], name: str) -
     return None
 
 
-def _isdiffpos_sign(values: pd.Series) -> np.ndarray:
+def isdiffpos_sign(values: pd.Series) -> np.ndarray:
     """ALeRCE/ZTF isdiffpos ('t'/'f', 1/-1, True/False, '1'/'0') -> +1 / -1; unknown is +1."""
     text = values.astype(str).str.strip().str.lower()
     negative = text.isin({"f", "false", "-1", "-1.0", "0", "0.0", "n", "no"})
@@ -290,7 +290,7 @@ def map_detections(frame: pd.DataFrame, source: str, oid: str | None = None) -> 
         flux, flux_err = mag_to_flux(mag, mag_err)
         isdiffpos_col = _pick(frame, DETECTION_ALIASES, "isdiffpos")
         if isdiffpos_col is not None:
-            flux = flux * _isdiffpos_sign(frame[isdiffpos_col])
+            flux = flux * isdiffpos_sign(frame[isdiffpos_col])
     elif flux_col is not None:
         flux = pd.to_numeric(frame[flux_col], errors="coerce").astype(float).to_numpy()
         flux_err = pd.to_numeric(frame[_require(frame, DETECTION_ALIASES, "flux_err")], errors="coerce")

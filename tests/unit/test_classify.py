@@ -173,3 +173,28 @@ def test_classification_on_a_process_pool_equals_in_process(detections, model, t
     pool = clf.run_file(params, src, tmp_path / "pool.parquet", model=model, workers=2, min_rows_for_pool=0)
     a, b = (pd.read_parquet(r.output).drop(columns="classified_at") for r in (one, pool))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_classify_command_reads_alerce_csv_with_a_local_model_and_summarises(detections, tmp_path):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from deeprubin.cli import app
+    from tests.conftest import REPO
+
+    model_dir = tmp_path / "local-model"
+    example = np.zeros((2, 6, 100), dtype=np.float32)  # pt2, as training logs it (weight norm does not pickle)
+    mlflow.pytorch.save_model(served_tcn(), model_dir, pip_requirements=["torch"], serialization_format="pt2",
+                              input_example=example)
+    src = tmp_path / "alerce.csv"
+    _alerce_csv(detections).to_csv(src, index=False)
+    out = tmp_path / "out.parquet"
+    done = CliRunner().invoke(app, ["classify", "--input", str(src), "--output", str(out), "--model",
+                                    str(model_dir), "--params", str(REPO / "params.yaml")])
+    assert done.exit_code == 0, done.output
+    assert f"{detections['oid'].nunique()} objects classified" in done.output and "predicted class" in done.output
+    frame = pd.read_parquet(out)
+    assert (frame["model_name"] == "local-model").all() and (frame["model_version"] == "local").all()
+    bad = CliRunner().invoke(app, ["classify", "--input", str(tmp_path / "nope.csv"), "--output", str(out),
+                                   "--model", str(model_dir), "--params", str(REPO / "params.yaml")])
+    assert bad.exit_code == 1 and "nope.csv" in bad.output
