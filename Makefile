@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-slow bench realism install clean up down serve-flows
+.PHONY: run test test-slow bench bench-early realism install clean up down serve-flows
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ bench: install
 	$(BIN)/python bench/alerce_pull.py
 	$(BIN)/python bench/gp.py
 	$(BIN)/python bench/baseline_bts.py
+	$(BIN)/python bench/classify_throughput.py --memory 100000
+	$(BIN)/python bench/serve_latency.py
+
+# Early classification of the served model on the real BTS supernovae, alert by alert (needs a champion: make run).
+bench-early: install
+	$(BIN)/python bench/early_replay.py
 
 realism: install
 	$(BIN)/python bench/realism.py

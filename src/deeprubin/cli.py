@@ -500,6 +500,27 @@ def consume(
                                                if r["interrupted"] else ""))
 
 
+@app.command("serve-api")
+def serve_api(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default serve.host, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default serve.port; 0: a free one).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model URI or local MLflow model path "
+                                                      "(default: classify.model_uri, the champion).")] = None,
+) -> None:
+    """The HTTP classification API: POST /classify (light curves as JSON -> probabilities), GET /healthz,
+    GET /model, OpenAPI at /docs. Follows the champion alias: a new champion is served without a restart."""
+    from deeprubin import service
+
+    params = _load(params_path, [*(overrides or []), *([f"classify.model_uri={model}"] if model else [])])
+    try:
+        service.serve(params, host=host, port=port)
+    except service.ServiceError as exc:
+        err_console.print(f"[bold red]serve-api failed:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def nightly(
     params_path: ParamsOption = Path("params.yaml"),
