@@ -157,6 +157,9 @@ def start_service(workdir: Path, model_uri: str, tracking_uri: str, timeout_s: f
     from deeprubin.servers import free_port
 
     port = free_port()
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        # the service runs in workdir: a relative sqlite path must name this checkout's file
+        tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"
     (workdir / "params.yaml").write_text(json.dumps({"classify": {"model_uri": model_uri},
                                                      "train": {"tracking_uri": tracking_uri}}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}

@@ -23,6 +23,8 @@ How it is fast
 * The optimiser is batched: a coarse 5x4 grid in (log rho, log sigma), then 3 rounds of a 3x3 stencil around
   each curve's best point, a least-squares quadratic through it and a Newton step (50 likelihood evaluations per
   curve, all curves of a chunk in the same numpy calls). No per-object scipy calls.
+* A curve or two alone (the HTTP service, the alert consumer) gets the same likelihood by dense Cholesky
+  (:func:`dense_loglik`): the filter's per-time-step Python loop costs the same for one curve as for a thousand.
 * The prediction on the grid (and the leave-one-out residuals used for outlier clipping) is one dense float64
   solve per object at the fitted hyperparameters (N is small; the O(N^3) cost is paid once, not per evaluation).
 
@@ -288,9 +290,58 @@ def _pad(curves: list[_Curve]):
     return T, Y, E, B, O
 
 
+DENSE_MAX_POINTS = 200  # curves x padded length up to which the dense likelihood beats the Kalman filter
+
+
+def dense_loglik(t, y, e, b, obs, log_rho, log_sigma, correlation: float) -> np.ndarray:
+    """:func:`kalman_loglik` by dense Cholesky: equal to it to ~1e-12 relative, and 3-10x faster for one curve
+    (the Kalman filter's cost is a Python loop over time steps, paid whatever the batch; this is O(L^3) per
+    candidate in LAPACK). Inputs as :func:`kalman_loglik`, candidates (M, K).
+
+    One Cholesky per candidate gives both terms: of ``[[K, y], [y^T, c]]`` with ``c > y^T K^-1 y`` (true for
+    ``c = 1.01 sum(y_i^2 / e_i^2) + 1``, since ``K >= diag(e^2)``), the last pivot squared is ``c - y^T K^-1 y``
+    and the others give ``log|K|``. Padding steps get an identity row and y = 0: they add nothing."""
+    t, y, e, b, obs = (np.asarray(a, dtype=float) for a in (t, y, e, b, obs))
+    log_rho, log_sigma = np.asarray(log_rho, float), np.asarray(log_sigma, float)
+    squeeze = log_rho.ndim == 1
+    if squeeze:
+        log_rho, log_sigma = log_rho[:, None], log_sigma[:, None]
+    n, L = y.shape
+    k = log_rho.shape[1]
+    tau = np.abs(t[:, :, None] - t[:, None, :])
+    base = np.where(b[:, :, None] == b[:, None, :], 1.0, correlation) * (obs[:, :, None] * obs[:, None, :])
+    x = tau[:, None] * (np.sqrt(3.0) * np.exp(-log_rho))[:, :, None, None]
+    m = np.empty((n, k, L + 1, L + 1))
+    m[:, :, :L, :L] = (np.exp(2 * log_sigma)[:, :, None, None] * base[:, None]) * ((1.0 + x) * np.exp(-x))
+    idx = np.arange(L)
+    e2 = e * e * obs + (1.0 - obs)
+    m[:, :, idx, idx] += e2[:, None, :]
+    yo = y * obs
+    c = (yo * yo / e2).sum(axis=1) * 1.01 + 1.0
+    m[:, :, :L, L] = yo[:, None, :]
+    m[:, :, L, :L] = yo[:, None, :]
+    m[:, :, L, L] = c[:, None]
+    d = np.diagonal(np.linalg.cholesky(m), axis1=-2, axis2=-1)
+    ll = -0.5 * (c[:, None] - d[..., L] ** 2) - np.log(d[..., :L]).sum(axis=-1) \
+        - 0.5 * np.log(2 * np.pi) * obs.sum(axis=1)[:, None]
+    return ll[:, 0] if squeeze else ll
+
+
+def loglik(t, y, e, b, obs, log_rho, log_sigma, correlation: float) -> np.ndarray:
+    """The exact log-likelihood by whichever path is faster for this many points: dense for a curve or two (what
+    the HTTP service and the alert consumer see), the Kalman filter for a batch. A dense Cholesky that fails
+    (numerically not positive definite) falls back to the filter."""
+    if np.shape(y)[0] * np.shape(y)[1] <= DENSE_MAX_POINTS:
+        try:
+            return dense_loglik(t, y, e, b, obs, log_rho, log_sigma, correlation)
+        except np.linalg.LinAlgError:
+            pass
+    return kalman_loglik(t, y, e, b, obs, log_rho, log_sigma, correlation)
+
+
 def _objective(T, Y, E, B, O, lr, ls, settings: GPSettings) -> np.ndarray:
     """Log posterior (log-likelihood + optional log-normal prior on rho) for (n, K) candidates."""
-    ll = kalman_loglik(T, Y, E, B, O, lr, ls, settings.correlation)
+    ll = loglik(T, Y, E, B, O, lr, ls, settings.correlation)
     ll[~np.isfinite(ll)] = -np.inf
     if settings.rho_prior is not None:
         med, sd = settings.rho_prior
@@ -610,4 +661,4 @@ def interpolate_batch(curves: Sequence[tuple], *, settings: GPSettings = DEFAULT
 
 
 __all__ = ["BAND_ORDER", "GPInputError", "GPResult", "GPSettings", "DEFAULT_SETTINGS", "interpolate",
-           "interpolate_batch", "kalman_loglik", "dense_kernel", "matern32"]
+           "interpolate_batch", "kalman_loglik", "dense_loglik", "loglik", "dense_kernel", "matern32"]

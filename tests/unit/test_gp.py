@@ -66,6 +66,34 @@ def test_kalman_likelihood_matches_dense(c, rho, sigma):
     assert kal == pytest.approx(dense, rel=1e-10)
 
 
+@pytest.mark.parametrize("n,length", [(1, 12), (1, 140), (3, 40)])
+def test_dense_likelihood_equals_the_kalman_filter_with_padding_and_candidates(n, length):
+    rng = np.random.default_rng(n * 1000 + length)
+    t = np.sort(rng.uniform(0, 150, (n, length)), axis=1)
+    t[:, 5] = t[:, 4]  # a duplicate time
+    b = rng.integers(0, 2, (n, length)).astype(np.int8)
+    y, e = rng.normal(size=(n, length)), rng.uniform(0.01, 0.5, (n, length))
+    obs = np.ones((n, length))
+    obs[0, -4:] = 0.0  # padding of the first curve
+    t[0, -4:] = t[0, -5]
+    lr, ls = rng.uniform(0.0, 6.9, (n, 9)), rng.uniform(-4.6, 2.3, (n, 9))  # the fit's bounds
+    for c in (0.0, 0.9):
+        kal = gp.kalman_loglik(t, y, e, b, obs, lr, ls, c)
+        np.testing.assert_allclose(gp.dense_loglik(t, y, e, b, obs, lr, ls, c), kal, rtol=1e-9)
+        np.testing.assert_allclose(gp.loglik(t, y, e, b, obs, lr, ls, c), kal, rtol=1e-9)
+
+
+def test_a_failed_dense_cholesky_falls_back_to_the_filter(monkeypatch):
+    def not_positive_definite(*a, **k):
+        raise np.linalg.LinAlgError("forced")
+
+    t, f, e, b = _curve(3, n=20)
+    args = (t[None], f[None] / 100, e[None] / 100, b[None], np.ones((1, len(t))), [3.0], [0.0], 0.9)
+    want = gp.kalman_loglik(*args)
+    monkeypatch.setattr(gp, "dense_loglik", not_positive_definite)
+    np.testing.assert_allclose(gp.loglik(*args), want)
+
+
 def test_kalman_padding_is_neutral():
     t, f, e, b = _curve(2, n=20)
     pad = 7
@@ -330,6 +358,7 @@ def test_failed_fit_falls_back_without_nan(monkeypatch):
         raise FloatingPointError("forced")
 
     monkeypatch.setattr(gp, "kalman_loglik", boom)
+    monkeypatch.setattr(gp, "dense_loglik", boom)
     t, f, e, b = _curve(12)
     res = interpolate_batch([(t, f, e, b, GRID), (t, f, e, b, GRID)])
     for r in res:
