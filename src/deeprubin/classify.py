@@ -14,9 +14,11 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,7 @@ class ServingModel:
     module: Any
     run_id: str | None = None
     device: str = "cpu"
+    local_path: str | None = None  # a local copy of the MLflow model: worker processes load it from there
 
     def to(self, device: str = "auto") -> "ServingModel":
         """Move the network to ``device`` (``auto``: cuda when available). A model that cannot move falls back to
@@ -66,14 +69,18 @@ class ServingModel:
         return self
 
     def predict_proba(self, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-        import torch
+        return _predict(self.module, x, batch, self.device, len(self.classes))
 
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(x), batch):
-                chunk = torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32)).to(self.device)
-                out.append(np.asarray(self.module(chunk).detach().cpu().numpy(), dtype=np.float64))
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+
+def _predict(module, x: np.ndarray, batch: int, device: str, n_classes: int) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            chunk = torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32)).to(device)
+            out.append(np.asarray(module(chunk).detach().cpu().numpy(), dtype=np.float64))
+    return np.concatenate(out) if out else np.zeros((0, n_classes))
 
 
 def _parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
@@ -113,9 +120,18 @@ def load_model(uri: str, tracking_uri: str, default_classes: Iterable[str] = CLA
     from deeprubin.tracking import using
 
     with using(tracking_uri):
-        module = mlflow.pytorch.load_model(uri)
+        if Path(uri).is_dir():
+            local = uri
+        else:  # one download, kept while the model lives: GP worker processes load the network from it
+            scratch = tempfile.mkdtemp(prefix="deeprubin-model-")
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
+        module = mlflow.pytorch.load_model(local)
     classes = tuple(tags["classes"].split(",")) if tags.get("classes") else tuple(default_classes)
-    return ServingModel(uri=uri, name=name, version=version, classes=classes, module=module, run_id=run_id)
+    model = ServingModel(uri=uri, name=name, version=version, classes=classes, module=module, run_id=run_id,
+                         local_path=str(local))
+    if local != uri:
+        weakref.finalize(model, shutil.rmtree, scratch, True)
+    return model
 
 
 def classify_curves(curves: list, model: ServingModel, grid_days: int = 100, fit_context_days: float = 100.0,
@@ -304,11 +320,44 @@ def _spill_partitions(path: Path) -> int:
     return max(1, math.ceil(Path(path).stat().st_size / SPILL_BYTES))
 
 
-class _Tensorizer:
-    """Runs :func:`_tensorize_job` in this process or on a process pool, keeping at most ``2 × workers`` batches in
-    flight (memory stays bounded) and returning results in input order."""
+_WORKER_MODEL: Any = None  # the network in a worker process (see _Tensorizer)
 
-    def __init__(self, workers: int):
+
+def _init_worker(model_path: str | None) -> None:
+    global _WORKER_MODEL
+    import torch
+
+    torch.set_num_threads(1)  # one process per core: more threads would only fight the other workers
+    if model_path:
+        exported = sorted(Path(model_path).rglob("model.pt2"))
+        if exported:  # what training logs: torch.export needs neither MLflow (seconds of imports) nor pickle
+            _WORKER_MODEL = torch.export.load(str(exported[0])).module()
+        else:
+            import mlflow.pytorch
+
+            _WORKER_MODEL = mlflow.pytorch.load_model(model_path)
+
+
+def _classify_job(job):
+    """GP, window and (when this worker holds the network) TCN of one batch: ``(Tensors, probabilities or None)``.
+    The tensors are dropped once classified: only probabilities travel back."""
+    t = _tensorize_job(job[:4])
+    if _WORKER_MODEL is None or not len(t.rows):
+        return t, None
+    proba = _predict(_WORKER_MODEL, t.x, len(t.x), "cpu", 0)
+    t.x = t.x[:0]
+    return t, proba
+
+
+class _Tensorizer:
+    """Runs the GP (:func:`_tensorize_job`) in this process or on a process pool, keeping at most ``2 × workers``
+    batches in flight (memory stays bounded) and returning results in input order.
+
+    With a pool and a CPU model that has a local copy, each worker also loads the network and runs the TCN on its
+    own batch (single-threaded), so the main process only reads, validates and writes: the TCN in the main process
+    fought the GP workers for the two cores. Results are ``(Tensors, probabilities or None)``."""
+
+    def __init__(self, workers: int, model: ServingModel | None = None):
         self.workers = workers
         self.pool = None
         if workers > 1:
@@ -317,17 +366,22 @@ class _Tensorizer:
 
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            if ctx.get_start_method() == "forkserver":
+                # Workers fork from a server that imported the GP path once (~1.3 s of imports per worker saved).
+                ctx.set_forkserver_preload(["deeprubin.classify", "deeprubin.stages.preprocess", "torch"])
+            shipped = model is not None and model.device == "cpu" and model.local_path is not None
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(model.local_path if shipped else None,))
 
     def map(self, jobs: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
-        """``(key, job)`` pairs -> ``(key, Tensors)`` in order."""
+        """``(key, job)`` pairs -> ``(key, (Tensors, probabilities or None))`` in order."""
         if self.pool is None:
             for key, job in jobs:
-                yield key, _tensorize_job(job)
+                yield key, (_tensorize_job(job), None)
             return
         inflight: deque = deque()
         for key, job in jobs:
-            inflight.append((key, self.pool.submit(_tensorize_job, job)))
+            inflight.append((key, self.pool.submit(_classify_job, job)))
             if len(inflight) >= 2 * self.workers:
                 k, fut = inflight.popleft()
                 yield k, fut.result()
@@ -415,19 +469,20 @@ def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params
         params.classify.batch_size
     written = _Written(per_class=Counter())
     rows_done = 0
-    tensorizer = _Tensorizer(workers)
+    tensorizer = _Tensorizer(workers, model)
     writer = pq.ParquetWriter(tmp / "out.parquet", OUTPUT_SCHEMA)
     try:
         with open(tmp / "rejected.csv", "w", newline="") as side:
             pd.DataFrame(columns=REJECTION_COLUMNS).to_csv(side, index=False)
             jobs = ((b, (b.curves, grid, context, interpolator)) for b in batches)
-            for batch, t in tensorizer.map(jobs):
+            for batch, (t, proba) in tensorizer.map(jobs):
                 stamp = pd.Timestamp.now(tz="UTC")
                 rejected = [*batch.rejected, *t.skipped]
                 if rejected:
                     pd.DataFrame(rejected, columns=REJECTION_COLUMNS).to_csv(side, header=False, index=False)
                 if len(t.rows):
-                    frame = _rows(t, model.predict_proba(t.x, batch_size), model, _n_det(batch.curves), stamp)
+                    proba = model.predict_proba(t.x, batch_size) if proba is None else proba
+                    frame = _rows(t, proba, model, _n_det(batch.curves), stamp)
                     writer.write_table(pa.Table.from_pandas(frame[COLUMNS], schema=OUTPUT_SCHEMA,
                                                             preserve_index=False))
                     written.n_classified += len(frame)

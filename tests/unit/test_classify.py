@@ -165,27 +165,46 @@ def test_missing_or_unknown_input_is_a_clear_error(model, params, tmp_path):
         clf.run_file(params, tmp_path / "x.json", tmp_path / "o.parquet", model=model)
 
 
-def test_classification_on_a_process_pool_equals_in_process(detections, model, tmp_path):
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A local MLflow model directory holding a pt2 TCN, as training logs it (weight norm does not pickle)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("model") / "local-model"
+    example = np.zeros((2, 6, 100), dtype=np.float32)
+    mlflow.pytorch.save_model(served_tcn(), path, pip_requirements=["torch"], serialization_format="pt2",
+                              input_example=example)
+    return path
+
+
+def test_classification_on_a_process_pool_equals_in_process(detections, model, model_dir, tmp_path):
     src = tmp_path / "in.parquet"
     detections.to_parquet(src, index=False)
     params = load_params(None, ["classify.batch_size=8"])
-    one = clf.run_file(params, src, tmp_path / "one.parquet", model=model, workers=1)
-    pool = clf.run_file(params, src, tmp_path / "pool.parquet", model=model, workers=2, min_rows_for_pool=0)
-    a, b = (pd.read_parquet(r.output).drop(columns="classified_at") for r in (one, pool))
-    pd.testing.assert_frame_equal(a, b)
+    # model: an in-memory network, run by the main process; logged: workers load it from disk and run it too
+    logged = clf.load_model(str(model_dir), "sqlite:///unused.db")
+    assert logged.local_path == str(model_dir)
+    for m in (model, logged):
+        one = clf.run_file(params, src, tmp_path / "one.parquet", model=m, workers=1)
+        pool = clf.run_file(params, src, tmp_path / "pool.parquet", model=m, workers=2, min_rows_for_pool=0)
+        a, b = (pd.read_parquet(r.output).drop(columns="classified_at") for r in (one, pool))
+        pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+    from deeprubin.stages.preprocess import curves_from_detections
+
+    pool = clf._Tensorizer(2, logged)  # the logged network runs in the workers: only probabilities come back
+    try:
+        [(_, (t, proba))] = list(pool.map([(0, (curves_from_detections(detections)[:5], 100, 100.0, None))]))
+    finally:
+        pool.close()
+    assert proba is not None and proba.shape == (len(t.rows), len(CLASSES)) and len(t.x) == 0
 
 
-def test_classify_command_reads_alerce_csv_with_a_local_model_and_summarises(detections, tmp_path):
-    import mlflow
+def test_classify_command_reads_alerce_csv_with_a_local_model_and_summarises(detections, model_dir, tmp_path):
     from typer.testing import CliRunner
 
     from deeprubin.cli import app
     from tests.conftest import REPO
 
-    model_dir = tmp_path / "local-model"
-    example = np.zeros((2, 6, 100), dtype=np.float32)  # pt2, as training logs it (weight norm does not pickle)
-    mlflow.pytorch.save_model(served_tcn(), model_dir, pip_requirements=["torch"], serialization_format="pt2",
-                              input_example=example)
     src = tmp_path / "alerce.csv"
     _alerce_csv(detections).to_csv(src, index=False)
     out = tmp_path / "out.parquet"
