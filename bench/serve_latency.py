@@ -70,35 +70,12 @@ def percentiles(ms: np.ndarray) -> dict[str, float]:
 
 def register_untrained(directory: Path) -> tuple[str, str]:
     """An untrained TCN of the training shape, logged and registered like training does; (model_uri, tracking_uri)."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    from deeprubin.config import TrainParams
-    from deeprubin.models.tcn import TCN
     from deeprubin.schema import CLASSES
-    from deeprubin.stages.preprocess import CHANNELS
-    from deeprubin.stages.train import ProbabilityTCN, pip_requirements
-    from deeprubin.tracking import using
+    from deeprubin.stages.train import log_and_register, untrained_served_model
 
-    tp = TrainParams()
-    torch.manual_seed(0)
-    model = ProbabilityTCN(TCN(n_channels=len(CHANNELS), n_classes=len(CLASSES), hidden=tp.hidden,
-                               kernel_size=tp.kernel_size, levels=tp.levels, dropout=tp.dropout)).eval()
     uri = f"sqlite:///{directory / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    client.create_experiment("bench-serve", artifact_location=(directory / "artifacts").as_uri())
-    example = np.random.default_rng(0).normal(size=(2, len(CHANNELS), 100)).astype(np.float32)
-    with torch.no_grad():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    with using(uri):
-        mlflow.set_experiment("bench-serve")
-        with mlflow.start_run():
-            info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                            pip_requirements=pip_requirements(), serialization_format="pt2")
-        version = str(mlflow.register_model(info.model_uri, "deeprubin-tcn").version)
-    client.set_model_version_tag("deeprubin-tcn", version, "classes", ",".join(CLASSES))
-    client.set_registered_model_alias("deeprubin-tcn", "champion", version)
+    log_and_register(untrained_served_model(), uri, "deeprubin-tcn", CLASSES, alias="champion",
+                     experiment="bench-serve", artifact_location=(directory / "artifacts").as_uri())
     return DEFAULT_MODEL, uri
 
 

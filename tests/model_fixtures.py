@@ -5,50 +5,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from deeprubin.schema import CLASSES
 
 
 def served_tcn(seed: int = 0, hidden: int = 8, levels: int = 3):
-    import torch
+    """A small network (fast in tests) in the served form."""
+    from deeprubin.config import TrainParams
+    from deeprubin.stages.train import untrained_served_model
 
-    from deeprubin.models.tcn import TCN
-    from deeprubin.stages.preprocess import CHANNELS
-    from deeprubin.stages.train import ProbabilityTCN
-
-    torch.manual_seed(seed)
-    return ProbabilityTCN(TCN(n_channels=len(CHANNELS), n_classes=len(CLASSES), hidden=hidden, levels=levels,
-                              dropout=0.0)).eval()
+    return untrained_served_model(TrainParams(hidden=hidden, levels=levels, dropout=0.0), seed, len(CLASSES))
 
 
 def register_tcn(tracking_uri: str, name: str = "deeprubin-tcn", seed: int = 0, alias: str | None = "champion",
                  classes: tuple[str, ...] = CLASSES) -> str:
     """Log an untrained TCN to ``tracking_uri``, register it as a version of ``name``, point ``alias`` at it;
     returns the version."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
+    from deeprubin.stages.train import log_and_register
 
-    from deeprubin.stages.preprocess import CHANNELS
-    from deeprubin.stages.train import pip_requirements
-    from deeprubin.tracking import using
-
-    model = served_tcn(seed)
-    example = np.random.default_rng(seed).normal(size=(2, len(CHANNELS), 100)).astype(np.float32)
-    with torch.no_grad():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    with using(tracking_uri):
-        mlflow.set_experiment("test-models")
-        with mlflow.start_run():
-            info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                            pip_requirements=pip_requirements(), serialization_format="pt2")
-        version = str(mlflow.register_model(info.model_uri, name).version)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    client.set_model_version_tag(name, version, "classes", ",".join(classes))
-    if alias:
-        client.set_registered_model_alias(name, alias, version)
-    return version
+    return log_and_register(served_tcn(seed), tracking_uri, name, classes, alias=alias, experiment="test-models")
 
 
 def sqlite_uri(directory: Path) -> str:

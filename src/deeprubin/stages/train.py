@@ -97,6 +97,47 @@ class ProbabilityTCN(nn.Module):
         return torch.softmax(self.tcn(x), dim=1)
 
 
+def untrained_served_model(params: TrainParams | None = None, seed: int = 0, n_classes: int = 4) -> ProbabilityTCN:
+    """A freshly initialised network of the configured shape, in the served form: benchmarks of speed (which does
+    not depend on the weights) and tests that need a real model in a registry, not a good one."""
+    from deeprubin.models.tcn import TCN
+    from deeprubin.stages.preprocess import CHANNELS
+
+    p = params or TrainParams()
+    torch.manual_seed(seed)
+    return ProbabilityTCN(TCN(n_channels=len(CHANNELS), n_classes=n_classes, hidden=p.hidden,
+                              kernel_size=p.kernel_size, levels=p.levels, dropout=p.dropout)).eval()
+
+
+def log_and_register(model: nn.Module, tracking_uri: str, name: str, classes: Sequence[str],
+                     alias: str | None = None, experiment: str = "served-models",
+                     artifact_location: str | None = None) -> str:
+    """Log ``model`` as training does (pt2, signature, input example, pinned requirements), register it as a
+    version of ``name`` with its ``classes`` tag, and point ``alias`` at it. Returns the version."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from deeprubin.stages.preprocess import CHANNELS
+    from deeprubin.tracking import using
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=artifact_location)
+    example = np.random.default_rng(0).normal(size=(2, len(CHANNELS), 100)).astype(np.float32)
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    with using(tracking_uri):
+        with mlflow.start_run(experiment_id=experiment_id):
+            info = mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=signature, input_example=example,
+                                            pip_requirements=pip_requirements(), serialization_format="pt2")
+        version = str(mlflow.register_model(info.model_uri, name).version)
+    client.set_model_version_tag(name, version, "classes", ",".join(classes))
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return version
+
+
 def git_commit(cwd: Path | None = None) -> str:
     """``git rev-parse HEAD`` (with ``-dirty`` when tracked files changed), or ``unknown`` outside git."""
     try:
