@@ -321,6 +321,8 @@ def _spill_partitions(path: Path) -> int:
 
 
 _WORKER_MODEL: Any = None  # the network in a worker process (see _Tensorizer)
+WORKER_PRELOAD = ["deeprubin.classify", "deeprubin.stages.preprocess", "threadpoolctl", "torch",
+                  "torch.export.pt2_archive._package", "torch._export.serde.serialize"]
 
 
 def _init_worker(model_path: str | None) -> None:
@@ -367,8 +369,9 @@ class _Tensorizer:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
             if ctx.get_start_method() == "forkserver":
-                # Workers fork from a server that imported the GP path once (~1.3 s of imports per worker saved).
-                ctx.set_forkserver_preload(["deeprubin.classify", "deeprubin.stages.preprocess", "torch"])
+                # Workers fork from a server that imported the GP path, torch and torch.export's loader once
+                # (~5 s of imports per worker otherwise; a module missing from this torch is skipped).
+                ctx.set_forkserver_preload(WORKER_PRELOAD)
             shipped = model is not None and model.device == "cpu" and model.local_path is not None
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                             initargs=(model.local_path if shipped else None,))
