@@ -182,7 +182,7 @@ def test_classification_on_a_process_pool_equals_in_process(detections, model, m
     detections.to_parquet(src, index=False)
     params = load_params(None, ["classify.batch_size=8"])
     # model: an in-memory network, run by the main process; logged: workers load it from disk and run it too
-    logged = clf.load_model(str(model_dir), "sqlite:///unused.db")
+    logged = clf.load_model(str(model_dir), f"sqlite:///{tmp_path}/unused.db")  # a local path: no registry read
     assert logged.local_path == str(model_dir)
     for m in (model, logged):
         one = clf.run_file(params, src, tmp_path / "one.parquet", model=m, workers=1)
