@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -130,43 +129,16 @@ def to_curve(lc: dict):
 
 # --- the service ---------------------------------------------------------------------------------------------------
 
-def start_service(workdir: Path, model_uri: str, tracking_uri: str, timeout_s: float = 180):
-    from deeprubin.servers import free_port
+def service_spec(workdir: Path, model_uri: str, tracking_uri: str):
+    """The real service (`deeprubin serve-api`) on a free loopback port, serving ``model_uri``."""
+    from deeprubin import servers
 
-    port = free_port()
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
         # the service runs in workdir: a relative sqlite path must name this checkout's file
         tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"
     (workdir / "params.yaml").write_text(json.dumps({"classify": {"model_uri": model_uri},
                                                      "train": {"tracking_uri": tracking_uri}}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    with open(workdir / "service.log", "wb") as log:  # the child keeps its own handle
-        proc = subprocess.Popen([sys.executable, "-m", "deeprubin.cli", "serve-api", "--params",
-                                 str(workdir / "params.yaml"), "--port", str(port)], cwd=workdir,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the service exited ({proc.returncode}):\n{(workdir / 'service.log').read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2, trust_env=False).status_code == 200:
-                return proc, url, time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - t0 > timeout_s:
-            proc.kill()
-            raise SystemExit(f"the service was not healthy within {timeout_s:g} s")
-        time.sleep(0.2)
-
-
-def stop_service(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return servers.service_spec(workdir / "params.yaml", workdir, port=servers.free_port())
 
 
 def main() -> None:
@@ -184,6 +156,7 @@ def main() -> None:
 
     from deeprubin.classify import classify_curves
     from deeprubin.schema import CLASSES
+    from deeprubin import servers
     from deeprubin.service import default_torch_threads
 
     print(f"machine: {machine()}")
@@ -202,8 +175,8 @@ def main() -> None:
         threads = default_torch_threads()
         torch.set_num_threads(threads)  # as the service does
 
-        proc, url, startup_s = start_service(scratch, model_uri, tracking_uri)
-        try:
+        with servers.running(service_spec(scratch, model_uri, tracking_uri), scratch) as record:
+            url, startup_s = record["url"], record["startup_s"]
             print(f"service: {url} (subprocess uvicorn, started and model loaded in {startup_s:.1f} s); "
                   f"torch threads {threads} in both")
             headers = {"content-type": "application/json"}
@@ -230,8 +203,6 @@ def main() -> None:
                     local_ms[i], http_ms[i] = (t1 - t0) * 1e3, (t2 - t1) * 1e3
                     server_ms[i] = float(r.headers["server-timing"].split("dur=")[1])
                 wall = time.perf_counter() - t_all
-        finally:
-            stop_service(proc)
 
     h, b, srv, over = (percentiles(x) for x in (http_ms, local_ms, server_ms, http_ms - server_ms))
     print(f"\n{args.requests} single-alert requests, sequential, one keep-alive connection "

@@ -116,6 +116,16 @@ def mlflow_spec(state_dir: Path | str = STATE_DIR, host: str = HOST, port: int =
                       dirs=(str(root), str(root / "artifacts")))
 
 
+def service_spec(params_path: Path | str, state_dir: Path | str = STATE_DIR, host: str = HOST, port: int = 8000,
+                 overrides: Iterable[str] = ()) -> ServerSpec:
+    """``deeprubin serve-api`` (the HTTP classification service) with the configuration ``params_path``."""
+    base = f"http://{host}:{port}"
+    cmd = [_executable("deeprubin"), "serve-api", "--params", str(Path(params_path).absolute()), "--host", host,
+           "--port", str(port), *[a for o in overrides for a in ("--set", o)]]
+    return ServerSpec(name="serve-api", cmd=cmd, env=dict(_QUIET_ENV), url=base, health_url=f"{base}/healthz",
+                      ui_url=f"{base}/docs", port=port, host=host, dirs=(str(Path(state_dir).absolute()),))
+
+
 _SPECS = {"prefect": prefect_spec, "mlflow": mlflow_spec}
 
 

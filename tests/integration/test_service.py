@@ -288,6 +288,16 @@ def test_bound_to_loopback_by_default(service):
     assert listening and all(a.ip == "127.0.0.1" and a.port == service["port"] for a in listening)
 
 
+def test_the_service_runs_as_a_managed_background_server(registry, tmp_path):
+    spec = servers.service_spec(registry["root"] / "params.yaml", tmp_path, port=servers.free_port())
+    with servers.running(spec, tmp_path) as record:
+        assert record["host"] == "127.0.0.1" and record["startup_s"] > 0
+        with httpx.Client(base_url=record["url"], trust_env=False, timeout=30) as client:
+            assert client.get("/healthz").json()["status"] == "ok"
+            assert client.get("/model").json()["version"] == registry["version"]
+    assert not any(s["alive"] for s in servers.status(tmp_path)) and not servers._healthy(spec.health_url)
+
+
 def test_champion_pointing_nowhere_is_a_clear_startup_error(failed_start):
     proc, log = failed_start
     assert proc.wait(180) == 1
