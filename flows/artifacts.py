@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import CLASSIFICATION_ARTIFACT, EVALUATION_ARTIFACT, PROMOTION_ARTIFACT, PULL_ARTIFACT
+from deeprubin_flows.common import CLASSIFICATION_ARTIFACT, EVALUATION_ARTIFACT, PROMOTION_ARTIFACT, PULL_ARTIFACT
 
 
 def pull_table(pulled: dict[str, Any], night: str) -> None:

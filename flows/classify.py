@@ -7,8 +7,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows import tasks
-from flows.common import load
+from deeprubin_flows import tasks
+from deeprubin_flows.common import load
 
 
 @flow(name="classify", log_prints=True)

@@ -13,8 +13,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows import artifacts, tasks
-from flows.common import configured, data_lock, load
+from deeprubin.retraining import should_retrain
+from deeprubin_flows import artifacts, tasks
+from deeprubin_flows.common import configured, data_lock, load
 
 
 @flow(name="nightly", log_prints=True)
@@ -33,7 +34,7 @@ def nightly(params_path: str = "params.yaml", overrides: list[str] | None = None
         out["preprocess"] = configured(tasks.preprocess, params)(params)
         out["data_version"] = configured(tasks.version_data, params)(params, ["ingest", "preprocess"])
 
-        retrain, why = tasks.should_retrain(params, force_retrain)
+        retrain, why = should_retrain(params, force_retrain)
         logger.info("retraining: %s (%s)", retrain, why)
         out["retrain"] = {"retrain": retrain, "reason": why}
         if retrain:

@@ -6,8 +6,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows import artifacts, tasks
-from flows.common import configured, load
+from deeprubin_flows import artifacts, tasks
+from deeprubin_flows.common import configured, load
 
 
 @flow(name="promote", log_prints=True)

@@ -1,6 +1,6 @@
 """Deployments of the flows with their schedules from params.yaml.
 
-``deeprubin serve-flows`` (or ``python -m flows.serve``) serves them from this process: Prefect runs each scheduled
+``deeprubin serve-flows`` (or ``python -m deeprubin_flows.serve``) serves them from this process: Prefect runs each scheduled
 or UI-triggered run here; stopping the process leaves the schedules active (``pause_on_shutdown=False``), so a
 restarted server picks up where it left. ``--work-pool NAME`` instead registers them on a work pool, for the
 Prefect worker of infra/docker-compose.yml. ``prefect deployment ls`` lists them either way.
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from deeprubin.config import Params, ScheduleParams
-from flows.common import load
+from deeprubin_flows.common import load
 
 TAGS = ["deeprubin"]
 
@@ -25,10 +25,10 @@ def _schedules(schedule: ScheduleParams | None) -> list[Any] | None:
 
 def _specs(params: Params, params_path: str) -> list[dict[str, Any]]:
     """(flow, deployment options) for every deployment; only one nightly or train run at a time."""
-    from flows.classify import classify
-    from flows.nightly import nightly
-    from flows.promote import promote, rollback
-    from flows.train import train
+    from deeprubin_flows.classify import classify
+    from deeprubin_flows.nightly import nightly
+    from deeprubin_flows.promote import promote, rollback
+    from deeprubin_flows.train import train
 
     common = {"parameters": {"params_path": params_path}, "tags": TAGS}
     return [

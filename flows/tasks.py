@@ -1,21 +1,21 @@
 """Prefect tasks: each calls one stage's ``run()`` and returns a small JSON-able summary.
 
 A task shares its name with its stage (and DVC stage). Retries, backoff, the retry condition and the timeout are
-applied per run from ``params.flows`` (:func:`flows.common.configured`).
+applied per run from ``params.flows`` (:func:`deeprubin_flows.common.configured`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from prefect import get_run_logger, task
 
 from deeprubin.config import Params
-from flows import artifacts
-from flows.common import ClientError, TransientError, configured
+from deeprubin.processed import fingerprints
+from deeprubin.store import RawStore
+from deeprubin_flows import artifacts
+from deeprubin_flows.common import ClientError, TransientError, configured
 
 
 def _changed_oids(before: dict[str, str], after: dict[str, str]) -> list[str]:
@@ -23,9 +23,6 @@ def _changed_oids(before: dict[str, str], after: dict[str, str]) -> list[str]:
 
 
 def _fingerprints(raw_dir: Path) -> dict[str, str]:
-    from deeprubin.stages.preprocess import fingerprints
-    from deeprubin.store import RawStore
-
     det = RawStore(raw_dir).read().detections
     return fingerprints(det) if len(det) else {}
 
@@ -41,7 +38,7 @@ def ingest(params: Params) -> dict[str, Any]:
 
     raw_dir = Path(params.ingest.raw_dir)
     before = _fingerprints(raw_dir)
-    result = stage.run(params.ingest, stage.IngestPaths.from_params(params.ingest), base=params.base)
+    result = stage.run(params, stage.IngestPaths.from_params(params))
     per_class = result.per_class or {}
     broken = {c: pc["failures"] for c, pc in per_class.items() if not pc.get("listing_complete", True)}
     if broken:
@@ -70,7 +67,7 @@ def ingest(params: Params) -> dict[str, Any]:
 def preprocess(params: Params) -> dict[str, Any]:
     from deeprubin.stages import preprocess as stage
 
-    result = stage.run(params.preprocess, stage.PreprocessPaths.from_params(params), base=params.base)
+    result = stage.run(params, stage.PreprocessPaths.from_params(params))
     return result.report()
 
 
@@ -87,11 +84,9 @@ def version_data(params: Params, stages: list[str]) -> dict[str, Any]:
 
 @task(name="train")
 def train(params: Params) -> dict[str, Any]:
-    from deeprubin.realset import holdout_oids
     from deeprubin.stages import train as stage
 
-    result = stage.run(params.train, stage.TrainPaths.from_params(params), base=params.base,
-                       holdout=holdout_oids(params.evaluate.real, params.base))
+    result = stage.run(params, stage.TrainPaths.from_params(params))
     return {"run_id": result.run_id, "model_uri": result.model_uri, "best_val_macro_f1": result.best_val_macro_f1,
             "epochs": result.epochs, "split_sizes": result.split_sizes, "data_hash": result.data_hash}
 
@@ -115,21 +110,21 @@ def evaluate(params: Params) -> dict[str, Any]:
 def register(params: Params) -> dict[str, Any]:
     from deeprubin.stages import register as stage
 
-    return stage.run(params)
+    return stage.run(params, stage.RegisterPaths.from_params(params))
 
 
 @task(name="promote")
 def promote(params: Params, version: str | None = None) -> dict[str, Any]:
     from deeprubin.stages import promote as stage
 
-    return stage.run(params, version=version).report()
+    return stage.run(params, stage.PromotePaths.from_params(params), version=version).report()
 
 
 @task(name="rollback")
 def rollback(params: Params) -> dict[str, Any]:
     from deeprubin.registry import Registry, rollback as roll_back
 
-    return roll_back(Registry(params.train.tracking_uri, params.promote.registered_model),
+    return roll_back(Registry(params.train.tracking_uri, params.base.model_name),
                      params.promote.lock_timeout_s)
 
 
@@ -137,37 +132,13 @@ def rollback(params: Params) -> dict[str, Any]:
 def classify(params: Params, oids: list[str] | None, output: str) -> dict[str, Any]:
     """Classify ``oids`` (all stored objects when None) from data/raw with the serving model; the night's file is
     upserted by oid, so a rerun of the night replaces its rows and never duplicates them."""
-    from deeprubin import classify as clf
+    from deeprubin.serving import classify as clf
     from deeprubin.store import RawStore
 
     det = RawStore(Path(params.ingest.raw_dir)).read().detections
     if oids is not None:
         det = det.loc[det["oid"].astype(str).isin(set(oids))]
     return clf.run(params, det.reset_index(drop=True), Path(output), upsert=True).report()
-
-
-def should_retrain(params: Params, force: bool = False) -> tuple[bool, str]:
-    """Retrain when forced, when no model was trained yet, when the registry has no champion, or when at least
-    ``flows.retrain_min_new_labelled`` labelled objects arrived since the last training."""
-    from deeprubin.registry import CHAMPION, Registry
-    from deeprubin.stages.train import REPORT
-
-    if force:
-        return True, "retraining forced"
-    report_path = Path(params.train.model_dir) / REPORT
-    if not report_path.exists():
-        return True, "no model trained yet"
-    if Registry(params.train.tracking_uri, params.promote.registered_model).alias(CHAMPION) is None:
-        return True, f"the registry at {params.train.tracking_uri} has no champion"
-    report = json.loads(report_path.read_text())
-    then = int(report.get("extra", {}).get("tags", {}).get("n_labelled_objects")
-               or sum(report.get("split_sizes", {}).values()))
-    index = pd.read_parquet(Path(params.preprocess.processed_dir) / "index.parquet", columns=["oid", "label"])
-    now = int(index.loc[index["label"].isin(params.base.classes), "oid"].nunique())
-    new, need = now - then, params.flows.retrain_min_new_labelled
-    if new >= need:
-        return True, f"{new} labelled objects arrived since the last training (threshold {need})"
-    return False, f"only {new} new labelled objects since the last training (threshold {need})"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows import tasks
-from flows.common import configured, data_lock, load
+from deeprubin_flows import tasks
+from deeprubin_flows.common import configured, data_lock, load
 
 
 @flow(name="train", log_prints=True)

@@ -123,10 +123,9 @@ def ingest(
         if value is not None:
             extra.append(f"ingest.{key}={value}")
     params = _load(params_path, extra)
-    paths = stage.IngestPaths.from_params(params.ingest)
+    paths = stage.IngestPaths.from_params(params)
 
-    result = _run_with_progress("ingest", lambda report: stage.run(params.ingest, paths, base=params.base,
-                                                                    progress=report))
+    result = _run_with_progress("ingest", lambda report: stage.run(params, paths, report))
     _print_ingest_summary(result)
 
 
@@ -217,8 +216,7 @@ def preprocess(
     params = _load(params_path, extra)
     paths = stage.PreprocessPaths.from_params(params)
 
-    result = _run_with_progress("preprocess", lambda report: stage.run(params.preprocess, paths, base=params.base,
-                                                                        progress=report), unit=" partitions")
+    result = _run_with_progress("preprocess", lambda report: stage.run(params, paths, report), unit=" partitions")
     _print_preprocess_summary(result)
 
 
@@ -265,6 +263,7 @@ def train(
 
       deeprubin train --max-epochs 5 --tracking-uri http://mlflow:5000
     """
+    from deeprubin.outputs import TRAIN_REPORT
     from deeprubin.stages import train as stage
 
     extra = list(overrides or [])
@@ -274,14 +273,8 @@ def train(
         if value is not None:
             extra.append(f"{key}={value}")
     params = _load(params_path, extra)
-    paths = stage.TrainPaths.from_params(params)
-
-    from deeprubin.realset import holdout_oids
-
-    holdout = holdout_oids(params.evaluate.real, params.base)
-    result = _run_with_progress("train", lambda report: stage.run(params.train, paths, base=params.base,
-                                                                   progress=report, holdout=holdout),
-                                unit=" epochs")
+    paths = stage.TrainPaths.from_params(params)  # the real set's held-out objects are never trained on
+    result = _run_with_progress("train", lambda report: stage.run(params, paths, report), unit=" epochs")
     console.print(f"[bold]train[/] {result.epochs} epoch(s) on {result.accelerator} in {result.seconds:.1f} s; "
                   f"best val macro-F1 {result.best_val_macro_f1:.3f}")
     console.print(f"objects train/val/test: {result.split_sizes['train']}/{result.split_sizes['val']}/"
@@ -289,7 +282,7 @@ def train(
     console.print(f"MLflow run {result.run_id} at {result.tracking_uri}; model {result.model_uri} "
                   "(`deeprubin register` registers it after `deeprubin evaluate`)")
     console.print(f"data {result.data_hash} ({result.data_hash_source}), commit {result.git_commit}")
-    console.print(f"checkpoint: {result.checkpoint}   report: {result.checkpoint.parent / stage.REPORT}")
+    console.print(f"checkpoint: {result.checkpoint}   report: {result.checkpoint.parent / TRAIN_REPORT}")
 
 
 @app.command()
@@ -359,14 +352,14 @@ def register(
     params_path: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
-    """Register the trained, evaluated model as a version of train.registered_model (idempotent).
+    """Register the trained, evaluated model as a version of base.model_name (idempotent).
 
     The version is tagged with the run, commit, data and params hashes and the headline evaluation numbers.
     """
     from deeprubin.stages import register as stage
 
     params = _load(params_path, overrides)
-    out = _run_with_progress("register", lambda _r: stage.run(params))
+    out = _run_with_progress("register", lambda r: stage.run(params, stage.RegisterPaths.from_params(params), r))
     verb = "registered" if out["new"] else "already registered"
     console.print(f"[bold]register[/] {verb} {out['model_uri']} (run {out['run_id']})"
                   + ("" if out["evaluated"] else "  [yellow]not evaluated: run `deeprubin evaluate` first[/]"))
@@ -388,7 +381,8 @@ def promote(
 
     params = _load(params_path, overrides)
     try:
-        decision = _run_with_progress("promote", lambda r: stage.run(params, version=version, progress=r))
+        decision = _run_with_progress("promote", lambda r: stage.run(params, stage.PromotePaths.from_params(params), r,
+                                                                          version=version))
     except (RegistryError, LookupError) as exc:
         err_console.print(f"[bold red]promote failed:[/] {exc}")
         raise typer.Exit(1) from None
@@ -408,7 +402,7 @@ def rollback(
 
     params = _load(params_path, overrides)
     try:
-        done = roll_back(Registry(params.train.tracking_uri, params.promote.registered_model),
+        done = roll_back(Registry(params.train.tracking_uri, params.base.model_name),
                          params.promote.lock_timeout_s)
     except RegistryError as exc:
         err_console.print(f"[bold red]rollback failed:[/] {exc}")
@@ -428,7 +422,7 @@ def classify(
 ) -> None:
     """Classify every object of a detections file with the serving model; rejected objects go to
     OUTPUT.rejected.csv with their reasons."""
-    from deeprubin import classify as clf
+    from deeprubin.serving import classify as clf
     from deeprubin.schema import SchemaError
 
     params = _load(params_path, [*(overrides or []), *([f"classify.model_uri={model}"] if model else [])])
@@ -472,7 +466,7 @@ def consume(
     """Classify an alert stream, alert by alert: each packet updates its object's light curve, which is classified
     as of that alert. One Parquet part per batch in OUTPUT/classifications; rejected alerts and malformed packets in
     OUTPUT/rejections; a rerun (or Kafka re-delivery) never duplicates a row."""
-    from deeprubin import alerts
+    from deeprubin.serving import alerts
 
     params = _load(params_path, [*(overrides or []), *([f"classify.model_uri={model}"] if model else [])])
 
@@ -511,7 +505,7 @@ def serve_api(
 ) -> None:
     """The HTTP classification API: POST /classify (light curves as JSON -> probabilities), GET /healthz,
     GET /model, OpenAPI at /docs. Follows the champion alias: a new champion is served without a restart."""
-    from deeprubin import service
+    from deeprubin.serving import service
 
     params = _load(params_path, [*(overrides or []), *([f"classify.model_uri={model}"] if model else [])])
     try:
@@ -531,7 +525,7 @@ def nightly(
     """Run the nightly Prefect flow now: pull, preprocess, version with DVC, retrain when enough new labels arrived,
     evaluate, register, promote, classify. Embedded by default; set PREFECT_API_URL and MLFLOW_TRACKING_URI to use
     servers (`deeprubin up`)."""
-    from flows.nightly import nightly as nightly_flow
+    from deeprubin_flows.nightly import nightly as nightly_flow
 
     _load(params_path, overrides)  # a bad configuration fails here, with every bad key named
     out = nightly_flow(params_path=str(params_path), overrides=list(overrides or []), force_retrain=force_retrain,
@@ -554,7 +548,7 @@ def serve_flows(
                                                           "Prefect worker) instead of serving them here.")] = None,
 ) -> None:
     """Serve the flows' deployments with their cron schedules (flows.nightly, flows.train) until interrupted."""
-    from flows.serve import deploy_to_pool, serve_flows as serve
+    from deeprubin_flows.serve import deploy_to_pool, serve_flows as serve
 
     params = _load(params_path, overrides)
     if work_pool:
@@ -633,7 +627,7 @@ def plot(
     ] = None,
 ) -> None:
     """Plot an object's detections, upper limits, and GP mean with its ±1σ band over the model's window (PNG)."""
-    from deeprubin.plots import plot_object
+    from deeprubin.evaluation.figures import plot_object
     from deeprubin.store import RawStore
 
     extra = list(overrides or [])

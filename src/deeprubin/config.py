@@ -33,6 +33,8 @@ class BaseParams(Section):
     seed: int = Field(42, description="Seed for everything random (simulation, splits, training).")
     classes: list[str] = Field(default_factory=lambda: list(CLASSES), description="Target classes, in label order.")
     data_dir: Path = Field(Path("data"), description="Root of DVC-tracked data.")
+    model_name: str = Field("deeprubin-tcn", description="The registered model: training versions it under this "
+                                                         "name, promotion manages its aliases, serving loads it.")
 
     @field_validator("classes")
     @classmethod
@@ -180,7 +182,6 @@ class TrainParams(Section):
     experiment: str = Field("deeprubin", description="MLflow experiment name.")
     artifact_location: str | None = Field(
         None, description="Artifact root of a new experiment; null: MLflow's default (local, beside the cwd).")
-    registered_model: str = Field("deeprubin-tcn", description="Registry name the trained model is versioned under.")
     model_dir: Path = Field(Path("models"), description="DVC-tracked outputs: tcn.ckpt, train.json, forest.joblib.")
     truncations: int = Field(
         4, ge=0, description="Early-classification augmentation: copies of each training object cut at random times "
@@ -234,7 +235,6 @@ class EvaluateParams(Section):
 class PromoteParams(Section):
     """Champion/challenger promotion in the MLflow registry (registry.py, stages/promote.py)."""
 
-    registered_model: str = Field("deeprubin-tcn", description="Registered model whose aliases are managed.")
     metric: Literal["macro_f1", "balanced_accuracy"] = Field(
         "macro_f1", description="Metric the challenger must beat the champion on.")
     evaluation_set: str = Field(
@@ -251,7 +251,9 @@ class PromoteParams(Section):
 class ClassifyParams(Section):
     """Classification of new objects with the serving model (classify.py)."""
 
-    model_uri: str = Field("models:/deeprubin-tcn@champion", description="Model URI, or a local MLflow model path.")
+    model_uri: str | None = Field(
+        None, description="Model URI (models:/name@alias, models:/name/3) or a local MLflow model path; null: the "
+                          "champion of base.model_name.")
     batch_size: int = Field(1024, ge=1, description="Objects per batch (GP, TCN, write).")
     output_dir: Path = Field(Path("data/classifications"),
                              description="Nightly results: one Parquet file per night, replaced when rerun.")
@@ -358,6 +360,10 @@ class Params(Section):
     alerts: AlertsParams = Field(default_factory=AlertsParams)
     serve: ServeParams = Field(default_factory=ServeParams)
     flows: FlowsParams = Field(default_factory=FlowsParams)
+
+    def model_uri(self) -> str:
+        """The model that classifies: ``classify.model_uri``, else ``models:/<base.model_name>@champion``."""
+        return self.classify.model_uri or f"models:/{self.base.model_name}@champion"
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

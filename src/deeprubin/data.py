@@ -1,4 +1,4 @@
-"""Training data: the processed tensors (:func:`deeprubin.stages.preprocess.load_processed`) as a
+"""Training data: the processed tensors (:func:`deeprubin.processed.load_processed`) as a
 LightningDataModule, with a stratified split by object and class-imbalance handling.
 
 - Rows whose label is one of the configured ``classes`` are kept (labels are mapped through
@@ -33,7 +33,10 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Sampler, TensorDataset, WeightedRandomSampler
 
+from deeprubin.lightcurves.tensorize import curves_from_detections, cut_after_first, tensorize_curves
+from deeprubin.processed import load_processed, preprocessing_of
 from deeprubin.schema import CLASS_ALIASES, CLASSES
+from deeprubin.store import RawStore
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 Imbalance = Literal["none", "weights", "sampler", "both"]
@@ -108,22 +111,19 @@ def truncated_views(detections: pd.DataFrame, oids: Sequence[str], n_views: int,
 
     Cut days are drawn log-uniform in ``[min_days, span)`` (seeded per object, so the same object gets the same
     cuts in every run and process); an object spanning less than ``min_days`` gets none, and a cut the GP cannot
-    interpolate is left out. Tensors come from :func:`deeprubin.stages.preprocess.tensorize_curves`, the path
+    interpolate is left out. Tensors come from :func:`deeprubin.lightcurves.tensorize.tensorize_curves`, the path
     inference uses."""
-    from deeprubin.stages.preprocess import Curve, curves_from_detections, tensorize_curves
-
     wanted = set(map(str, oids))
     det = detections.loc[detections["oid"].astype(str).isin(wanted)]
     curves, owners, days = [], [], []
     for full in curves_from_detections(det):
         oid = full.oid
-        first, span = float(full.mjd.min()), float(full.mjd.max() - full.mjd.min())
+        span = float(full.mjd.max() - full.mjd.min())
         if n_views <= 0 or span <= min_days:
             continue
         rng = np.random.default_rng(_oid_seed(str(oid), seed))
         for k, cut in enumerate(np.exp(rng.uniform(np.log(min_days), np.log(span), size=n_views))):
-            keep = full.mjd <= first + cut
-            curves.append(Curve(f"{oid}#{k}", full.mjd[keep], full.band[keep], full.flux[keep], full.flux_err[keep]))
+            curves.append(cut_after_first(full, float(cut), oid=f"{oid}#{k}"))
             owners.append(str(oid))
             days.append(float(cut))
     tensors = tensorize_curves(curves, grid_days, fit_context_days)
@@ -232,8 +232,6 @@ class ProcessedDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
-        from deeprubin.stages.preprocess import load_processed
-
         x, index = load_processed(self.processed_dir)
         label = index["label"].map(lambda v: CLASS_ALIASES.get(v, v) if isinstance(v, str) else None)
         keep = label.isin(self.classes).to_numpy()
@@ -262,16 +260,12 @@ class ProcessedDataModule(pl.LightningDataModule):
             self._add_truncated_views(index)
 
     def _add_truncated_views(self, index: pd.DataFrame) -> None:
-        import json
-
-        from deeprubin.store import RawStore
-
-        config = json.loads((self.processed_dir / "manifest.json").read_text()).get("config", {})
+        settings = preprocessing_of(self.processed_dir)
         train = index.loc[index["split"] == "train"].reset_index(drop=True)
         detections = RawStore(self.raw_dir).read().detections
         xv, owners, days = truncated_views(detections, train["oid"].astype(str), self.truncations,
                                            self.truncation_min_days, self.seed,
-                                           int(config.get("grid_days", 100)), float(config.get("fit_context_days", 100)))
+                                           settings.grid_days, settings.fit_context_days)
         position = {oid: i for i, oid in enumerate(train["oid"].astype(str))}
         owner_pos = np.array([position[o] for o in owners], dtype=np.int64)
         full_x, full_y = self._data["train"].tensors

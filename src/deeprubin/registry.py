@@ -1,6 +1,6 @@
 """Champion/challenger promotion in the MLflow model registry (aliases, not stages).
 
-Aliases of ``promote.registered_model``: ``champion`` (serving), ``challenger`` (the latest candidate), ``previous``
+Aliases of ``base.model_name``: ``champion`` (serving), ``challenger`` (the latest candidate), ``previous``
 (the champion before the current one, for :func:`rollback`). A candidate version is always tagged ``challenger``; it
 becomes ``champion`` only when :func:`decide` says so, comparing both versions' scores on **one** evaluation set
 (the same objects, the same labels, fingerprinted by ``set_hash``):

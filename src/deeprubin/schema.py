@@ -17,6 +17,8 @@ import pyarrow as pa
 
 CLASSES: tuple[str, ...] = ("QSO", "CEP", "SNIa", "SNII")
 BANDS: tuple[str, ...] = ("g", "r")
+# Band -> row of a (2, ...) per-band array, everywhere (GP, tensors, fingerprints, alert packets).
+BAND_INDEX: dict[str, int] = {b: i for i, b in enumerate(BANDS)}
 # Older ALeRCE files and taxonomies spell some classes differently.
 CLASS_ALIASES: dict[str, str] = {"Ceph": "CEP", "SNII": "SNII", "SNIa": "SNIa", "QSO": "QSO", "CEP": "CEP"}
 

@@ -11,7 +11,7 @@ Receptive field: ``1 + convs_per_block * (kernel_size - 1) * (2**levels - 1)`` d
 default (kernel 3, 5 levels) sees 125 days, so the feature at the last observed day sees the whole 100-day window.
 
 Observed days (what the global average pooling averages over): the grid days from day 0 up to the *last day with a
-detection*. Young objects' grids run past their last detection (:mod:`deeprubin.window`); those days hold the GP's
+detection*. Young objects' grids run past their last detection (:mod:`deeprubin.lightcurves.window`); those days hold the GP's
 prediction, not data, and are left out of the pool. The last detection is read from the input itself, from the
 time-since-detection channels (``since_g``, ``since_r``; preprocess writes ``log1p(dt) / log1p(grid_days)``):
 day ``t`` is a detection day when some detection falls in ``(t - 1, t]``, i.e. ``min(since_g, since_r)`` at ``t`` is
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-#: Indices of ``since_g`` and ``since_r`` in :data:`deeprubin.stages.preprocess.CHANNELS`.
+#: Indices of ``since_g`` and ``since_r`` in :data:`deeprubin.lightcurves.tensorize.CHANNELS`.
 SINCE_CHANNELS: tuple[int, int] = (4, 5)
 
 

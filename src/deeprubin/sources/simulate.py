@@ -51,6 +51,7 @@ import pandas as pd
 from deeprubin.config import SimulatorParams
 from deeprubin.schema import (
     AB_ZERO_POINT_UJY,
+    BAND_INDEX,
     BANDS,
     CLASSES,
     DETECTIONS_SCHEMA,
@@ -70,7 +71,6 @@ LN10_25 = 2.5 / np.log(10.0)  # 1.0857: mag error = LN10_25 * flux error / flux
 # --------------------------------------------------------------------------------------------------------------
 # ZTF observing (PRIORS §1)
 # --------------------------------------------------------------------------------------------------------------
-BAND_INDEX = {b: i for i, b in enumerate(BANDS)}
 # Effective wavelengths of ZTF g and r (Å; SVO filter service, Bellm+2019), for the QSO rest-frame scaling.
 BAND_WAVELENGTH_A = np.array([4746.0, 6366.0])
 # σ(magpsf) fit, per band (g, r): s0, c1, c2 (PRIORS §1, fit to bts).

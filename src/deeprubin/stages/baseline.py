@@ -1,4 +1,4 @@
-"""Stage ``baseline``: the balanced random forest (:mod:`deeprubin.baseline`) trained on the TCN's training split.
+"""Stage ``baseline``: the balanced random forest (:mod:`deeprubin.models.forest`) trained on the TCN's training split.
 
 The split is the TCN's own (:class:`deeprubin.data.ProcessedDataModule` with the same fractions, seed and held-out
 real objects), so the two models are compared on exactly the same test objects. The forest reads the light curves
@@ -13,13 +13,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from deeprubin.config import Params
-
-Progress = Callable[..., None]
-MODEL = "forest.joblib"
-REPORT = "forest.json"
+from deeprubin.data import ProcessedDataModule
+from deeprubin.evaluation.sets import holdout_oids
+from deeprubin.models.forest import BaselineForest
+from deeprubin.outputs import FOREST_MODEL, FOREST_REPORT
+from deeprubin.processed import INDEX
+from deeprubin.progress import Progress, or_silent
+from deeprubin.store import RawStore
 
 
 @dataclass(frozen=True)
@@ -36,14 +39,9 @@ class BaselinePaths:
 
 def run(params: Params, paths: BaselinePaths, progress: Progress | None = None) -> dict[str, Any]:
     """Train the forest on the training split and save it; returns the report written to ``forest.json``."""
-    from deeprubin.baseline import BaselineForest
-    from deeprubin.data import ProcessedDataModule
-    from deeprubin.realset import holdout_oids
-    from deeprubin.store import RawStore
-
-    step = progress or (lambda *_a, **_k: None)
+    step = or_silent(progress)
     started = time.perf_counter()
-    if not (paths.processed_dir / "index.parquet").exists():
+    if not (paths.processed_dir / INDEX).exists():
         raise FileNotFoundError(f"no processed tensors in {paths.processed_dir}: run `deeprubin preprocess` first")
     step("splitting objects as the TCN does")
     dm = ProcessedDataModule(paths.processed_dir, classes=params.base.classes,
@@ -60,9 +58,9 @@ def run(params: Params, paths: BaselinePaths, progress: Progress | None = None) 
                             truncations=tuple(params.evaluate.forest_truncations), seed=params.base.seed)
     forest.fit(det, labels)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
-    forest.save(paths.model_dir / MODEL)
+    forest.save(paths.model_dir / FOREST_MODEL)
     report = {"objects_per_class": {str(k): int(v) for k, v in labels.value_counts().sort_index().items()},
               "trees": params.evaluate.forest_trees, "truncations": list(params.evaluate.forest_truncations),
-              "seconds": round(time.perf_counter() - started, 1), "model": str(paths.model_dir / MODEL)}
-    (paths.model_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+              "seconds": round(time.perf_counter() - started, 1), "model": str(paths.model_dir / FOREST_MODEL)}
+    (paths.model_dir / FOREST_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report

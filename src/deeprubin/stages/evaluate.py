@@ -4,7 +4,7 @@ Data sets:
 
 - ``test``: the test split of ``data/processed`` (the same stratified split by object as training; simulated
   objects by default), all configured classes.
-- ``evaluate.real.name`` (``bts``): the real labelled set's held-out objects (:mod:`deeprubin.realset`), read from
+- ``evaluate.real.name`` (``bts``): the real labelled set's held-out objects (:mod:`deeprubin.evaluation.sets`), read from
   its files and interpolated by the same code as inference; scored on ``evaluate.real.classes`` (SNIa vs SNII) with
   the prediction restricted to those classes, as the published baselines are. Skipped, and said so, when absent.
 
@@ -23,35 +23,27 @@ tagged with the headline numbers by ``deeprubin register``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from deeprubin.config import Params
-from deeprubin.evaluate import (
-    bootstrap_ci,
-    classification_metrics,
-    confusion_rows,
-    expected_calibration_error,
-    early_classification_curve,
-    macro_f1,
-    plot_confusion_matrix,
-    plot_early_curve,
-    plot_reliability,
-    reliability_curve,
-    scalar_metrics,
-    write_metrics_json,
-    write_plot_csv,
-)
-
-Progress = Callable[..., None]
-METRICS = "evaluate.json"
-REPORT = "report.json"
+from deeprubin.evaluation import figures as figs
+from deeprubin.evaluation.metrics import write_metrics_json, write_plot_csv
+from deeprubin.evaluation.scoring import align, early_rows, score
+from deeprubin.evaluation.sets import EvalSet, holdout_oids, objects_hash, real_set, split_test_set
+from deeprubin.lightcurves.tensorize import curves_from_detections, cut_after_first, tensorize_curves
+from deeprubin.models.forest import BaselineForest
+from deeprubin.models.served import ServingModel, load_checkpoint
+from deeprubin.outputs import CHECKPOINT, EVALUATION_REPORT, FOREST_MODEL, METRICS, TRAIN_REPORT
+from deeprubin.processed import Preprocessing, load_processed, preprocessing_of
+from deeprubin.progress import Progress, or_silent
+from deeprubin.store import RawStore
 
 
 @dataclass(frozen=True)
@@ -68,20 +60,6 @@ class EvaluatePaths:
 
 
 @dataclass
-class EvalSet:
-    """Objects to score: their labels, full-curve model input, and detections (for early cuts and the forest)."""
-
-    name: str
-    oids: np.ndarray
-    labels: np.ndarray
-    x: np.ndarray
-    detections: pd.DataFrame
-    scored_classes: list[str]
-    restrict: bool
-    note: str = ""
-
-
-@dataclass
 class EvaluateResult:
     metrics: dict[str, Any]
     metrics_path: Path
@@ -92,135 +70,16 @@ class EvaluateResult:
     seconds: float = 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Models as probability functions.
-
-class TCNScorer:
-    """The best checkpoint of the train stage as ``x (N, C, T) -> probabilities (N, K)`` on the CPU or GPU."""
-
-    def __init__(self, checkpoint: Path):
-        from deeprubin.models.lit import LitTCN
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.module = LitTCN.load_from_checkpoint(checkpoint, map_location=self.device).eval()
-        self.classes = tuple(self.module.classes)
-
-    @torch.no_grad()
-    def __call__(self, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-        out = [torch.softmax(self.module(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])).to(self.device)),
-                             dim=1).cpu().numpy() for i in range(0, len(x), batch)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
-
-
-def _cut_tensors(curves: list, days: float, grid_days: int, fit_context_days: float) -> tuple[np.ndarray, np.ndarray]:
+def _cut_tensors(curves: list, days: float, preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """(oids, x) of every curve cut ``days`` after its own first detection (objects the GP cannot do are left out)."""
-    from deeprubin.stages.preprocess import Curve, tensorize_curves
-
-    cut = []
-    for c in curves:
-        keep = c.mjd <= c.mjd.min() + days
-        cut.append(Curve(c.oid, c.mjd[keep], c.band[keep], c.flux[keep], c.flux_err[keep]))
-    t = tensorize_curves(cut, grid_days, fit_context_days)
+    t = tensorize_curves([cut_after_first(c, days) for c in curves], preprocessing.grid_days,
+                         preprocessing.fit_context_days)
     return np.asarray([r["oid"] for r in t.rows], dtype=str), t.x
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring.
-
-def _restricted(proba: np.ndarray, classes: tuple[str, ...], scored: list[str]) -> np.ndarray:
-    idx = [classes.index(c) for c in scored]
-    p = np.zeros_like(proba)
-    sub = proba[:, idx]
-    p[:, idx] = sub / np.clip(sub.sum(axis=1, keepdims=True), 1e-12, None)
-    return p
-
-
-def score(y: np.ndarray, proba: np.ndarray, oids: np.ndarray, early: pd.DataFrame, classes: tuple[str, ...],
-          scored: list[str], restrict: bool, n_boot: int, bins: int, seed: int) -> tuple[dict[str, Any], dict]:
-    """Metrics of one model on one data set; ``early``: rows (oid, days, proba...) of predictions on cut curves.
-    Returns (metrics for evaluate.json, extras: confusion, reliability and early frames)."""
-    p = _restricted(proba, classes, scored) if restrict else proba
-    full = classification_metrics(y, p, classes, labels=scored, restrict_predictions=restrict)
-
-    def f1(yy, pp):
-        return macro_f1(yy, pp, classes, labels=scored, restrict_predictions=restrict)
-
-    ci = bootstrap_ci(f1, y, p, n_boot=n_boot, seed=seed, groups=oids)
-    out = scalar_metrics({k: full[k] for k in ("n", "macro_f1", "balanced_accuracy", "accuracy", "log_loss")})
-    out.update(macro_f1_low=ci["low"], macro_f1_high=ci["high"],
-               ece=expected_calibration_error(y, p, n_bins=bins, classes=classes))
-    # Predictions once; the recall interval resamples objects over (true, predicted) pairs.
-    predicted = confusion_rows(y, p, classes, labels=scored, restrict_predictions=restrict)["predicted"].to_numpy()
-    per_class = {}
-    for c, m in full["per_class"].items():
-        def recall(yy, pred, c=c):
-            rows = yy == c
-            return float(np.mean(pred[rows] == c)) if rows.any() else float("nan")
-
-        rci = bootstrap_ci(recall, np.asarray(y, dtype=str), predicted.astype(str), n_boot=n_boot,
-                           seed=seed + 1 + classes.index(c), groups=oids)
-        per_class[c] = {**m, "recall_low": rci["low"], "recall_high": rci["high"]}
-    out["per_class"] = per_class
-    curve = pd.DataFrame()
-    if len(early):
-        pe = early[list(classes)].to_numpy()
-        pe = _restricted(pe, classes, scored) if restrict else pe
-        curve = early_classification_curve(early["oid"], early["days"], early["label"], pe,
-                                           days=sorted(early["days"].unique()), classes=classes, labels=scored,
-                                           n_boot=n_boot, seed=seed)
-        out["early"] = {f"{d:g}d": {"macro_f1": r.macro_f1, "macro_f1_low": r.macro_f1_low,
-                                     "macro_f1_high": r.macro_f1_high, "n": int(r.n_objects)}
-                        for d, r in zip(curve["days"], curve.itertuples())}
-    extras = {"report": full, "confusion": confusion_rows(y, p, classes, labels=scored,
-                                                           restrict_predictions=restrict),
-              "reliability": reliability_curve(y, p, n_bins=bins, classes=classes), "early": curve}
-    return out, extras
-
-
-def _early_rows(oids: np.ndarray, proba: np.ndarray, days: float, label_of: dict[str, str],
-                classes: tuple[str, ...]) -> pd.DataFrame:
-    frame = pd.DataFrame(proba, columns=list(classes))
-    frame.insert(0, "oid", oids)
-    frame.insert(1, "days", float(days))
-    frame.insert(2, "label", [label_of[o] for o in oids])
-    return frame
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data sets.
-
-def _test_split(params: Params, paths: EvaluatePaths, holdout: np.ndarray) -> EvalSet:
-    from deeprubin.data import ProcessedDataModule
-    from deeprubin.store import RawStore
-
-    dm = ProcessedDataModule(paths.processed_dir, classes=params.base.classes,
-                             val_fraction=params.train.val_fraction, test_fraction=params.train.test_fraction,
-                             seed=params.base.seed, holdout=holdout)
-    dm.setup("test")
-    # The data module's test rows, in index order, minus the real held-out objects (scored as their own set).
-    test = dm.index.loc[dm.index["split"] == "test"]
-    keep = ~test["oid"].astype(str).isin(set(map(str, holdout))).to_numpy()
-    oids = test["oid"].astype(str).to_numpy()[keep]
-    x = dm.dataset("test").tensors[0].numpy()[keep]
-    det = RawStore(paths.raw_dir).read().detections
-    det = det.loc[det["oid"].astype(str).isin(set(oids))].reset_index(drop=True)
-    return EvalSet(name="test", oids=oids, labels=test["label"].to_numpy()[keep].astype(str), x=x, detections=det,
-                   scored_classes=list(params.base.classes), restrict=False)
-
-
-def _real_set(params: Params, grid_days: int, fit_context_days: float) -> EvalSet | str:
-    from deeprubin.realset import load_heldout
-    from deeprubin.stages.preprocess import tensorize
-
-    real = load_heldout(params.evaluate.real, params.base)
-    if real is None:
-        return f"files not found ({params.evaluate.real.detections}, {params.evaluate.real.labels})"
-    t = tensorize(real.detections, grid_days, fit_context_days)
-    oids = np.asarray([r["oid"] for r in t.rows], dtype=str)
-    note = f"{len(real.labels)} held-out objects, {len(t.skipped)} not interpolable" if t.skipped else ""
-    return EvalSet(name=real.name, oids=oids, labels=real.labels.reindex(oids).to_numpy().astype(str), x=t.x,
-                   detections=real.detections, scored_classes=list(params.evaluate.real.classes), restrict=True,
-                   note=note)
+def _probabilities(model: ServingModel, x: np.ndarray) -> np.ndarray:
+    # The network's own float32: the numbers of every earlier evaluation stay comparable bit for bit.
+    return model.predict_proba(x, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,30 +87,22 @@ def _real_set(params: Params, grid_days: int, fit_context_days: float) -> EvalSe
 def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
         log_to_mlflow: bool = True) -> EvaluateResult:
     """Score the TCN (and the forest) on every data set; write metrics, plot data and figures; see the module."""
-    from deeprubin.realset import holdout_oids
-    from deeprubin.stages.preprocess import curves_from_detections
-    from deeprubin.stages.train import CHECKPOINT, REPORT as TRAIN_REPORT
-
-    step = progress or (lambda *_a, **_k: None)
+    step = or_silent(progress)
     started = time.perf_counter()
     ev = params.evaluate
     checkpoint = paths.model_dir / CHECKPOINT
     if not checkpoint.exists():
         raise FileNotFoundError(f"no trained model at {checkpoint}: run `deeprubin train` first")
-    manifest = json.loads((paths.processed_dir / "manifest.json").read_text())
-    grid_days = int(manifest["config"]["grid_days"])
-    fit_context = float(manifest["config"]["fit_context_days"])
+    preprocessing = preprocessing_of(paths.processed_dir)
 
-    tcn = TCNScorer(checkpoint)
+    tcn = load_checkpoint(checkpoint, preprocessing)
     classes = tcn.classes
     models = ["tcn"]
     forest = None
-    forest_path = paths.model_dir / "forest.joblib"
+    forest_path = paths.model_dir / FOREST_MODEL
     skipped: dict[str, str] = {}
     if ev.baseline:
         if forest_path.exists():
-            from deeprubin.baseline import BaselineForest
-
             forest = BaselineForest.load(forest_path)
             models.append("forest")
         else:
@@ -259,9 +110,9 @@ def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
 
     step("reading the test split")
     holdout = holdout_oids(ev.real, params.base)
-    sets = [_test_split(params, paths, holdout)]
+    sets: list[EvalSet] = [split_test_set(params, paths.raw_dir, paths.processed_dir, holdout)]
     step(f"reading the held-out real set {ev.real.name}")
-    real = _real_set(params, grid_days, fit_context)
+    real = real_set(params, preprocessing)
     if isinstance(real, str):
         skipped[ev.real.name] = real
     else:
@@ -275,23 +126,23 @@ def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
     step("scoring", completed=0, total=total)
     for k, s in enumerate(sets):
         label_of = dict(zip(s.oids, s.labels))
-        probs = {"tcn": tcn(s.x)}
+        probs = {"tcn": _probabilities(tcn, s.x)}
         early = {"tcn": []}
         if forest is not None:
             f_oids, f_p = forest.predict_proba(s.detections)
-            probs["forest"] = _align(f_oids, f_p, s.oids, forest.classes, classes)
+            probs["forest"] = align(f_oids, f_p, s.oids, forest.classes, classes)
             early["forest"] = []
         curves = curves_from_detections(s.detections)
         for d in ev.early_days:
-            cut_oids, cut_x = _cut_tensors(curves, d, grid_days, fit_context)
+            cut_oids, cut_x = _cut_tensors(curves, d, preprocessing)
             keep = np.isin(cut_oids, s.oids)
-            early["tcn"].append(_early_rows(cut_oids[keep], tcn(cut_x[keep]), d, label_of, classes))
+            early["tcn"].append(early_rows(cut_oids[keep], _probabilities(tcn, cut_x[keep]), d, label_of, classes))
             if forest is not None:
                 f_oids, f_p = forest.predict_proba(s.detections, until_days=d)
                 keep = np.isin(f_oids.astype(str), s.oids)
-                early["forest"].append(_early_rows(f_oids[keep].astype(str),
-                                                   _align(f_oids[keep], f_p[keep], f_oids[keep], forest.classes,
-                                                          classes), d, label_of, classes))
+                early["forest"].append(early_rows(f_oids[keep].astype(str),
+                                                  align(f_oids[keep], f_p[keep], f_oids[keep], forest.classes,
+                                                        classes), d, label_of, classes))
             done += 1
             step(f"scoring {s.name}: {d:g} days", completed=done, total=total)
         for name in probs:
@@ -308,7 +159,7 @@ def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
     step(f"writing {paths.metrics_dir}")
     figures = _write_outputs(paths, params, metrics, report, extras, sets, classes, skipped)
     metrics_path = paths.metrics_dir / METRICS
-    report_path = paths.metrics_dir / REPORT
+    report_path = paths.metrics_dir / EVALUATION_REPORT
     result = EvaluateResult(metrics=metrics, metrics_path=metrics_path, report_path=report_path, figures=figures,
                             skipped=skipped)
     train_report = paths.model_dir / TRAIN_REPORT
@@ -319,33 +170,7 @@ def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
     return result
 
 
-def objects_hash(oids: np.ndarray, labels: np.ndarray) -> str:
-    """Fingerprint of an evaluation set (its objects and labels): two models' numbers compare only when it matches."""
-    import hashlib
-
-    pairs = sorted(zip(map(str, oids), map(str, labels)))
-    return "sha256:" + hashlib.sha256("\n".join(f"{o}\t{label}" for o, label in pairs).encode()).hexdigest()
-
-
-def _align(src_oids: np.ndarray, proba: np.ndarray, oids: np.ndarray, src_classes, classes) -> np.ndarray:
-    """Rows of ``proba`` (columns ``src_classes``) reordered to ``oids`` and columns to ``classes``."""
-    pos = {str(o): i for i, o in enumerate(src_oids)}
-    out = np.zeros((len(oids), len(classes)))
-    col = {c: i for i, c in enumerate(src_classes)}
-    rows = np.asarray([pos[str(o)] for o in oids], dtype=np.int64)
-    for j, c in enumerate(classes):
-        if c in col and len(rows):
-            out[:, j] = proba[rows, col[c]]
-    return out
-
-
 def _write_outputs(paths, params, metrics, report, extras, sets, classes, skipped) -> list[Path]:
-    import shutil
-
-    from deeprubin import figures as figs
-    from deeprubin.stages.preprocess import load_processed
-    from deeprubin.store import RawStore
-
     root = paths.metrics_dir
     plots, images = root / "plots", root / "figures"
     for d in (plots, images):
@@ -354,19 +179,19 @@ def _write_outputs(paths, params, metrics, report, extras, sets, classes, skippe
     out: list[Path] = []
     summary = {**metrics, "skipped": skipped} if skipped else metrics
     write_metrics_json(root / METRICS, summary)
-    write_metrics_json(root / REPORT, {**report, "skipped": skipped})
+    write_metrics_json(root / EVALUATION_REPORT, {**report, "skipped": skipped})
     for s in sets:
         tcn = extras[("tcn", s.name)]
         write_plot_csv(plots / f"confusion_{s.name}.csv", tcn["confusion"])
         write_plot_csv(plots / f"reliability_{s.name}.csv", tcn["reliability"])
         cm = tcn["report"]["confusion_matrix"]
-        out.append(plot_confusion_matrix(cm["counts"], cm["rows"], images / f"confusion_tcn_{s.name}.png",
+        out.append(figs.plot_confusion_matrix(cm["counts"], cm["rows"], images / f"confusion_tcn_{s.name}.png",
                                          columns=cm["columns"], title=f"TCN on {s.name} (n={len(s.oids)})"))
         if ("forest", s.name) in extras:
             cmf = extras[("forest", s.name)]["report"]["confusion_matrix"]
-            out.append(plot_confusion_matrix(cmf["counts"], cmf["rows"], images / f"confusion_forest_{s.name}.png",
+            out.append(figs.plot_confusion_matrix(cmf["counts"], cmf["rows"], images / f"confusion_forest_{s.name}.png",
                                              columns=cmf["columns"], title=f"Random forest on {s.name}"))
-        out.append(plot_reliability(tcn["reliability"], images / f"reliability_{s.name}.png",
+        out.append(figs.plot_reliability(tcn["reliability"], images / f"reliability_{s.name}.png",
                                     title=f"TCN reliability on {s.name}"))
         curves = []
         for model in ("tcn", "forest"):
@@ -378,7 +203,7 @@ def _write_outputs(paths, params, metrics, report, extras, sets, classes, skippe
         if curves:
             early = pd.concat(curves, axis=1).reset_index()
             write_plot_csv(plots / f"early_{s.name}.csv", early)
-            out.append(plot_early_curve(extras[("tcn", s.name)]["early"], images / f"early_tcn_{s.name}.png",
+            out.append(figs.plot_early_curve(extras[("tcn", s.name)]["early"], images / f"early_tcn_{s.name}.png",
                                         title=f"TCN early classification on {s.name}"))
     # The paper's exploratory figures for this dataset version.
     objects = RawStore(paths.raw_dir).read().objects

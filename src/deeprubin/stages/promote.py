@@ -2,7 +2,7 @@
 
 Both versions are loaded from the registry and scored now on one frozen evaluation set (``promote.evaluation_set``:
 ``test``, the test split of the current data, or the real held-out set, e.g. ``bts``): the same objects and labels
-for both, fingerprinted with :func:`deeprubin.stages.evaluate.objects_hash`. The rules and the aliases are in
+for both, fingerprinted with :func:`deeprubin.evaluation.sets.objects_hash`. The rules and the aliases are in
 :mod:`deeprubin.registry`. Writes ``<train.model_dir>/promotion.json`` (the decision, its reason and both scores).
 
 Not a DVC stage: it changes the model registry, not files DVC could reproduce.
@@ -11,42 +11,23 @@ Not a DVC stage: it changes the model registry, not files DVC could reproduce.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from deeprubin.config import Params
+from deeprubin.evaluation.metrics import classification_metrics
+from deeprubin.evaluation.sets import EvalSet, frozen_set, objects_hash
+from deeprubin.models.served import load_model
+from deeprubin.outputs import PROMOTION_REPORT, REGISTERED_REPORT
+from deeprubin.progress import Progress, or_silent
 from deeprubin.registry import Decision, Registry, Scores, promote
 
-REPORT = "promotion.json"
-Progress = Callable[..., None]
 
-
-def frozen_set(params: Params):
-    """The evaluation set of ``promote.evaluation_set`` (:class:`deeprubin.stages.evaluate.EvalSet`)."""
-    from deeprubin.realset import holdout_oids
-    from deeprubin.stages.evaluate import EvaluatePaths, _real_set, _test_split
-
-    paths = EvaluatePaths.from_params(params)
-    wanted = params.promote.evaluation_set
-    if wanted == "test":
-        return _test_split(params, paths, holdout_oids(params.evaluate.real, params.base))
-    if wanted != params.evaluate.real.name:
-        raise ValueError(f"promote.evaluation_set is {wanted!r}: use `test` or the real set's name "
-                         f"{params.evaluate.real.name!r} (evaluate.real.name)")
-    manifest = json.loads((paths.processed_dir / "manifest.json").read_text())
-    real = _real_set(params, int(manifest["config"]["grid_days"]), float(manifest["config"]["fit_context_days"]))
-    if isinstance(real, str):
-        raise FileNotFoundError(f"promotion set {wanted} is unavailable: {real}")
-    return real
-
-
-def scorer(eval_set, params: Params) -> Callable[[str], Scores]:
+def scorer(eval_set: EvalSet, params: Params) -> Callable[[str], Scores]:
     """``model_uri -> Scores`` on ``eval_set`` (a model is loaded once per URI)."""
-    from deeprubin.classify import load_model
-    from deeprubin.evaluate import classification_metrics
-
     if len(eval_set.oids) == 0:
         raise ValueError(f"the promotion set {eval_set.name} has no objects")
 
@@ -62,21 +43,28 @@ def scorer(eval_set, params: Params) -> Callable[[str], Scores]:
     return score
 
 
-def run(params: Params, version: str | None = None, progress: Progress | None = None) -> Decision:
-    """Promote ``version`` (default: the one in ``registered.json``, written by ``deeprubin register``)."""
-    from deeprubin.stages.evaluate import objects_hash
-    from deeprubin.stages.register import REPORT as REGISTERED
+@dataclass(frozen=True)
+class PromotePaths:
+    model_dir: Path
 
-    step = progress or (lambda *_a, **_k: None)
-    model_dir = Path(params.train.model_dir)
-    name = params.promote.registered_model
+    @classmethod
+    def from_params(cls, params: Params) -> "PromotePaths":
+        return cls(model_dir=Path(params.train.model_dir))
+
+
+def run(params: Params, paths: PromotePaths, progress: Progress | None = None, version: str | None = None
+        ) -> Decision:
+    """Promote ``version`` (default: the one in ``registered.json``, written by ``deeprubin register``)."""
+    step = or_silent(progress)
+    model_dir = paths.model_dir
+    name = params.base.model_name
     if version is None:
-        path = model_dir / REGISTERED
+        path = model_dir / REGISTERED_REPORT
         if not path.exists():
             raise FileNotFoundError(f"no registered version in {path}: run `deeprubin register` or pass --version")
         registered = json.loads(path.read_text())
         if registered.get("registered_model") != name:
-            raise ValueError(f"{path} names {registered.get('registered_model')!r}, promote.registered_model is "
+            raise ValueError(f"{path} names {registered.get('registered_model')!r}, base.model_name is "
                              f"{name!r}")
         version = str(registered["version"])
     step(f"reading the promotion set {params.promote.evaluation_set}")
@@ -89,7 +77,7 @@ def run(params: Params, version: str | None = None, progress: Progress | None = 
                        set_hash=objects_hash(eval_set.oids, eval_set.labels),
                        lock_timeout_s=params.promote.lock_timeout_s)
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / REPORT).write_text(json.dumps(decision.report(), indent=2, sort_keys=True) + "\n")
+    (model_dir / PROMOTION_REPORT).write_text(json.dumps(decision.report(), indent=2, sort_keys=True) + "\n")
     return decision
 
 

@@ -1,4 +1,4 @@
-"""``deeprubin register``: the trained and evaluated model becomes a version of ``train.registered_model``.
+"""``deeprubin register``: the trained and evaluated model becomes a version of ``base.model_name``.
 
 Reads ``train.json`` (the run and its logged model) and, when present, ``metrics/evaluate.json``; registers the
 logged model with the training tags (git commit, data hash, params hash, run id) and the headline evaluation numbers
@@ -12,12 +12,13 @@ Prefect flows call it after `deeprubin evaluate`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deeprubin.config import Params
-
-REPORT = "registered.json"
+from deeprubin.outputs import EVALUATION_REPORT, METRICS, REGISTERED_REPORT, TRAIN_REPORT
+from deeprubin.progress import Progress, or_silent
 
 
 def headline_tags(metrics: dict[str, Any]) -> dict[str, str]:
@@ -41,22 +42,31 @@ def headline_tags(metrics: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def run(params: Params) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RegisterPaths:
+    model_dir: Path
+    metrics_dir: Path
+
+    @classmethod
+    def from_params(cls, params: Params) -> "RegisterPaths":
+        return cls(model_dir=Path(params.train.model_dir), metrics_dir=Path(params.evaluate.metrics_dir))
+
+
+def run(params: Params, paths: RegisterPaths, progress: Progress | None = None) -> dict[str, Any]:
     """Register (or find) the version of the latest training run; returns what it writes to registered.json."""
     import mlflow
 
-    from deeprubin.stages.train import REPORT as TRAIN_REPORT
-
-    model_dir = Path(params.train.model_dir)
+    step = or_silent(progress)
+    model_dir = paths.model_dir
     train_path = model_dir / TRAIN_REPORT
     if not train_path.exists():
         raise FileNotFoundError(f"no training report at {train_path}: run `deeprubin train` first")
     trained = json.loads(train_path.read_text())
-    metrics_path = Path(params.evaluate.metrics_dir) / "evaluate.json"
+    metrics_path = paths.metrics_dir / METRICS
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    report_path = Path(params.evaluate.metrics_dir) / "report.json"
+    report_path = paths.metrics_dir / EVALUATION_REPORT
     report = json.loads(report_path.read_text()) if metrics and report_path.exists() else {}
-    name, run_id = params.train.registered_model, trained["run_id"]
+    name, run_id = params.base.model_name, trained["run_id"]
     tags = {**{k: str(v) for k, v in trained.get("extra", {}).get("tags", {}).items()}, "run_id": run_id,
             "best_val_macro_f1": f"{trained['best_val_macro_f1']:.6f}",
             "evaluated": "true" if metrics else "false", **headline_tags(metrics),
@@ -64,6 +74,7 @@ def run(params: Params) -> dict[str, Any]:
             **{f"eval/set/{name}": r["objects_hash"] for name, r in report.get("tcn", {}).items()
                if isinstance(r, dict) and "objects_hash" in r}}
 
+    step(f"registering run {run_id} as {name}")
     client = mlflow.MlflowClient(tracking_uri=params.train.tracking_uri)
     existing = []
     if client.search_registered_models(filter_string=f"name='{name}'"):
@@ -79,5 +90,5 @@ def run(params: Params) -> dict[str, Any]:
         client.set_model_version_tag(name, version, key, value)
     out = {"registered_model": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}",
            "logged_model_uri": trained["model_uri"], "new": not existing, "evaluated": bool(metrics)}
-    (model_dir / REPORT).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    (model_dir / REGISTERED_REPORT).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     return out

@@ -9,12 +9,12 @@
   ``git_commit`` (``git rev-parse HEAD``, ``unknown`` outside git), ``data_hash`` (see :func:`data_hash`),
   ``data_hash_source`` and ``params_hash`` (sha256 of the ``train`` section as JSON plus ``base.seed`` and
   ``base.classes``).
-- The best checkpoint is reloaded and logged with ``mlflow.pytorch.log_model`` as :class:`ProbabilityTCN` (softmax
+- The best checkpoint is reloaded and logged (:func:`deeprubin.models.served.log_model`) as :class:`~deeprubin.models.served.ProbabilityTCN` (softmax
   over the classes, in ``classes`` order) in MLflow's ``pt2`` format (``torch.export``: loading it needs neither
   this package nor pickle), with a signature inferred from an input example of two validation objects (float32
   ``(2, C, 100)``: batch size 1 would freeze the batch dimension of the exported graph) and explicit
   ``pip_requirements`` (no requirement inference: it is slow and reaches for the network). Registration as a
-  version of ``train.registered_model`` comes after evaluation (:mod:`deeprubin.stages.register`).
+  version of ``base.model_name`` comes after evaluation (:mod:`deeprubin.stages.register`).
 - DVC outputs in ``train.model_dir``: ``tcn.ckpt`` (the best Lightning checkpoint, for evaluation) and
   ``train.json`` (run id, model version, best validation macro-F1, split sizes, hashes). MLflow's own files
   (``mlflow.db``, artifacts) are never DVC outputs.
@@ -28,23 +28,19 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
-import torch
 import yaml
-from torch import nn
 
 from deeprubin import __version__
 from deeprubin.config import BaseParams, Params, TrainParams
-
-# progress(message, completed=None, total=None): a step name, optionally with a count of units done.
-Progress = Callable[..., None]
-
-CHECKPOINT = "tcn.ckpt"
-REPORT = "train.json"
-MODEL_NAME = "model"  # the logged model's name within the run
-
+from deeprubin.data import ProcessedDataModule
+from deeprubin.evaluation.sets import holdout_oids
+from deeprubin.models.served import ProbabilityTCN, log_model, model_tags
+from deeprubin.outputs import CHECKPOINT, TRAIN_REPORT
+from deeprubin.processed import INDEX, MANIFEST, preprocessing_of
+from deeprubin.progress import Progress, or_silent
 
 @dataclass(frozen=True)
 class TrainPaths:
@@ -52,11 +48,14 @@ class TrainPaths:
     model_dir: Path
     dvc_lock: Path = Path("dvc.lock")
     raw_dir: Path | None = None  # needed for truncation augmentation (the GP is refitted on cut light curves)
+    holdout: tuple[str, ...] = ()  # objects never trained on
 
     @classmethod
     def from_params(cls, params: Params) -> "TrainPaths":
+        """The configured directories; the held-out objects of the real evaluation set are never trained on."""
         return cls(processed_dir=Path(params.preprocess.processed_dir), model_dir=Path(params.train.model_dir),
-                   raw_dir=Path(params.ingest.raw_dir))
+                   raw_dir=Path(params.ingest.raw_dir),
+                   holdout=tuple(map(str, holdout_oids(params.evaluate.real, params.base))))
 
 
 @dataclass
@@ -84,58 +83,6 @@ class TrainResult:
         out["checkpoint"] = str(self.checkpoint)
         out["deeprubin_version"] = __version__
         return out
-
-
-class ProbabilityTCN(nn.Module):
-    """The logged model: ``x (N, C, T) float32 -> probabilities (N, n_classes)``, rows summing to 1."""
-
-    def __init__(self, tcn: nn.Module):
-        super().__init__()
-        self.tcn = tcn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.tcn(x), dim=1)
-
-
-def untrained_served_model(params: TrainParams | None = None, seed: int = 0, n_classes: int = 4) -> ProbabilityTCN:
-    """A freshly initialised network of the configured shape, in the served form: benchmarks of speed (which does
-    not depend on the weights) and tests that need a real model in a registry, not a good one."""
-    from deeprubin.models.tcn import TCN
-    from deeprubin.stages.preprocess import CHANNELS
-
-    p = params or TrainParams()
-    torch.manual_seed(seed)
-    return ProbabilityTCN(TCN(n_channels=len(CHANNELS), n_classes=n_classes, hidden=p.hidden,
-                              kernel_size=p.kernel_size, levels=p.levels, dropout=p.dropout)).eval()
-
-
-def log_and_register(model: nn.Module, tracking_uri: str, name: str, classes: Sequence[str],
-                     alias: str | None = None, experiment: str = "served-models",
-                     artifact_location: str | None = None) -> str:
-    """Log ``model`` as training does (pt2, signature, input example, pinned requirements), register it as a
-    version of ``name`` with its ``classes`` tag, and point ``alias`` at it. Returns the version."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    from deeprubin.stages.preprocess import CHANNELS
-    from deeprubin.tracking import using
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(
-        experiment, artifact_location=artifact_location)
-    example = np.random.default_rng(0).normal(size=(2, len(CHANNELS), 100)).astype(np.float32)
-    with torch.no_grad():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    with using(tracking_uri):
-        with mlflow.start_run(experiment_id=experiment_id):
-            info = mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=signature, input_example=example,
-                                            pip_requirements=pip_requirements(), serialization_format="pt2")
-        version = str(mlflow.register_model(info.model_uri, name).version)
-    client.set_model_version_tag(name, version, "classes", ",".join(classes))
-    if alias:
-        client.set_registered_model_alias(name, alias, version)
-    return version
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -175,26 +122,16 @@ def data_hash(processed_dir: Path, dvc_lock: Path = Path("dvc.lock")) -> tuple[s
     except (OSError, yaml.YAMLError, AttributeError, TypeError):
         pass
     digest = hashlib.sha256()
-    for name in ("index.parquet", "manifest.json"):
+    for name in (INDEX, MANIFEST):
         path = processed_dir / name
         if path.exists():
             digest.update(path.read_bytes())
-    return "sha256:" + digest.hexdigest(), "index.parquet"
+    return "sha256:" + digest.hexdigest(), INDEX
 
 
 def params_hash(params: TrainParams, base: BaseParams) -> str:
     payload = {"train": params.model_dump(mode="json"), "seed": base.seed, "classes": list(base.classes)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def pip_requirements() -> list[str]:
-    """Pinned, explicit requirements of the logged model (MLflow infers nothing)."""
-    import pytorch_lightning as pl
-
-    def pin(name: str, version: str) -> str:
-        return f"{name}=={version.split('+')[0]}"
-
-    return [pin("torch", torch.__version__), pin("pytorch-lightning", pl.__version__), pin("numpy", np.__version__)]
 
 
 def _progress_callback(step: Progress, max_epochs: int):
@@ -209,24 +146,23 @@ def _progress_callback(step: Progress, max_epochs: int):
     return _EpochProgress()
 
 
-def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
-        progress: Progress | None = None, holdout: Sequence[str] = ()) -> TrainResult:
+def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> TrainResult:
     """Train, track and log the TCN; write ``paths.model_dir``; see the module docstring.
 
-    ``holdout``: oids never trained on (the real evaluation set's held-out objects, :mod:`deeprubin.realset`)."""
+    ``paths.holdout``: oids never trained on (by default the real evaluation set's held-out objects,
+    :func:`deeprubin.evaluation.sets.holdout_oids`)."""
     import mlflow
     import pytorch_lightning as pl
-    from mlflow.models import infer_signature
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import MLFlowLogger
 
-    from deeprubin.data import ProcessedDataModule
     from deeprubin.models.lit import LitTCN, default_callbacks
 
-    base = base or BaseParams()
-    step = progress or (lambda *_a, **_k: None)
+    base, holdout = params.base, paths.holdout
+    params = params.train  # the stage reads its own section from here on
+    step = or_silent(progress)
     started = time.perf_counter()
-    if not (paths.processed_dir / "index.parquet").exists():
+    if not (paths.processed_dir / INDEX).exists():
         raise FileNotFoundError(f"no processed tensors in {paths.processed_dir}: run `deeprubin preprocess` first")
 
     step(f"reading {paths.processed_dir}")
@@ -251,14 +187,15 @@ def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
     commit = git_commit()
     dhash, dsource = data_hash(paths.processed_dir, paths.dvc_lock)
     phash = params_hash(params, base)
+    preprocessing = preprocessing_of(paths.processed_dir)
     tags = {"git_commit": commit, "data_hash": dhash, "data_hash_source": dsource, "params_hash": phash,
             "deeprubin_version": __version__, "stage": "train",
-            # The logged model's output columns, in order: classification reads them from the version.
-            "classes": ",".join(base.classes), "n_labelled_objects": str(int(sum(split_sizes.values())))}
+            # The output columns in order and the preprocessing settings: serving reads them from the version.
+            **model_tags(base.classes, preprocessing), "n_labelled_objects": str(int(sum(split_sizes.values())))}
 
     model_dir = Path(paths.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(model_dir.glob("best*.ckpt")) + [model_dir / CHECKPOINT, model_dir / REPORT]:
+    for stale in list(model_dir.glob("best*.ckpt")) + [model_dir / CHECKPOINT, model_dir / TRAIN_REPORT]:
         stale.unlink(missing_ok=True)
 
     model = LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=params.hidden,
@@ -289,34 +226,19 @@ def run(params: TrainParams, paths: TrainPaths, base: BaseParams | None = None,
     best = LitTCN.load_from_checkpoint(target, map_location="cpu")
     served = ProbabilityTCN(best.model).eval()
     example = dm.dataset("val").tensors[0][:2].numpy().astype(np.float32)
-    with torch.no_grad():
-        output = served(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
 
     from deeprubin.tracking import using
 
     with using(params.tracking_uri), mlflow.start_run(run_id=logger.run_id):
         mlflow.log_metric("best_val_macro_f1", best_f1)
-        info = mlflow.pytorch.log_model(served, name=MODEL_NAME, signature=signature, input_example=example,
-                                        pip_requirements=pip_requirements(), serialization_format="pt2", tags=tags)
+        info = log_model(served, example, base.classes, preprocessing, tags=tags)
 
     result = TrainResult(
         run_id=logger.run_id, experiment_id=logger.experiment_id, tracking_uri=params.tracking_uri,
-        model_uri=info.model_uri, registered_model=params.registered_model, best_val_macro_f1=best_f1, epochs=trainer.current_epoch, checkpoint=target,
+        model_uri=info.model_uri, registered_model=base.model_name, best_val_macro_f1=best_f1, epochs=trainer.current_epoch, checkpoint=target,
         split_sizes=split_sizes, class_counts=class_counts, git_commit=commit, data_hash=dhash,
         data_hash_source=dsource, params_hash=phash, accelerator=str(trainer.accelerator.__class__.__name__),
         seconds=time.perf_counter() - started, extra={"logged_model_uri": info.model_uri, "tags": tags})
-    (model_dir / REPORT).write_text(json.dumps(result.report(), indent=2, sort_keys=True) + "\n")
+    (model_dir / TRAIN_REPORT).write_text(json.dumps(result.report(), indent=2, sort_keys=True) + "\n")
     return result
 
-
-def main() -> None:  # `python -m deeprubin.stages.train`
-    from deeprubin.config import load_params
-
-    params = load_params()
-    result = run(params.train, TrainPaths.from_params(params), base=params.base)
-    print(json.dumps(result.report(), indent=2, sort_keys=True))
-
-
-if __name__ == "__main__":
-    main()

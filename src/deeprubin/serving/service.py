@@ -46,9 +46,12 @@ from starlette.concurrency import run_in_threadpool
 
 from deeprubin import __version__
 from deeprubin.config import Params
-from deeprubin.schema import CLASSES
+from deeprubin.lightcurves.tensorize import Curve
+from deeprubin.models.served import load_model, parse_registry_uri
+from deeprubin.schema import BAND_INDEX, CLASSES, mag_to_flux
+from deeprubin.serving.classify import classify_curves, serving_settings
 
-log = logging.getLogger("deeprubin.service")
+log = logging.getLogger("deeprubin.serving.service")
 
 TITLE = "DeepRubin-Explorer classification service"
 ModelLoader = Callable[..., Any]  # (uri, tracking_uri, default_classes) -> classify.ServingModel
@@ -201,13 +204,11 @@ class ModelHolder:
 
     def __init__(self, uri: str, tracking_uri: str, default_classes: tuple[str, ...] | list[str] = CLASSES,
                  loader: ModelLoader | None = None, reload_interval_s: float = 30.0, device: str | None = None):
-        from deeprubin.classify import _parse_registry_uri
-
         self.uri, self.tracking_uri, self.device = uri, tracking_uri, device
         self.default_classes = tuple(default_classes)
         self.reload_interval_s = float(reload_interval_s)
         self._loader = loader
-        parsed = _parse_registry_uri(uri)
+        parsed = parse_registry_uri(uri)
         self.alias = (parsed[0], parsed[2]) if parsed is not None and parsed[2] else None  # (name, alias)
         self.model: Any = None
         self.loaded_at: str | None = None
@@ -226,8 +227,6 @@ class ModelHolder:
         if self._loader is not None:
             model = self._loader(uri, self.tracking_uri, self.default_classes)
         else:
-            from deeprubin.classify import load_model
-
             model = load_model(uri, self.tracking_uri, self.default_classes)
         if self.device and hasattr(model, "to"):  # classify.device: auto = cuda when available
             model = model.to(self.device) or model
@@ -307,7 +306,7 @@ class ModelHolder:
 
 def holder_for(params: Params, model_loader: ModelLoader | None = None) -> ModelHolder:
     """The holder of ``classify.model_uri`` (from ``train.tracking_uri``, on ``classify.device``)."""
-    return ModelHolder(params.classify.model_uri, params.train.tracking_uri, params.base.classes, loader=model_loader,
+    return ModelHolder(params.model_uri(), params.train.tracking_uri, params.base.classes, loader=model_loader,
                        reload_interval_s=params.serve.reload_interval_s, device=params.classify.device)
 
 
@@ -413,9 +412,6 @@ def validation_error_response(exc: RequestValidationError, content_type: str | N
 # --- the app -------------------------------------------------------------------------------------------------------
 
 def _curve(lc) -> Any:
-    from deeprubin.schema import mag_to_flux
-    from deeprubin.stages.preprocess import BAND_INDEX, Curve
-
     dets = lc.detections
     mjd = np.fromiter((d.mjd for d in dets), float, len(dets))
     band = np.fromiter((BAND_INDEX[d.band] for d in dets), np.int64, len(dets))
@@ -439,17 +435,14 @@ def default_torch_threads() -> int:
 
 def create_app(params: Params, model_loader: ModelLoader | None = None, *, holder: ModelHolder | None = None,
                torch_threads: int | None = None) -> FastAPI:
-    """The FastAPI app serving ``params.classify.model_uri`` with the limits of ``params.serve``.
+    """The FastAPI app serving ``params.model_uri()`` with the limits of ``params.serve``.
 
     The model is loaded when the app starts (its lifespan) unless ``holder`` already holds one (:func:`serve` loads
     it first, so a bad URI fails before the port is bound); the alias watcher runs while the app runs.
-    ``model_loader(uri, tracking_uri, default_classes)`` replaces :func:`deeprubin.classify.load_model`."""
-    from deeprubin.classify import classify_curves
-
+    ``model_loader(uri, tracking_uri, default_classes)`` replaces :func:`deeprubin.serving.classify.load_model`."""
     sp = params.serve
     holder = holder or holder_for(params, model_loader)
     _, ClassifyRequest = request_models(sp.max_curves_per_request, sp.max_detections_per_curve)
-    grid_days, context_days = params.preprocess.grid_days, params.preprocess.fit_context_days
     batch_size = params.classify.batch_size
 
     @asynccontextmanager
@@ -482,8 +475,9 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
 
     def work(light_curves, model) -> tuple[dict, float]:
         started = time.perf_counter()
-        out, rejected = classify_curves([_curve(lc) for lc in light_curves], model, grid_days, context_days,
-                                        batch_size)
+        settings = serving_settings(model, params)  # the model's own window and GP context
+        out, rejected = classify_curves([_curve(lc) for lc in light_curves], model, settings.grid_days,
+                                        settings.fit_context_days, batch_size)
         ms = (time.perf_counter() - started) * 1e3
         return {"model": {"name": model.name, "version": str(model.version), "uri": model.uri},
                 "classifications": _classifications(out), "rejected": _rejections(rejected)}, ms

@@ -1,4 +1,5 @@
-"""Evaluation metrics, bootstrap intervals, metric files and plots (pure functions on arrays; no stage wiring).
+"""Evaluation metrics, bootstrap intervals and metric files (pure functions on arrays; no stage wiring; the
+figures are in :mod:`deeprubin.evaluation.figures`).
 
 Conventions shared by every function here:
 
@@ -24,10 +25,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -386,90 +383,3 @@ def confusion_rows(y_true: Any, proba: Any, classes: Sequence[str] = CLASSES, la
     pred = _predict(p, idx, restrict_predictions)
     names = np.asarray([str(c) for c in classes], dtype=object)
     return pd.DataFrame({"actual": names[y], "predicted": names[pred]})
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Plots
-# --------------------------------------------------------------------------------------------------------------
-
-
-def plot_confusion_matrix(cm: Any, classes: Sequence[str], path: str | Path,
-                          columns: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """PNG of a confusion matrix (rows true ``classes``, columns predicted ``columns``, default the same), coloured
-    by row fraction and annotated with counts and row percentages. Returns the path."""
-    counts = np.asarray(cm, dtype=float)
-    columns = list(classes) if columns is None else list(columns)
-    if counts.shape != (len(classes), len(columns)):
-        raise ValueError(f"cm has shape {counts.shape}, expected ({len(classes)}, {len(columns)})")
-    tot = counts.sum(axis=1, keepdims=True)
-    frac = np.divide(counts, tot, out=np.zeros_like(counts), where=tot > 0)
-    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2.2, 1.1 * len(classes) + 1.8))
-    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
-    for i in range(counts.shape[0]):
-        for j in range(counts.shape[1]):
-            ax.text(j, i, f"{int(counts[i, j])}\n{100 * frac[i, j]:.0f}%", ha="center", va="center", fontsize=10,
-                    color="white" if frac[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(columns)), labels=columns)
-    ax.set_yticks(range(len(classes)), labels=list(classes))
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title or f"Confusion matrix (n = {int(counts.sum())})")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    return _save(fig, path)
-
-
-def plot_reliability(curve: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
-    """PNG of a :func:`reliability_curve`: accuracy per confidence bin against the diagonal, with bin counts below.
-    The title gives the ECE computed from the curve. Returns the path."""
-    used = curve["count"] > 0
-    n = int(curve["count"].sum())
-    ece = float((curve.loc[used, "count"] * (curve.loc[used, "accuracy"] - curve.loc[used, "confidence"]).abs()).sum()
-                / n) if n else float("nan")
-    width = (curve["bin_upper"] - curve["bin_lower"]).to_numpy()
-    centres = ((curve["bin_upper"] + curve["bin_lower"]) / 2).to_numpy()
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfectly calibrated")
-    ax.bar(centres[used], curve.loc[used, "accuracy"], width=width[used], edgecolor="black", alpha=0.7,
-           label="accuracy")
-    ax.plot(curve.loc[used, "confidence"], curve.loc[used, "accuracy"], "o-", color="C3", label="mean confidence")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.legend(loc="upper left")
-    ax.set_title(title or f"Reliability (top label), ECE = {ece:.3f}, n = {n}")
-    axc.bar(centres, curve["count"], width=width, edgecolor="black", color="C0")
-    axc.set_xlabel("confidence (top probability)")
-    axc.set_ylabel("count")
-    return _save(fig, path)
-
-
-def plot_early_curve(curve: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
-    """PNG of an :func:`early_classification_curve`: macro-F1 with its interval against days since first detection
-    (log axis), each point labelled with its number of objects. Returns the path."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    d = curve["days"].to_numpy(dtype=float)
-    ax.fill_between(d, curve["macro_f1_low"], curve["macro_f1_high"], alpha=0.25, color="C0", label="95% interval")
-    ax.plot(d, curve["macro_f1"], "o-", color="C0", label="macro-F1")
-    for x, y, n in zip(d, curve["macro_f1"], curve["n_objects"]):
-        if np.isfinite(y):
-            ax.annotate(f"n={int(n)}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    if (d > 0).all():
-        ax.set_xscale("log")
-    ax.set_xticks(d, labels=[f"{x:g}" for x in d])
-    ax.minorticks_off()
-    ax.set_ylim(0, 1.1)
-    ax.set_xlabel("days since first detection")
-    ax.set_ylabel("macro-F1")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(title or "Early classification")
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -38,7 +38,7 @@ every alert seen (history and triggering point), deduplicated on (time, band). I
 ``max_objects`` objects (the least recently updated are dropped first), and for each object only the first
 detection plus the detections the window policy can still use (the last ``grid_days - 1 + fit_context_days`` days,
 with a margin) are kept, so a years-long variable does not grow without bound; the tensors are the same as with the
-whole history (:mod:`deeprubin.window`). ``n_det`` still counts every detection the book has seen (history re-sent
+whole history (:mod:`deeprubin.lightcurves.window`). ``n_det`` still counts every detection the book has seen (history re-sent
 for times already trimmed is not counted twice). Each alert is classified with its object's curve **as of that
 alert**: only detections at or before the alert's detection time, even when later alerts of the object are in the
 same batch. An alert older than the kept part of its object's history (out of order by more than the margin) is
@@ -48,7 +48,7 @@ again starts from the history its next packet carries (30 days for ZTF, 12 month
 Output
 ------
 ``<output_dir>/classifications/part-<digest>.parquet``: one row per classified alert (``alert_id``, the columns of
-:data:`deeprubin.classify.COLUMNS`, ``alert_mjd``, ``format``); ``<output_dir>/rejections/part-<digest>.parquet``:
+:data:`deeprubin.serving.classify.COLUMNS`, ``alert_mjd``, ``format``); ``<output_dir>/rejections/part-<digest>.parquet``:
 alerts and packets that were not classified (``alert_id``, ``oid``, ``packet``, ``reason``, ``detail``, and
 ``key``, the manifest key);
 ``<output_dir>/manifest.sqlite``: every alert id (and malformed packet) already written. Parts are written
@@ -77,9 +77,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from deeprubin.classify import COLUMNS, ServingModel, classify_curves, write_atomically
-from deeprubin.schema import CLASSES, MJD_FROM_JD, isdiffpos_sign, mag_to_flux
-from deeprubin.stages.preprocess import Curve
+from deeprubin.lightcurves.tensorize import Curve
+from deeprubin.models.served import ServingModel, load_model
+from deeprubin.schema import BAND_INDEX, CLASSES, MJD_FROM_JD, ZTF_FID_TO_BAND, isdiffpos_sign, mag_to_flux
+from deeprubin.serving.classify import COLUMNS, classify_curves, serving_settings, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,9 @@ REJECTION_COLUMNS = ["alert_id", "oid", "packet", "reason", "detail"]
 MALFORMED = "malformed packet"
 OCF_MAGIC = b"Obj\x01"
 WIRE_MAGIC = 0
-ZTF_BANDS = {1: 0, 2: 1}  # fid -> contract band index (g, r); fid 3 (i) is dropped
-LSST_BANDS = {"g": 0, "r": 1}
+# fid -> contract band index; fid 3 (i) is outside the contract and dropped
+ZTF_BANDS = {fid: BAND_INDEX[band] for fid, band in ZTF_FID_TO_BAND.items() if band in BAND_INDEX}
+LSST_BANDS = BAND_INDEX
 NJY_PER_UJY = 1000.0
 TRIM_MARGIN_DAYS = 30.0
 # Plausible detection times (MJD 1953-2132): catches a Unix time or a JD where an MJD belongs.
@@ -618,7 +620,7 @@ class BatchOutput:
 class AlertClassifier:
     """The book plus the model: a batch of alerts -> one row per new alert, each from its as-of curve.
 
-    One :func:`deeprubin.classify.classify_curves` call per batch (the GP and TCN batched across objects)."""
+    One :func:`deeprubin.serving.classify.classify_curves` call per batch (the GP and TCN batched across objects)."""
 
     def __init__(self, model: ServingModel, grid_days: int = 100, fit_context_days: float = 100.0,
                  batch_size: int = 1024, max_objects: int = 1_000_000, trim: bool = True):
@@ -831,12 +833,12 @@ class ConsumeResult:
                 "model_uri": self.model_uri, "model_version": self.model_version, "interrupted": self.interrupted}
 
 
-Progress = Callable[[ConsumeResult], None]
+ConsumeProgress = Callable[[ConsumeResult], None]  # called with the running totals
 
 
 def consume(source: Iterable[Item | _Idle], classifier: AlertClassifier, writer: AlertWriter | None = None,
             batch_alerts: int = 1024, max_alerts: int | None = None,
-            commit: Callable[[Sequence[Item]], None] | None = None, progress: Progress | None = None
+            commit: Callable[[Sequence[Item]], None] | None = None, progress: ConsumeProgress | None = None
             ) -> ConsumeResult:
     """Read ``source`` in batches of ``batch_alerts``, classify each batch, write it, then ``commit`` it.
 
@@ -904,16 +906,15 @@ def consume(source: Iterable[Item | _Idle], classifier: AlertClassifier, writer:
 
 
 def _classifier(params, model: ServingModel | None) -> AlertClassifier:
-    from deeprubin.classify import load_model
-
-    model = model or load_model(params.classify.model_uri, params.train.tracking_uri, params.base.classes)
-    return AlertClassifier(model, params.preprocess.grid_days, params.preprocess.fit_context_days,
+    model = model or load_model(params.model_uri(), params.train.tracking_uri, params.base.classes)
+    settings = serving_settings(model, params)  # the model's own window and GP context
+    return AlertClassifier(model, settings.grid_days, settings.fit_context_days,
                            params.classify.batch_size, params.alerts.max_objects)
 
 
 def consume_directory(params, directory: Path | str, output_dir: Path | str | None = None,
                       model: ServingModel | None = None, max_alerts: int | None = None,
-                      progress: Progress | None = None) -> ConsumeResult:
+                      progress: ConsumeProgress | None = None) -> ConsumeResult:
     """Classify every alert packet under ``directory`` into ``output_dir`` (default ``params.alerts.output_dir``)."""
     a = params.alerts
     source = iter_directory(directory, a.format, a.lsst_schema_version)
@@ -927,7 +928,7 @@ def consume_directory(params, directory: Path | str, output_dir: Path | str | No
 
 def consume_kafka(params, output_dir: Path | str | None = None, model: ServingModel | None = None,
                   max_alerts: int | None = None, idle_timeout_s: float | None = None,
-                  progress: Progress | None = None) -> ConsumeResult:
+                  progress: ConsumeProgress | None = None) -> ConsumeResult:
     """Classify the alerts of ``params.alerts.kafka.topic`` until interrupted (or idle for ``idle_timeout_s``, or
     ``max_alerts`` read), committing offsets after each written batch."""
     a = params.alerts
@@ -943,7 +944,7 @@ def consume_kafka(params, output_dir: Path | str | None = None, model: ServingMo
 
 def run(params, directory: Path | str | None = None, output_dir: Path | str | None = None,
         model: ServingModel | None = None, max_alerts: int | None = None, idle_timeout_s: float | None = None,
-        progress: Progress | None = None) -> ConsumeResult:
+        progress: ConsumeProgress | None = None) -> ConsumeResult:
     """``deeprubin consume``: a directory of packets when given, else the configured Kafka topic."""
     if directory is not None:
         return consume_directory(params, directory, output_dir, model, max_alerts, progress)
@@ -962,7 +963,7 @@ def alerts_from_detections(detections: pd.DataFrame, max_days: float | None = No
     later than this many days after the object's first detection."""
     if detections.empty:
         return
-    from deeprubin.stages.preprocess import curves_from_detections
+    from deeprubin.lightcurves.tensorize import curves_from_detections
 
     curves = [c for c in curves_from_detections(detections)]
     events: list[tuple[float, int, int]] = []
@@ -983,7 +984,7 @@ def alerts_from_detections(detections: pd.DataFrame, max_days: float | None = No
 
 def replay_detections(detections: pd.DataFrame, model: ServingModel, grid_days: int = 100,
                       fit_context_days: float = 100.0, batch_alerts: int = 1024, batch_size: int = 1024,
-                      max_days: float | None = None, progress: Progress | None = None) -> ConsumeResult:
+                      max_days: float | None = None, progress: ConsumeProgress | None = None) -> ConsumeResult:
     """Replay labelled detections through the consumer (book, as-of curves, batched classification), in memory.
 
     Each detection becomes an alert classified with only the detections before it and itself; rows are in
@@ -1003,7 +1004,7 @@ def early_metrics(rows: pd.DataFrame, labels: Mapping[str, str] | pd.Series, cla
     ``classes`` only (probabilities renormalised), as :mod:`deeprubin.stages.evaluate` scores BTS. Objects whose
     label is not in ``classes`` are left out. Columns: ``bin, lo, hi, n_objects, n_alerts, n_<class>..., accuracy,
     macro_f1``."""
-    from deeprubin.evaluate import macro_f1
+    from deeprubin.evaluation.metrics import macro_f1
 
     label_of = pd.Series(labels).astype(str) if not isinstance(labels, pd.Series) else labels.astype(str)
     label_of.index = label_of.index.astype(str)

@@ -1,7 +1,7 @@
 """Classification with a registered (or local) model: light curves -> one row of probabilities per object.
 
 The model is loaded once (:func:`load_model`, default ``models:/deeprubin-tcn@champion``); light curves go through
-:func:`deeprubin.stages.preprocess.tensorize_curves` (the window policy and GP of training) in bounded batches, so
+:func:`deeprubin.lightcurves.tensorize.tensorize_curves` (the window policy and GP of training) in bounded batches, so
 memory does not grow with the input. Objects the GP cannot interpolate are returned as rejections (oid, reason,
 detail) and never stop the run.
 
@@ -14,132 +14,41 @@ from __future__ import annotations
 import functools
 import math
 import os
-import shutil
 import tempfile
 import time
-import warnings
-import weakref
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deeprubin.config import Params
+from deeprubin.lightcurves.tensorize import curves_from_detections, tensorize_curves
+from deeprubin.models.served import ServingModel, load_exported, load_model, predict
+from deeprubin.processed import Preprocessing, partition_of
+from deeprubin.progress import Progress, or_silent
 from deeprubin.schema import CLASSES, DETECTIONS_SCHEMA, SchemaError, map_detections, to_arrow, validate_detections
-
-Progress = Callable[..., None]
 COLUMNS = ["oid", "predicted_class", *[f"p_{c}" for c in CLASSES], "n_det", "days_since_first_detection",
            "model_name", "model_version", "classified_at"]
 REJECTION_COLUMNS = ["oid", "reason", "detail"]
 
 
-@dataclass
-class ServingModel:
-    """A loaded model: ``x (N, C, T) float32 -> probabilities (N, len(classes))``."""
-
-    uri: str
-    name: str
-    version: str
-    classes: tuple[str, ...]
-    module: Any
-    run_id: str | None = None
-    device: str = "cpu"
-    local_path: str | None = None  # a local copy of the MLflow model: worker processes load it from there
-
-    def to(self, device: str = "auto") -> "ServingModel":
-        """Move the network to ``device`` (``auto``: cuda when available). A model that cannot move falls back to
-        the CPU under ``auto`` and fails under an explicit ``cuda``."""
-        import torch
-
-        want = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        if want == "cuda" and not torch.cuda.is_available():
-            raise ValueError("classify.device is 'cuda' but torch sees no CUDA device")
-        if want != self.device:
-            try:
-                self.module = self.module.to(want)
-                self.device = want
-            except Exception as exc:  # noqa: BLE001 - an exported graph with device-bound constants
-                if device != "auto":
-                    raise ValueError(f"{self.uri}: cannot move the model to {want}: {exc}") from exc
-                warnings.warn(f"{self.uri}: stays on the CPU ({type(exc).__name__}: {exc})", stacklevel=2)
-        return self
-
-    def predict_proba(self, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-        return _predict(self.module, x, batch, self.device, len(self.classes))
-
-
-def _predict(module, x: np.ndarray, batch: int, device: str, n_classes: int) -> np.ndarray:
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32)).to(device)
-            out.append(np.asarray(module(chunk).detach().cpu().numpy(), dtype=np.float64))
-    return np.concatenate(out) if out else np.zeros((0, n_classes))
-
-
-def _parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
-    """``models:/name@alias`` -> (name, None, alias); ``models:/name/3`` -> (name, "3", None); else None."""
-    if not uri.startswith("models:/"):
-        return None
-    rest = uri[len("models:/"):]
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, None, alias
-    name, _, version = rest.partition("/")
-    return (name, version, None) if version.isdigit() else None
-
-
-def load_model(uri: str, tracking_uri: str, default_classes: Iterable[str] = CLASSES) -> ServingModel:
-    """Load ``uri`` (a registry URI or a local MLflow model directory) from ``tracking_uri``.
-
-    The output classes come from the version's ``classes`` tag (written at training), else ``default_classes``.
-    A registry alias that points nowhere gives a clear error."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    parsed = _parse_registry_uri(uri)
-    name, version, run_id, tags = Path(uri).name or uri, "local", None, {}
-    if parsed is not None:
-        name, version_number, alias = parsed
-        try:
-            mv = (client.get_model_version_by_alias(name, alias) if alias
-                  else client.get_model_version(name, version_number))
-        except MlflowException as exc:
-            what = f"alias @{alias}" if alias else f"version {version_number}"
-            raise LookupError(f"{uri}: the registry at {tracking_uri} has no {what} of {name} ({exc.message})") \
-                from None
-        version, run_id, tags = str(mv.version), mv.run_id, dict(mv.tags)
-        uri = f"models:/{name}/{version}"  # pin the version: an alias may move while we classify
-    from deeprubin.tracking import using
-
-    with using(tracking_uri):
-        if Path(uri).is_dir():
-            local = uri
-        else:  # one download, kept while the model lives: GP worker processes load the network from it
-            scratch = tempfile.mkdtemp(prefix="deeprubin-model-")
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
-        module = mlflow.pytorch.load_model(local)
-    classes = tuple(tags["classes"].split(",")) if tags.get("classes") else tuple(default_classes)
-    model = ServingModel(uri=uri, name=name, version=version, classes=classes, module=module, run_id=run_id,
-                         local_path=str(local))
-    if local != uri:
-        weakref.finalize(model, shutil.rmtree, scratch, True)
-    return model
+def serving_settings(model: Any, params: Params) -> Preprocessing:
+    """The preprocessing the model was trained with; the configured one only for a model that records none."""
+    fallback = Preprocessing(params.preprocess.grid_days, params.preprocess.fit_context_days)
+    return model.settings(fallback) if isinstance(model, ServingModel) else fallback
 
 
 def classify_curves(curves: list, model: ServingModel, grid_days: int = 100, fit_context_days: float = 100.0,
                     batch_size: int = 1024, progress: Progress | None = None
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(classifications, rejections)`` of ``curves`` (:class:`deeprubin.stages.preprocess.Curve`), batch by batch,
+    """``(classifications, rejections)`` of ``curves`` (:class:`deeprubin.lightcurves.tensorize.Curve`), batch by batch,
     in this process (the HTTP service and the alert consumer; files go through :func:`classify_stream`)."""
-    step = progress or (lambda *_a, **_k: None)
+    step = or_silent(progress)
     frames, rejected = [], []
     stamp = pd.Timestamp.now(tz="UTC")
     for start in range(0, len(curves), batch_size):
@@ -176,8 +85,6 @@ def _blas_controller():
 
 def _tensorize_job(job):
     """One batch through the GP and the window policy (a top-level function: it runs in worker processes)."""
-    from deeprubin.stages.preprocess import tensorize_curves
-
     curves, grid_days, fit_context_days, *rest = job
     interpolator = rest[0] if rest else None
     # The GP's linear algebra is many small matrices: BLAS threads only add synchronisation, and they starve
@@ -253,8 +160,6 @@ def grouped_objects(chunks: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
 def partitioned_objects(chunks: Iterable[pd.DataFrame], spill_dir: Path, partitions: int) -> Iterator[pd.DataFrame]:
     """Frames of whole objects from chunks in any order: rows are first written to ``partitions`` Parquet files by
     a stable hash of the oid (on disk, so memory holds one partition at a time), then read back one by one."""
-    from deeprubin.stages.preprocess import partition_of
-
     spill_dir.mkdir(parents=True, exist_ok=True)
     writers: dict[int, pq.ParquetWriter] = {}
     try:
@@ -299,8 +204,6 @@ class CurveBatch:
 def curve_batches(frames: Iterable[pd.DataFrame], batch_size: int, dropped: Counter) -> Iterator[CurveBatch]:
     """Light curves of frames of whole objects, validated, in batches of ``batch_size`` objects (the last may be
     smaller); points dropped by validation are counted in ``dropped``."""
-    from deeprubin.stages.preprocess import curves_from_detections
-
     pending: list = []
     rejected: list[dict[str, str]] = []
     rows_read = 0
@@ -321,7 +224,7 @@ def _spill_partitions(path: Path) -> int:
 
 
 _WORKER_MODEL: Any = None  # the network in a worker process (see _Tensorizer)
-WORKER_PRELOAD = ["deeprubin.classify", "deeprubin.stages.preprocess", "threadpoolctl", "torch",
+WORKER_PRELOAD = ["deeprubin.serving.classify", "deeprubin.lightcurves.tensorize", "threadpoolctl", "torch",
                   "torch.export.pt2_archive._package", "torch._export.serde.serialize"]
 
 
@@ -331,13 +234,7 @@ def _init_worker(model_path: str | None) -> None:
 
     torch.set_num_threads(1)  # one process per core: more threads would only fight the other workers
     if model_path:
-        exported = sorted(Path(model_path).rglob("model.pt2"))
-        if exported:  # what training logs: torch.export needs neither MLflow (seconds of imports) nor pickle
-            _WORKER_MODEL = torch.export.load(str(exported[0])).module()
-        else:
-            import mlflow.pytorch
-
-            _WORKER_MODEL = mlflow.pytorch.load_model(model_path)
+        _WORKER_MODEL = load_exported(model_path)
 
 
 def _classify_job(job):
@@ -346,7 +243,7 @@ def _classify_job(job):
     t = _tensorize_job(job[:4])
     if _WORKER_MODEL is None or not len(t.rows):
         return t, None
-    proba = _predict(_WORKER_MODEL, t.x, len(t.x), "cpu", 0)
+    proba = predict(_WORKER_MODEL, t.x, len(t.x), "cpu", 0)
     t.x = t.x[:0]
     return t, proba
 
@@ -468,8 +365,8 @@ class _Written:
 def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params, tmp: Path, workers: int,
                       step: Progress, total_rows: int | None, interpolator=None) -> _Written:
     """GP (``workers`` processes) -> TCN -> one Parquet file and one rejections CSV in ``tmp``, batch by batch."""
-    grid, context, batch_size = params.preprocess.grid_days, params.preprocess.fit_context_days, \
-        params.classify.batch_size
+    settings = serving_settings(model, params)
+    grid, context, batch_size = settings.grid_days, settings.fit_context_days, params.classify.batch_size
     written = _Written(per_class=Counter())
     rows_done = 0
     tensorizer = _Tensorizer(workers, model)
@@ -523,7 +420,7 @@ def _finish(tmp: Path, output: Path, upsert: bool, written: _Written) -> tuple[i
 
 
 def _prepare_run(params, model: ServingModel | None, output: Path, workers: int | None):
-    model = model or load_model(params.classify.model_uri, params.train.tracking_uri, params.base.classes)
+    model = model or load_model(params.model_uri(), params.train.tracking_uri, params.base.classes)
     model.to(params.classify.device)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     return model, resolve_workers(params.classify.workers if workers is None else workers)
@@ -531,13 +428,13 @@ def _prepare_run(params, model: ServingModel | None, output: Path, workers: int 
 
 def run(params, detections: pd.DataFrame, output: Path, model: ServingModel | None = None,
         progress: Progress | None = None, upsert: bool = False, workers: int | None = None) -> ClassifyResult:
-    """Classify every object of ``detections`` (contract columns, in memory) with ``params.classify.model_uri`` (or
+    """Classify every object of ``detections`` (contract columns, in memory) with ``params.model_uri()`` (or
     ``model``); write ``output`` (Parquet) and ``<output stem>.rejected.csv`` when objects were rejected.
 
     ``upsert``: keep the rows of an existing ``output`` for objects not classified now (a night's file rerun replaces
     its rows and never duplicates them); the result then counts the whole file."""
     started = time.perf_counter()
-    step = progress or (lambda *_a, **_k: None)
+    step = or_silent(progress)
     model, workers = _prepare_run(params, model, output, workers)
     frames = [detections.sort_values(["oid", "mjd"], kind="stable")] if len(detections) else []
     dropped: Counter = Counter()
@@ -569,7 +466,7 @@ def run_file(params, input_path: Path | str, output: Path, model: ServingModel |
     Results are written to a temporary file and moved in at the end: a failed run leaves ``output`` as it was.
     ``interpolator`` (a top-level function, it may run in worker processes) replaces the GP: benchmarks only."""
     started = time.perf_counter()
-    step = progress or (lambda *_a, **_k: None)
+    step = or_silent(progress)
     input_path = Path(input_path)
     model, workers = _prepare_run(params, model, output, workers)
     total_rows = count_rows(input_path) if input_path.exists() else None

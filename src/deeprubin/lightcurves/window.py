@@ -93,12 +93,18 @@ def truncate(detections: pd.DataFrame, until_mjd: float | None) -> pd.DataFrame:
     return detections.loc[detections["mjd"].to_numpy(dtype=float) <= float(until_mjd)]
 
 
+def early_cut(mjd: np.ndarray, first_mjd: np.ndarray | float, days: float) -> np.ndarray:
+    """Which detections an early light curve ``days`` after the first detection (at ``first_mjd``) keeps: the one
+    definition of the early cut, for training views, early evaluation and the forest's truncations alike."""
+    return np.asarray(mjd, dtype=float) <= np.asarray(first_mjd, dtype=float) + float(days)
+
+
 def truncate_after_first(detections: pd.DataFrame, days: float) -> pd.DataFrame:
     """Detections of each object within ``days`` of that object's first detection (early-epoch curves)."""
     if detections.empty:
         return detections
     first = detections.groupby("oid")["mjd"].transform("min")
-    return detections.loc[(detections["mjd"] - first).to_numpy(dtype=float) <= float(days)]
+    return detections.loc[early_cut(detections["mjd"].to_numpy(dtype=float), first.to_numpy(dtype=float), days)]
 
 
 def fit_start(window: Window, fit_context_days: float) -> float:

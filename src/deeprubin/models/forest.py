@@ -58,19 +58,19 @@ import numpy as np
 import pandas as pd
 from imblearn.ensemble import BalancedRandomForestClassifier
 
-from deeprubin.schema import CLASSES, flux_to_mag, mag_to_flux
-from deeprubin.window import truncate_after_first
+from deeprubin.schema import BANDS, CLASSES, flux_to_mag, mag_to_flux
+from deeprubin.lightcurves.window import truncate_after_first
 
 log = logging.getLogger(__name__)
 
-FEATURE_BANDS: tuple[str, ...] = ("g", "r")
+FEATURE_BANDS: tuple[str, ...] = BANDS
 # Bump whenever the feature set, a feature's definition or its column name changes: saved models then refuse to load.
 FEATURE_VERSION = 1
 MIN_POINTS_STATS = 3  # light-curve statistics need this many points in the band (fewer: NaN)
 PAIR_MAX_DT = 1.0  # days: a g and an r detection closer than this form a colour pair (same night)
 DECLINE_WINDOW = 30.0  # days after the peak over which the decline slope is fitted
 FILL_VALUE = -999.0  # what missing features become before the forest (ALeRCE's choice, see the module docstring)
-_FORMAT = "deeprubin.baseline.BaselineForest"
+_FORMAT = "deeprubin.models.forest.BaselineForest"
 _FIT_ALGORITHM = "mcmc-lmsder"
 
 
@@ -294,7 +294,7 @@ def extract_features(detections: pd.DataFrame, until_days: float | None = None, 
 
     ``detections`` follow the contract (oid, mjd, band, mag, mag_err, flux, flux_err; see the module docstring for
     what is computed). ``until_days``: keep only the detections with ``mjd <= first_mjd + until_days``, the object's
-    first detection in either band (:func:`deeprubin.window.truncate_after_first`): an early, partial light curve.
+    first detection in either band (:func:`deeprubin.lightcurves.window.truncate_after_first`): an early, partial light curve.
     Magnitudes come from ``mag``/``mag_err``, or ``23.9 - 2.5 log10 |flux|`` where ``mag`` is missing. A band with
     too few points gives NaN features, a failed fit NaN; one bad object never raises. No label, redshift or
     catalogue peak magnitude is used. Deterministic, for any ``n_jobs`` (``None``: 1; ``-1``: all cores).

@@ -11,6 +11,7 @@ leaves the last commit intact, and a rerun lists the same objects, skips what wa
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -29,7 +30,8 @@ from deeprubin.sources.alerce import (
     list_class,
 )
 from deeprubin.sources.files import MappedTables
-from deeprubin.stages.ingest import IngestPaths, IngestResult, Progress, prepare_batch
+from deeprubin.progress import Progress, silent
+from deeprubin.sources.batch import IngestResult, prepare_batch
 from deeprubin.store import RawStore, UpsertCounts, upsert
 
 STATE_VERSION = 1
@@ -74,9 +76,9 @@ def _sum_counts(a: UpsertCounts | None, b: UpsertCounts) -> UpsertCounts:
     return UpsertCounts(**{k: getattr(a, k) + getattr(b, k) for k in a.as_dict()})
 
 
-def pull(params: IngestParams, paths: IngestPaths, base: BaseParams, step: Progress) -> IngestResult:
+def pull(params: IngestParams, raw_dir: Path, base: BaseParams, step: Progress) -> IngestResult:
     ap = params.alerce
-    store = RawStore(paths.raw_dir)
+    store = RawStore(raw_dir)
     current = store.read()
     state = store.read_state()
     watermarks: dict[str, float | None] = dict(state.get("watermarks", {}))
@@ -135,7 +137,7 @@ def pull(params: IngestParams, paths: IngestPaths, base: BaseParams, step: Progr
             }
         stored_counts = current.objects["label"].fillna("(none)").value_counts().sort_index()
         return IngestResult(
-            source="alerce", raw_dir=paths.raw_dir,
+            source="alerce", raw_dir=raw_dir,
             objects_per_class={str(k): int(v) for k, v in stored_counts.items()},
             detections=len(current.detections), non_detections=len(current.non_detections),
             reports=reports, objects_dropped=dropped, counts=counts, per_class=per_class, complete=complete,
@@ -165,7 +167,7 @@ def pull(params: IngestParams, paths: IngestPaths, base: BaseParams, step: Progr
                             else empty_frame(NON_DETECTIONS_SCHEMA)),
             labels=labels, source="alerce", label_source=f"alerce:{ap.classifier}")
         batch, chunk_reports, chunk_dropped = prepare_batch(mapped, params, base, pd.Timestamp.now(tz="UTC"),
-                                                            lambda *_a, **_k: None)
+                                                            silent)
         current, chunk_counts = upsert(current, batch)
         counts = _sum_counts(counts, chunk_counts)
         reports = [r.merge(c) for r, c in zip(reports, chunk_reports)]
@@ -182,7 +184,7 @@ def pull(params: IngestParams, paths: IngestPaths, base: BaseParams, step: Progr
         failed = [f for f in fetch_failures if class_of.get(f.what) == class_name]
         new_watermarks[class_name] = _new_watermark(watermarks.get(class_name), lst, failed, lastmjd_of)
     final = result(complete=True)
-    step(f"writing {paths.raw_dir}")
+    step(f"writing {raw_dir}")
     store.commit(current, final.manifest(), rejections=final.rejections_frame(),
                  state={"version": STATE_VERSION, "watermarks": {**watermarks, **new_watermarks}, "seen": seen})
     return final

@@ -42,7 +42,9 @@ from typing import Sequence
 import numpy as np
 from scipy.linalg import cho_solve, solve_triangular
 
-BAND_ORDER = ("g", "r")
+from deeprubin.schema import BANDS
+
+BAND_ORDER = BANDS  # row order of the (2, G) mean and std
 
 LENGTH_SCALE_BOUNDS = (1.0, 1000.0)  # days
 AMPLITUDE_BOUNDS = (0.01, 10.0)  # x the object's flux scale

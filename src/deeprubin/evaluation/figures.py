@@ -1,5 +1,11 @@
-"""The paper's exploratory figures: how many objects of each class each source gives, and what the model input of
-each class looks like on average (pure functions on tables / arrays, plus matplotlib PNGs on the Agg backend).
+"""Every figure the project draws (matplotlib PNGs on the Agg backend: no display needed), in one module:
+
+* evaluation: confusion matrices, reliability diagrams, early-classification curves;
+* the paper's exploratory figures: how many objects of each class each source gives (:func:`class_distribution`),
+  and what the model input of each class looks like on average (:func:`mean_profiles`);
+* one object's light curve with its GP (:func:`plot_object`), computed by the model-input path
+  (:func:`deeprubin.lightcurves.tensorize.interpolate_one`): detections (flux in µJy with 1σ errors), non-detections
+  (5σ upper limits from ``diffmaglim``, downward triangles), the GP mean and ±1σ band over the model's window.
 
 Conventions shared by the functions here:
 
@@ -25,12 +31,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from deeprubin.evaluate import _save
-from deeprubin.plots import BAND_COLOURS
-from deeprubin.schema import CLASSES
+from deeprubin.lightcurves.tensorize import CHANNELS, interpolate_one
+from deeprubin.schema import AB_ZERO_POINT_UJY, BAND_INDEX, BANDS, CLASSES, LightCurves
 
-DEFAULT_CHANNELS: tuple[str, ...] = ("gp_mean_g", "gp_mean_r", "gp_std_g", "gp_std_r", "since_g", "since_r")
-BANDS: tuple[str, ...] = ("g", "r")
+BAND_COLOURS = {"g": "#2ca02c", "r": "#d62728"}
+DEFAULT_CHANNELS: tuple[str, ...] = CHANNELS
 DISTRIBUTION_COLUMNS = ["label", "source", "count"]
 PROFILE_COLUMNS = ["label", "band", "day", "mean", "std", "gp_std_mean", "n"]
 
@@ -235,3 +240,160 @@ def plot_mean_profiles(profiles: pd.DataFrame, path: str | Path, title: str | No
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation figures
+# --------------------------------------------------------------------------------------------------------------
+
+
+def plot_confusion_matrix(cm: Any, classes: Sequence[str], path: str | Path,
+                          columns: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """PNG of a confusion matrix (rows true ``classes``, columns predicted ``columns``, default the same), coloured
+    by row fraction and annotated with counts and row percentages. Returns the path."""
+    counts = np.asarray(cm, dtype=float)
+    columns = list(classes) if columns is None else list(columns)
+    if counts.shape != (len(classes), len(columns)):
+        raise ValueError(f"cm has shape {counts.shape}, expected ({len(classes)}, {len(columns)})")
+    tot = counts.sum(axis=1, keepdims=True)
+    frac = np.divide(counts, tot, out=np.zeros_like(counts), where=tot > 0)
+    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2.2, 1.1 * len(classes) + 1.8))
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, f"{int(counts[i, j])}\n{100 * frac[i, j]:.0f}%", ha="center", va="center", fontsize=10,
+                    color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(columns)), labels=columns)
+    ax.set_yticks(range(len(classes)), labels=list(classes))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title or f"Confusion matrix (n = {int(counts.sum())})")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    return _save(fig, path)
+
+
+def plot_reliability(curve: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
+    """PNG of a :func:`reliability_curve`: accuracy per confidence bin against the diagonal, with bin counts below.
+    The title gives the ECE computed from the curve. Returns the path."""
+    used = curve["count"] > 0
+    n = int(curve["count"].sum())
+    ece = float((curve.loc[used, "count"] * (curve.loc[used, "accuracy"] - curve.loc[used, "confidence"]).abs()).sum()
+                / n) if n else float("nan")
+    width = (curve["bin_upper"] - curve["bin_lower"]).to_numpy()
+    centres = ((curve["bin_upper"] + curve["bin_lower"]) / 2).to_numpy()
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfectly calibrated")
+    ax.bar(centres[used], curve.loc[used, "accuracy"], width=width[used], edgecolor="black", alpha=0.7,
+           label="accuracy")
+    ax.plot(curve.loc[used, "confidence"], curve.loc[used, "accuracy"], "o-", color="C3", label="mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left")
+    ax.set_title(title or f"Reliability (top label), ECE = {ece:.3f}, n = {n}")
+    axc.bar(centres, curve["count"], width=width, edgecolor="black", color="C0")
+    axc.set_xlabel("confidence (top probability)")
+    axc.set_ylabel("count")
+    return _save(fig, path)
+
+
+def plot_early_curve(curve: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
+    """PNG of an :func:`early_classification_curve`: macro-F1 with its interval against days since first detection
+    (log axis), each point labelled with its number of objects. Returns the path."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    d = curve["days"].to_numpy(dtype=float)
+    ax.fill_between(d, curve["macro_f1_low"], curve["macro_f1_high"], alpha=0.25, color="C0", label="95% interval")
+    ax.plot(d, curve["macro_f1"], "o-", color="C0", label="macro-F1")
+    for x, y, n in zip(d, curve["macro_f1"], curve["n_objects"]):
+        if np.isfinite(y):
+            ax.annotate(f"n={int(n)}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    if (d > 0).all():
+        ax.set_xscale("log")
+    ax.set_xticks(d, labels=[f"{x:g}" for x in d])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("days since first detection")
+    ax.set_ylabel("macro-F1")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title or "Early classification")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One light curve
+# --------------------------------------------------------------------------------------------------------------
+
+
+def plot_object(lcs: LightCurves, oid: str, out: Path | str, grid_days: int = 100, fit_context_days: float = 100.0,
+                until_mjd: float | None = None) -> Path:
+    """Write a PNG of object ``oid`` from contract tables ``lcs`` to ``out``; returns the path.
+
+    Raises KeyError when ``oid`` has no detections. A GP that cannot be fitted still gives a plot of the data,
+    with the reason in the title.
+    """
+    det = lcs.detections.loc[lcs.detections["oid"].astype(str) == str(oid)]
+    if det.empty:
+        raise KeyError(f"object {oid!r} has no detections in the store")
+    nondet = lcs.non_detections.loc[lcs.non_detections["oid"].astype(str) == str(oid)]
+    obj = lcs.objects.loc[lcs.objects["oid"].astype(str) == str(oid)]
+    label = None if obj.empty or pd.isna(obj["label"].iloc[0]) else str(obj["label"].iloc[0])
+
+    status, window, gp = "", None, None
+    try:
+        prep, gp = interpolate_one(det, grid_days, fit_context_days, until_mjd)
+        window, status = prep.window, str(gp.status)
+    except Exception as exc:  # noqa: BLE001 -- the data are still worth a picture
+        status = f"no GP: {exc}"
+
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    if window is not None:
+        # from the first detection the GP was given (at most fit_context_days before the window) to the window end
+        fitted = det["mjd"].loc[det["mjd"] >= window.start_mjd - fit_context_days]
+        lo, hi = min(float(fitted.min()), window.start_mjd), window.end_mjd
+        ax.axvspan(window.start_mjd, window.end_mjd, color="0.93", zorder=0, label=f"{grid_days}-day window")
+        ax.axvline(window.last_mjd, color="0.5", lw=0.8, ls=":", zorder=1)
+    else:
+        lo, hi = float(det["mjd"].min()), float(det["mjd"].max())
+    pad = 0.03 * max(hi - lo, 1.0)
+    lo, hi = lo - pad, hi + pad
+    for band, colour in BAND_COLOURS.items():
+        d = det.loc[(det["band"] == band) & det["mjd"].between(lo, hi)]
+        if until_mjd is not None:
+            d = d.loc[d["mjd"] <= until_mjd]
+        ax.errorbar(d["mjd"], d["flux"], yerr=d["flux_err"], fmt="o", ms=3.5, color=colour, elinewidth=0.8,
+                    capsize=0, label=f"{band} detections ({len(d)})", zorder=3)
+        n = nondet.loc[(nondet["band"] == band) & nondet["mjd"].between(lo, hi)]
+        if len(n):
+            limit = 10.0 ** (-0.4 * (n["diffmaglim"].to_numpy(dtype=float) - AB_ZERO_POINT_UJY))
+            ax.scatter(n["mjd"], limit, marker="v", s=14, color=colour, alpha=0.35, linewidths=0,
+                       label=f"{band} upper limits ({len(n)})", zorder=2)
+        if gp is not None and window is not None:
+            x = window.grid_mjd()
+            m, s = np.asarray(gp.mean)[BAND_INDEX[band]], np.asarray(gp.std)[BAND_INDEX[band]]
+            ax.plot(x, m, color=colour, lw=1.4, zorder=4)
+            ax.fill_between(x, m - s, m + s, color=colour, alpha=0.18, lw=0, zorder=1)
+    ax.axhline(0.0, color="0.6", lw=0.6)
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("MJD")
+    ax.set_ylabel("difference flux (µJy)")
+    title = f"{oid}" + (f"  [{label}]" if label else "")
+    if status:
+        title += f"  GP: {status}"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best", ncols=2)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out

@@ -1,0 +1,34 @@
+"""The retraining policy of the nightly loop: when new data justifies training a new model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from deeprubin.config import Params
+from deeprubin.outputs import TRAIN_REPORT
+from deeprubin.processed import INDEX
+from deeprubin.registry import CHAMPION, Registry
+
+
+def should_retrain(params: Params, force: bool = False) -> tuple[bool, str]:
+    """Retrain when forced, when no model was trained yet, when the registry has no champion, or when at least
+    ``flows.retrain_min_new_labelled`` labelled objects arrived since the last training."""
+    if force:
+        return True, "retraining forced"
+    report_path = Path(params.train.model_dir) / TRAIN_REPORT
+    if not report_path.exists():
+        return True, "no model trained yet"
+    if Registry(params.train.tracking_uri, params.base.model_name).alias(CHAMPION) is None:
+        return True, f"the registry at {params.train.tracking_uri} has no champion"
+    report = json.loads(report_path.read_text())
+    then = int(report.get("extra", {}).get("tags", {}).get("n_labelled_objects")
+               or sum(report.get("split_sizes", {}).values()))
+    index = pd.read_parquet(Path(params.preprocess.processed_dir) / INDEX, columns=["oid", "label"])
+    now = int(index.loc[index["label"].isin(params.base.classes), "oid"].nunique())
+    new, need = now - then, params.flows.retrain_min_new_labelled
+    if new >= need:
+        return True, f"{new} labelled objects arrived since the last training (threshold {need})"
+    return False, f"only {new} new labelled objects since the last training (threshold {need})"
