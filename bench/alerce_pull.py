@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
-from deeprubin.config import AlerceParams, IngestParams  # noqa: E402
+from deeprubin.config import AlerceParams, IngestParams, Params  # noqa: E402
 from deeprubin.stages.ingest import IngestPaths, run  # noqa: E402
 from deeprubin.store import RawStore  # noqa: E402
 
@@ -49,9 +49,9 @@ def start_server(n_per_class: int, faults: list[dict]) -> tuple[subprocess.Popen
 
 
 def pull_once(url: str, concurrency: int, out: Path) -> tuple[float, int, object]:
-    params = IngestParams(source="alerce", raw_dir=out, alerce=AlerceParams(
+    params = Params(ingest=IngestParams(source="alerce", raw_dir=out, alerce=AlerceParams(
         base_url=url, concurrency=concurrency, requests_per_second=1e6, timeout_s=1.0, max_attempts=6,
-        backoff_base_s=0.05, backoff_max_s=1.0, page_size=100, max_objects_per_class=100_000, commit_every=500))
+        backoff_base_s=0.05, backoff_max_s=1.0, page_size=100, max_objects_per_class=100_000, commit_every=500)))
     start = time.perf_counter()
     result = run(params, IngestPaths.from_params(params))
     seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""The ALeRCE-style balanced random forest baseline (deeprubin.baseline) on the real BTS supernovae: SN Ia vs SN II.
+"""The ALeRCE-style balanced random forest baseline (deeprubin.models.forest) on the real BTS supernovae: SN Ia vs SN II.
 
     python bench/baseline_bts.py                 # train on 70 %, report the held-out 30 % (full, 20 d, 10 d)
     python bench/baseline_bts.py --cv-variants   # also: 5-fold CV on the training objects of a few feature sets
@@ -14,7 +14,7 @@ The forest (default settings: 300 trees, truncated training copies at 10, 20, 30
 70 %, once. On the held-out 30 % it classifies the full curves and the curves cut 20 and 10 days after the first
 detection; predictions are restricted to SNIa/SNII (the argmax of the two), and macro-F1, SN Ia recall and SN II
 recall are reported with percentile-bootstrap 95 % intervals over held-out objects
-(:func:`deeprubin.evaluate.bootstrap_ci`, 1,000 resamples).
+(:func:`deeprubin.evaluation.metrics.bootstrap_ci`, 1,000 resamples).
 
 ``--cv-variants`` compares feature sets by 5-fold cross-validation on the *training* objects only (the held-out
 30 % plays no part in the choice): all features, without the Bazin fit, without the periodogram, without the colour
@@ -39,10 +39,10 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from deeprubin.baseline import BaselineForest, extract_features
+from deeprubin.models.forest import BaselineForest, extract_features
 from deeprubin.config import FilesParams
 from deeprubin.data import holdout_by_hash
-from deeprubin.evaluate import bootstrap_ci, classification_metrics, encode_labels, macro_f1
+from deeprubin.evaluation.metrics import bootstrap_ci, classification_metrics, encode_labels, macro_f1
 from deeprubin.schema import CLASSES, validate_detections
 from deeprubin.sources import files
 

@@ -45,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from deeprubin import classify as clf  # noqa: E402
+from deeprubin.serving import classify as clf  # noqa: E402
 from deeprubin.config import load_params  # noqa: E402
 from deeprubin.schema import CLASSES  # noqa: E402
 
@@ -86,7 +86,7 @@ def serving_model(uri: str | None, tracking_uri: str) -> clf.ServingModel:
     try:
         return clf.load_model("models:/deeprubin-tcn@champion", tracking_uri)
     except Exception as exc:  # noqa: BLE001 - no registry yet: an untrained network of the same shape
-        from deeprubin.stages.train import untrained_served_model
+        from deeprubin.models.served import untrained_served_model
 
         t = load_params(None).train
         print(f"note: no champion in {tracking_uri} ({type(exc).__name__}); an untrained TCN of the configured shape "
@@ -96,10 +96,10 @@ def serving_model(uri: str | None, tracking_uri: str) -> clf.ServingModel:
 
 
 def sklearn_interpolator(preps):
-    """scikit-learn's GPR per band in place of deeprubin.gp (top level: it runs in the worker processes)."""
+    """scikit-learn's GPR per band in place of deeprubin.lightcurves.gp (top level: it runs in the worker processes)."""
     from threadpoolctl import threadpool_limits
 
-    from deeprubin.gp import GPResult
+    from deeprubin.lightcurves.gp import GPResult
 
     sys.path.insert(0, str(REPO / "bench"))
     from gp import sklearn_predict  # the baseline of bench/gp.py

@@ -10,8 +10,8 @@ times, are the result on a shared machine):
 1. ``sklearn``: per object and per band, ``GaussianProcessRegressor(ConstantKernel * Matern(nu=1.5) +
    WhiteKernel, alpha=flux_err^2)`` fit (L-BFGS-B, 1 start) + predict on the 100-day grid, one core (BLAS
    threads pinned to 1). It is slow, so it runs on a random subset (``--baseline-n``) and is scaled to curves/s.
-2. ``deeprubin.gp`` one core: ``interpolate_batch`` over all curves in one process.
-3. ``deeprubin.gp`` all cores: the curves split in one partition per worker over a warm process pool (one worker
+2. ``deeprubin.lightcurves.gp`` one core: ``interpolate_batch`` over all curves in one process.
+3. ``deeprubin.lightcurves.gp`` all cores: the curves split in one partition per worker over a warm process pool (one worker
    per core). (4 partitions per worker measured slower: smaller partitions vectorise less.)
 
 Curves: each object's detections in the 100 days from its first detection; grid = that day + 0..99.
@@ -40,7 +40,7 @@ import pandas as pd  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from deeprubin import gp  # noqa: E402
+from deeprubin.lightcurves import gp  # noqa: E402
 from deeprubin.schema import map_detections, validate_detections  # noqa: E402
 
 WINDOW_DAYS = 100
@@ -171,7 +171,7 @@ def speed(args) -> int:
         t_1 = min(t_1, time.perf_counter() - t)
     rate_1 = n / t_1
     rss_main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"deeprubin.gp, 1 core:        {rate_1:8.1f} curves/s  ({t_1:.2f} s, best of {args.repeat})  "
+    print(f"deeprubin.lightcurves.gp, 1 core:        {rate_1:8.1f} curves/s  ({t_1:.2f} s, best of {args.repeat})  "
           f"ratio vs sklearn {rate_1 / rate_sk:6.1f}x")
 
     workers = args.workers or os.cpu_count() or 1
@@ -189,7 +189,7 @@ def speed(args) -> int:
     for o in outs:
         cpu_by_worker[o[5]] = cpu_by_worker.get(o[5], 0.0) + o[4]
     cpu_max = max(cpu_by_worker.values())
-    print(f"deeprubin.gp, {workers} processes:   {rate_p:8.1f} curves/s  ({t_p:.2f} s wall)  ratio vs sklearn "
+    print(f"deeprubin.lightcurves.gp, {workers} processes:   {rate_p:8.1f} curves/s  ({t_p:.2f} s wall)  ratio vs sklearn "
           f"{rate_p / rate_sk:6.1f}x; vs 1 core {rate_p / rate_1:.2f}x")
     print(f"  the busiest worker used {cpu_max:.2f} s of CPU: {len(curves) / cpu_max:.0f} curves/s if every worker "
           f"ran at that speed on its own core (load average before the run: {load:.2f} on {os.cpu_count()} cores)")

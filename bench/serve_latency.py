@@ -11,7 +11,7 @@ the 100 days from its first one), over one keep-alive httpx client. The payload 
 is from sending the request to having read the whole response.
 
 Baseline (the project's rule: measured in the same run, on the same curves): the same single-curve classification
-called in process, ``deeprubin.classify.classify_curves([curve], model)`` with the same model and the same torch
+called in process, ``deeprubin.serving.classify.classify_curves([curve], model)`` with the same model and the same torch
 threads as the service. Baseline and HTTP calls alternate (one of each per alert), so a shared machine's load falls
 on both alike. Reported: p50/p90/p99/max of each, the HTTP overhead ratio (p50 HTTP / p50 in process, and the same
 at p99) and the target ratio p99 / 50 ms (target: p99 < 50 ms, i.e. ratio < 1).
@@ -70,7 +70,7 @@ def percentiles(ms: np.ndarray) -> dict[str, float]:
 def register_untrained(directory: Path) -> tuple[str, str]:
     """An untrained TCN of the training shape, logged and registered like training does; (model_uri, tracking_uri)."""
     from deeprubin.schema import CLASSES
-    from deeprubin.stages.train import log_and_register, untrained_served_model
+    from deeprubin.models.served import log_and_register, untrained_served_model
 
     uri = f"sqlite:///{directory / 'mlflow.db'}"
     log_and_register(untrained_served_model(), uri, "deeprubin-tcn", CLASSES, alias="champion",
@@ -80,7 +80,7 @@ def register_untrained(directory: Path) -> tuple[str, str]:
 
 def resolve_model(model_uri: str | None, tracking_uri: str | None, scratch: Path):
     """(model_uri, tracking_uri, ServingModel, note)."""
-    from deeprubin.classify import load_model
+    from deeprubin.serving.classify import load_model
     from deeprubin.config import TrainParams
 
     uri = model_uri or DEFAULT_MODEL
@@ -120,7 +120,8 @@ def alert_curves(n: int, seed: int, lo: int = 20, hi: int = 60) -> list[dict]:
 
 
 def to_curve(lc: dict):
-    from deeprubin.stages.preprocess import BAND_INDEX, Curve
+    from deeprubin.lightcurves.tensorize import Curve
+    from deeprubin.schema import BAND_INDEX
 
     d = lc["detections"]
     return Curve(lc["oid"], np.array([x["mjd"] for x in d]), np.array([BAND_INDEX[x["band"]] for x in d]),
@@ -154,10 +155,10 @@ def main() -> None:
 
     import torch
 
-    from deeprubin.classify import classify_curves
+    from deeprubin.serving.classify import classify_curves
     from deeprubin.schema import CLASSES
     from deeprubin import servers
-    from deeprubin.service import default_torch_threads
+    from deeprubin.serving.service import default_torch_threads
 
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="deeprubin-bench-serve-") as tmp:

@@ -11,7 +11,7 @@ from deeprubin.schema import CLASSES
 def served_tcn(seed: int = 0, hidden: int = 8, levels: int = 3):
     """A small network (fast in tests) in the served form."""
     from deeprubin.config import TrainParams
-    from deeprubin.stages.train import untrained_served_model
+    from deeprubin.models.served import untrained_served_model
 
     return untrained_served_model(TrainParams(hidden=hidden, levels=levels, dropout=0.0), seed, len(CLASSES))
 
@@ -20,7 +20,7 @@ def register_tcn(tracking_uri: str, name: str = "deeprubin-tcn", seed: int = 0, 
                  classes: tuple[str, ...] = CLASSES) -> str:
     """Log an untrained TCN to ``tracking_uri``, register it as a version of ``name``, point ``alias`` at it;
     returns the version."""
-    from deeprubin.stages.train import log_and_register
+    from deeprubin.models.served import log_and_register
 
     return log_and_register(served_tcn(seed), tracking_uri, name, classes, alias=alias, experiment="test-models")
 

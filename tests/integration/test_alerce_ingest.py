@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deeprubin.config import AlerceParams, IngestParams, SimulatorParams
+from deeprubin.config import AlerceParams, IngestParams, Params, SimulatorParams
 from deeprubin.sources.simulate import simulate
 from deeprubin.stages.ingest import IngestPaths, run
 from deeprubin.store import RawStore
@@ -68,7 +68,7 @@ def ingest_params(server: AlerceReplayServer, raw_dir: Path, **alerce) -> Ingest
 
 
 def pull(server, raw_dir: Path, **alerce):
-    params = ingest_params(server, raw_dir, **alerce)
+    params = Params(ingest=ingest_params(server, raw_dir, **alerce))
     return run(params, IngestPaths.from_params(params))
 
 
@@ -302,8 +302,8 @@ def test_a_pull_killed_midway_and_rerun_equals_an_uninterrupted_pull(server, ref
 def test_replacing_the_store_drops_the_pull_state(server, tmp_path):
     pull(server, tmp_path / "raw")
     assert RawStore(tmp_path / "raw").read_state()["watermarks"]
-    params = IngestParams(source="simulator", raw_dir=tmp_path / "raw",
-                          simulator=SimulatorParams(n_per_class=2, survey_days=365.0))
+    params = Params(ingest=IngestParams(source="simulator", raw_dir=tmp_path / "raw",
+                                        simulator=SimulatorParams(n_per_class=2, survey_days=365.0)))
     run(params, IngestPaths.from_params(params))
     assert RawStore(tmp_path / "raw").read_state() == {}
     assert set(RawStore(tmp_path / "raw").read().objects["source"]) == {"simulator"}

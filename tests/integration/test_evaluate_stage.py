@@ -38,21 +38,21 @@ def evaluated(tmp_path_factory, shared_data):
         "evaluate": {"metrics_dir": str(root / "metrics"), "n_bootstrap": 50, "forest_trees": 20,
                      "real": {"detections": str(root / "bts.parquet"), "labels": str(root / "bts.csv")}},
     })
-    ingest.run(params.ingest, ingest.IngestPaths.from_params(params.ingest), params.base)
-    preprocess.run(params.preprocess, preprocess.PreprocessPaths.from_params(params), params.base)
-    from deeprubin.realset import holdout_oids
+    ingest.run(params, ingest.IngestPaths.from_params(params))
+    preprocess.run(params, preprocess.PreprocessPaths.from_params(params))
+    from deeprubin.evaluation.sets import holdout_oids
 
     holdout = holdout_oids(params.evaluate.real, params.base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trained = train.run(params.train, train.TrainPaths.from_params(params), params.base, holdout=holdout)
+        trained = train.run(params, train.TrainPaths.from_params(params))
         forest = baseline.run(params, baseline.BaselinePaths.from_params(params))
         steps = []
         result = evaluate.run(params, evaluate.EvaluatePaths.from_params(params),
                               progress=lambda *a, **k: steps.append((a, k)))
     from deeprubin.stages import register
 
-    registered = register.run(params)
+    registered = register.run(params, register.RegisterPaths.from_params(params))
     trained.extra["registered"] = registered
     yield root, params, holdout, trained, forest, result
     mp.undo()
@@ -123,7 +123,7 @@ def test_mlflow_run_has_evaluation_metrics_artifacts_and_version_tags(evaluated)
     artifacts = {a.path for a in client.list_artifacts(trained.run_id, "evaluation")}
     assert {"evaluation/confusion_tcn_bts.png", "evaluation/early_tcn_bts.png", "evaluation/report.json",
             "evaluation/mean_profiles.png", "evaluation/class_distribution.png"} <= artifacts
-    version = client.get_model_version(params.train.registered_model, trained.extra["registered"]["version"])
+    version = client.get_model_version(params.base.model_name, trained.extra["registered"]["version"])
     assert version.tags["evaluated"] == "true"
     assert float(version.tags["eval/tcn/bts/macro_f1"]) == pytest.approx(m["eval/tcn/bts/macro_f1"], abs=1e-4)
     assert "eval/forest/bts/recall_SNII" in version.tags

@@ -75,7 +75,7 @@ def servers_env(prefect_server, mlflow_server):
 @pytest.fixture(scope="module")
 def night(servers_env, tmp_path_factory):
     """One nightly run in a fresh project; yields (project, flow result, flow run id)."""
-    from flows.nightly import nightly
+    from deeprubin_flows.nightly import nightly
 
     base = tmp_path_factory.mktemp("nightly")
     project = make_project(base / "project", remote=base / "remote")
@@ -158,7 +158,7 @@ def test_the_nights_classifications_are_written_once(night):
 
 
 def test_rerunning_a_night_replaces_its_rows_and_never_duplicates_them(night):
-    from flows.classify import classify
+    from deeprubin_flows.classify import classify
 
     project, _, _ = night
     out = project / "data" / "classifications" / f"{NIGHT}.parquet"
@@ -179,7 +179,7 @@ def test_a_worse_model_is_not_promoted_and_the_reason_is_recorded(night, servers
     import mlflow
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from flows.train import train
+    from deeprubin_flows.train import train
 
     project, first, _ = night
     with pytest.MonkeyPatch.context() as mp:
@@ -229,7 +229,7 @@ def test_rollback_restores_the_previous_champion(night, servers_env):
     import mlflow
 
     from deeprubin.registry import Registry, promote
-    from flows.promote import rollback
+    from deeprubin_flows.promote import rollback
 
     project, _, _ = night
     name = "rollback-model"
@@ -241,13 +241,13 @@ def test_rollback_restores_the_previous_champion(night, servers_env):
     assert registry.aliases() == {"champion": v2, "previous": v1, "challenger": v2}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)
-        done = rollback(params_path="params.yaml", overrides=[f"promote.registered_model={name}"])
+        done = rollback(params_path="params.yaml", overrides=[f"base.model_name={name}"])
     assert done["champion_after"] == v1 and done["champion_before"] == v2
     assert registry.alias("champion") == v1 and registry.alias("previous") is None
     demoted = mlflow.MlflowClient(tracking_uri=servers_env["mlflow"]).get_model_version(name, v2)
     assert demoted.tags["promotion/decision"] == "rolled_back"
     with pytest.raises(Exception, match="no previous champion"):
-        rollback(params_path=str(project / "params.yaml"), overrides=[f"promote.registered_model={name}"])
+        rollback(params_path=str(project / "params.yaml"), overrides=[f"base.model_name={name}"])
 
 
 def test_two_promotions_at_once_leave_exactly_one_champion(night, servers_env):
@@ -292,8 +292,8 @@ def alerce(servers_env):
 def _ingest_flow():
     from prefect import flow
 
-    from flows import tasks
-    from flows.common import configured, load
+    from deeprubin_flows import tasks
+    from deeprubin_flows.common import configured, load
 
     @flow(name="ingest-only")
     def ingest_only(overrides: list[str]):

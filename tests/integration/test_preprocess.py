@@ -12,8 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deeprubin import gp
 from deeprubin.config import load_params
+from deeprubin.lightcurves import gp
+from deeprubin.lightcurves.tensorize import CHANNELS, Curve, prepare
+from deeprubin.processed import load_processed
 from deeprubin.stages import ingest
 from deeprubin.stages import preprocess as stage
 from deeprubin.store import RawStore
@@ -31,13 +33,13 @@ def params_for(raw: Path, out: Path, *extra: str):
 def raw(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pre") / "raw"
     p = params_for(root, root.parent / "unused")
-    ingest.run(p.ingest, ingest.IngestPaths.from_params(p.ingest), p.base)
+    ingest.run(p, ingest.IngestPaths.from_params(p))
     return root
 
 
 def run_stage(raw: Path, out: Path, *extra: str) -> stage.PreprocessResult:
     p = params_for(raw, out, *extra)
-    return stage.run(p.preprocess, stage.PreprocessPaths.from_params(p), p.base)
+    return stage.run(p, stage.PreprocessPaths.from_params(p))
 
 
 def files(out: Path) -> dict[str, bytes]:
@@ -52,9 +54,9 @@ def serial(raw, tmp_path_factory) -> tuple[Path, stage.PreprocessResult]:
 
 def test_tensors_index_and_report(raw, serial):
     out, result = serial
-    x, index = stage.load_processed(out)
+    x, index = load_processed(out)
     objects = RawStore(raw).read().objects
-    assert x.dtype == np.float32 and x.shape == (len(index), len(stage.CHANNELS), 100)
+    assert x.dtype == np.float32 and x.shape == (len(index), len(CHANNELS), 100)
     assert np.isfinite(x).all() and (x[:, 2:4] > 0).all() and ((x[:, 4:] >= 0) & (x[:, 4:] <= 1)).all()
     assert result.objects_in == len(objects) == 32
     skipped = sum(result.skipped.values())
@@ -72,7 +74,7 @@ def test_tensors_index_and_report(raw, serial):
     assert set(index.loc[index["label"].isin(["SNIa", "SNII"]), "anchored"]) <= {"first", "last"}
     assert (index["n_det_g"] + index["n_det_r"] >= 1).all()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["channels"] == list(stage.CHANNELS) and manifest["shape"] == list(x.shape)
+    assert manifest["channels"] == list(CHANNELS) and manifest["shape"] == list(x.shape)
     assert manifest["report"]["ok"] == result.ok
     # Shards are one per partition, rows in oid order.
     for shard, rows in index.groupby("shard"):
@@ -124,7 +126,7 @@ def test_incremental_recomputes_only_changed_objects(raw, serial, tmp_path):
     full = run_stage(work_raw, tmp_path / "full", "preprocess.incremental=false")
     assert full.recomputed == 31
     assert files(out) == files(tmp_path / "full")  # identical to a full recompute
-    _, index = stage.load_processed(out)
+    _, index = load_processed(out)
     assert gone not in set(index["oid"])
     assert index.set_index("oid").loc[relabelled, "label"] == objects.set_index("oid").loc[relabelled, "label"]
     assert (index.set_index("oid").loc[changed, "last_mjd"].to_numpy()
@@ -158,7 +160,7 @@ def test_one_bad_object_never_sinks_the_batch_nor_writes_nan(raw, tmp_path, monk
     # recognise each object inside the GP call by what it is given
     by_key = {}
     for oid, d in lcs.detections.groupby("oid"):
-        prep = stage.prepare(stage.Curve.from_frame(oid, d))
+        prep = prepare(Curve.from_frame(oid, d))
         by_key[(len(prep.t), round(float(np.sum(prep.flux)), 6))] = oid
     assert len(by_key) == len(oids)
     monkeypatch.setattr(gp, "interpolate_batch", batch)
@@ -168,7 +170,7 @@ def test_one_bad_object_never_sinks_the_batch_nor_writes_nan(raw, tmp_path, monk
     assert result.skipped == {"GP failed: ZeroDivisionError": 1, "GP output is not finite": 1,
                               "cannot interpolate: no usable points": 1}
     assert result.written == 29
-    x, index = stage.load_processed(tmp_path / "out")
+    x, index = load_processed(tmp_path / "out")
     assert np.isfinite(x).all() and not {raising, nan_one, input_error} & set(index["oid"])
     skipped = pd.read_parquet(tmp_path / "out" / "skipped.parquet")
     assert set(skipped["oid"]) == {raising, nan_one, input_error}

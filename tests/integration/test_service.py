@@ -151,8 +151,9 @@ def test_classify_returns_probabilities_per_object(service, registry, curves):
 
 def test_http_answer_equals_in_process_classification(service, registry, curves):
     """The service adds nothing of its own: same probabilities as classify_curves on the same curves."""
-    from deeprubin.classify import classify_curves, load_model
-    from deeprubin.stages.preprocess import BAND_INDEX, Curve
+    from deeprubin.serving.classify import classify_curves, load_model
+    from deeprubin.lightcurves.tensorize import Curve
+    from deeprubin.schema import BAND_INDEX
 
     lc = curves[1]
     got = _post(service, {"light_curves": [lc]}).json()["classifications"][0]

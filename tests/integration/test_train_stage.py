@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from deeprubin.config import BaseParams, IngestParams, PreprocessParams, SimulatorParams, TrainParams
+from deeprubin.config import BaseParams, IngestParams, Params, PreprocessParams, SimulatorParams, TrainParams
+from deeprubin.outputs import CHECKPOINT, TRAIN_REPORT
+from deeprubin.processed import load_processed
 from deeprubin.stages import ingest, preprocess, train
+
+MODEL_NAME = BaseParams().model_name
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +26,9 @@ def trained(tmp_path_factory):
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     mp.setenv("DO_NOT_TRACK", "1")
     root = tmp_path_factory.mktemp("train_stage")
-    ingest.run(IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=12)),
+    ingest.run(Params(ingest=IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=12))),
                ingest.IngestPaths(raw_dir=root / "raw"))
-    preprocess.run(PreprocessParams(processed_dir=root / "processed", workers=1, partitions=2),
+    preprocess.run(Params(preprocess=PreprocessParams(processed_dir=root / "processed", workers=1, partitions=2)),
                    preprocess.PreprocessPaths(raw_dir=root / "raw", processed_dir=root / "processed"))
     params = TrainParams(max_epochs=2, patience=5, accelerator="cpu", tracking_uri=f"sqlite:///{root}/mlflow.db",
                          artifact_location=(root / "artifacts").as_uri(), model_dir=root / "models")
@@ -33,7 +37,7 @@ def trained(tmp_path_factory):
     steps = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = train.run(params, paths, base=BaseParams(), progress=lambda *a, **k: steps.append((a, k)))
+        result = train.run(Params(train=params), paths, progress=lambda *a, **k: steps.append((a, k)))
     yield root, params, result, steps
     mp.undo()
 
@@ -73,22 +77,22 @@ def _register(root, params):
 
     full = Params.model_validate({"train": params.model_dump(mode="json"),
                                   "evaluate": {"metrics_dir": str(root / "no-metrics")}})
-    return register.run(full)
+    return register.run(full, register.RegisterPaths.from_params(full))
 
 
 def test_model_artifact_and_registered_version(trained, client):
     root, params, result, _ = trained
-    assert not client.search_registered_models(f"name='{params.registered_model}'")  # train only logs
+    assert not client.search_registered_models(f"name='{MODEL_NAME}'")  # train only logs
     first = _register(root, params)
-    version = client.get_model_version(params.registered_model, first["version"])
+    version = client.get_model_version(MODEL_NAME, first["version"])
     assert version.tags["run_id"] == result.run_id and version.tags["evaluated"] == "false"
     assert version.tags["git_commit"] == result.git_commit and version.tags["data_hash"] == result.data_hash
     # Registering again (a rerun) finds the same version instead of adding one.
     again = _register(root, params)
     assert again["version"] == first["version"] and not again["new"] and first["new"]
-    assert len(client.search_model_versions(f"name='{params.registered_model}'")) == 1
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
     report = json.loads((root / "models" / "registered.json").read_text())
-    assert report["model_uri"] == f"models:/{params.registered_model}/{first['version']}"
+    assert report["model_uri"] == f"models:/{MODEL_NAME}/{first['version']}"
     # The logged model's files live under the tmp artifact location, not in ./mlruns.
     import mlflow
 
@@ -112,7 +116,7 @@ def test_registered_model_loads_and_predicts_probabilities(trained):
     with using(params.tracking_uri):
         model = mlflow.pytorch.load_model(uri)
         pyfunc = mlflow.pyfunc.load_model(uri)
-    x, _ = preprocess.load_processed(root / "processed")
+    x, _ = load_processed(root / "processed")
     x = torch.from_numpy(np.asarray(x[:5], dtype=np.float32))
     with torch.no_grad():
         p = model(x)
@@ -125,14 +129,14 @@ def test_registered_model_loads_and_predicts_probabilities(trained):
 
 def test_dvc_outputs(trained):
     root, params, result, _ = trained
-    report = json.loads((root / "models" / train.REPORT).read_text())
+    report = json.loads((root / "models" / TRAIN_REPORT).read_text())
     assert report["run_id"] == result.run_id and report["model_uri"] == result.model_uri
     assert report["split_sizes"] == {"train": 32, "val": 8, "test": 8}
-    assert {train.CHECKPOINT, train.REPORT} <= {p.name for p in (root / "models").iterdir()}
+    assert {CHECKPOINT, TRAIN_REPORT} <= {p.name for p in (root / "models").iterdir()}
     assert not list((root / "models").glob("best*.ckpt"))
     from deeprubin.models.lit import LitTCN
 
-    best = LitTCN.load_from_checkpoint(root / "models" / train.CHECKPOINT, map_location="cpu")
+    best = LitTCN.load_from_checkpoint(root / "models" / CHECKPOINT, map_location="cpu")
     assert best.classes == tuple(BaseParams().classes)
 
 
@@ -151,5 +155,16 @@ def test_data_hash_prefers_a_current_dvc_lock(tmp_path, trained):
 
 def test_missing_processed_data_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="deeprubin preprocess"):
-        train.run(TrainParams(tracking_uri=f"sqlite:///{tmp_path}/m.db"),
+        train.run(Params(train=TrainParams(tracking_uri=f"sqlite:///{tmp_path}/m.db")),
                   train.TrainPaths(processed_dir=tmp_path / "nope", model_dir=tmp_path / "models"))
+
+
+def test_the_logged_model_records_the_preprocessing_it_was_trained_with(trained):
+    from deeprubin.models.served import load_model
+    from deeprubin.processed import Preprocessing, preprocessing_of
+
+    root, params, result, _ = trained
+    model = load_model(result.extra["logged_model_uri"], params.tracking_uri)
+    assert model.preprocessing == preprocessing_of(root / "processed")
+    assert model.preprocessing.grid_days == PreprocessParams().grid_days
+    assert Preprocessing.from_tags(result.extra["tags"]) == model.preprocessing  # registered versions get them too

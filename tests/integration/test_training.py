@@ -12,9 +12,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from deeprubin.config import IngestParams, PreprocessParams, SimulatorParams
+from deeprubin.config import IngestParams, Params, PreprocessParams, SimulatorParams
 from deeprubin.data import ProcessedDataModule
 from deeprubin.models.lit import MONITOR, LitTCN, default_callbacks
+from deeprubin.processed import load_processed
 from deeprubin.schema import CLASSES
 from deeprubin.stages import ingest, preprocess
 
@@ -22,9 +23,9 @@ from deeprubin.stages import ingest, preprocess
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    ingest.run(IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=20)),
+    ingest.run(Params(ingest=IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=20))),
                ingest.IngestPaths(raw_dir=root / "raw"))
-    preprocess.run(PreprocessParams(processed_dir=root / "processed", workers=1),
+    preprocess.run(Params(preprocess=PreprocessParams(processed_dir=root / "processed", workers=1)),
                    preprocess.PreprocessPaths(raw_dir=root / "raw", processed_dir=root / "processed"))
     return root / "processed"
 
@@ -47,7 +48,7 @@ def trainer(**kwargs) -> pl.Trainer:
 def test_datamodule_splits_by_object(processed):
     dm = ProcessedDataModule(processed, batch_size=8, seed=3)
     dm.setup("fit")
-    _, index = preprocess.load_processed(processed)
+    _, index = load_processed(processed)
     sets = {k: set(v) for k, v in dm.splits.items()}
     assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"])
     assert set().union(*sets.values()) == set(index["oid"])
@@ -104,7 +105,7 @@ def test_best_checkpoint_and_determinism(processed, tmp_path):
 
 def test_overfit_one_batch(processed):
     pl.seed_everything(0, workers=True)
-    x, index = preprocess.load_processed(processed)
+    x, index = load_processed(processed)
     rows = np.concatenate([np.flatnonzero((index["label"] == c).to_numpy())[:4] for c in CLASSES])
     xb = torch.from_numpy(np.asarray(x[rows], dtype=np.float32))
     yb = torch.as_tensor(index["label"].iloc[rows].map(CLASSES.index).to_numpy().copy(), dtype=torch.int64)

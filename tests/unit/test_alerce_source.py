@@ -12,7 +12,7 @@ from alerce.exceptions import APIError, ObjectNotFoundError, ParseError
 
 from deeprubin.config import AlerceParams
 from deeprubin.sources.alerce import Caller, Failure, Listing, RateLimiter, RequestFailed, classify_error
-from deeprubin.stages.ingest_alerce import _needs_fetch, _new_watermark
+from deeprubin.sources.alerce_pull import _needs_fetch, _new_watermark
 
 
 class FakeClock:

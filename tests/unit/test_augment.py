@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from deeprubin.data import ViewSampler, holdout_by_hash, truncated_views
-from deeprubin.stages.preprocess import CHANNELS, tensorize
+from deeprubin.lightcurves.tensorize import CHANNELS, tensorize
 
 
 def test_holdout_is_stratified_deterministic_and_independent_of_other_objects():
@@ -76,14 +76,15 @@ def test_view_sampler_shows_the_whole_curve_with_the_given_probability():
 
 
 def test_evaluation_cuts_are_the_inference_tensors_of_the_cut_curves():
+    from deeprubin.lightcurves.tensorize import curves_from_detections
+    from deeprubin.processed import Preprocessing
     from deeprubin.stages.evaluate import _cut_tensors
-    from deeprubin.stages.preprocess import curves_from_detections
 
     det = pd.concat([_curve("X1", 59000.0, 30), _curve("X2", 59100.0, 25)])
     curves = curves_from_detections(det)
-    oids, x = _cut_tensors(curves, 1000.0, 100, 100.0)  # a cut after the last detection changes nothing
+    oids, x = _cut_tensors(curves, 1000.0, Preprocessing(100, 100.0))  # a cut after the last detection changes nothing
     np.testing.assert_array_equal(x, tensorize(det).x)
-    oids, x = _cut_tensors(curves, 10.0, 100, 100.0)
+    oids, x = _cut_tensors(curves, 10.0, Preprocessing(100, 100.0))
     first = det.groupby("oid")["mjd"].transform("min")
     np.testing.assert_array_equal(x, tensorize(det[det["mjd"] <= first + 10.0]).x)
     assert list(oids) == ["X1", "X2"]

@@ -7,14 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deeprubin import baseline as B
-from deeprubin.baseline import FEATURE_BANDS, BaselineForest, FeatureVersionError, extract_features, feature_names
+from deeprubin.models import forest as B
+from deeprubin.models.forest import FEATURE_BANDS, BaselineForest, FeatureVersionError, extract_features, feature_names
 from deeprubin.config import SimulatorParams
 from deeprubin.data import split_objects
-from deeprubin.evaluate import classification_metrics, macro_f1
+from deeprubin.evaluation.metrics import classification_metrics, macro_f1
 from deeprubin.schema import CLASSES, map_detections, validate_detections
 from deeprubin.sources.simulate import simulate
-from deeprubin.window import truncate_after_first
+from deeprubin.lightcurves.window import truncate_after_first
 
 STATS_AND_FITS = ("amplitude", "standard_deviation", "skew", "stetson_K", "linear_fit_slope", "weighted_mean",
                   "periodogram_period_0", "bazin_fit_rise_time", "bazin_fit_amplitude")

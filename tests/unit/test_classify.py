@@ -1,5 +1,5 @@
 """Batch classification of files: streaming in bounded batches, any contract-mapped format, rejections on the side,
-atomic output (deeprubin.classify)."""
+atomic output (deeprubin.serving.classify)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deeprubin import classify as clf
+from deeprubin.serving import classify as clf
 from deeprubin.config import load_params
 from deeprubin.schema import CLASSES
 from deeprubin.sources import simulate
@@ -189,7 +189,7 @@ def test_classification_on_a_process_pool_equals_in_process(detections, model, m
         pool = clf.run_file(params, src, tmp_path / "pool.parquet", model=m, workers=2, min_rows_for_pool=0)
         a, b = (pd.read_parquet(r.output).drop(columns="classified_at") for r in (one, pool))
         pd.testing.assert_frame_equal(a, b, rtol=1e-6)
-    from deeprubin.stages.preprocess import curves_from_detections
+    from deeprubin.lightcurves.tensorize import curves_from_detections
 
     pool = clf._Tensorizer(2, logged)  # the logged network runs in the workers: only probabilities come back
     try:

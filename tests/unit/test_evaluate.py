@@ -18,7 +18,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from deeprubin.evaluate import (
+from deeprubin.evaluation.metrics import (
     bootstrap_ci,
     classification_metrics,
     confusion_rows,
@@ -26,14 +26,12 @@ from deeprubin.evaluate import (
     encode_labels,
     expected_calibration_error,
     macro_f1,
-    plot_confusion_matrix,
-    plot_early_curve,
-    plot_reliability,
     reliability_curve,
     scalar_metrics,
     write_metrics_json,
     write_plot_csv,
 )
+from deeprubin.evaluation.figures import plot_confusion_matrix, plot_early_curve, plot_reliability
 from deeprubin.schema import CLASSES
 
 K = len(CLASSES)

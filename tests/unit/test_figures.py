@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deeprubin.figures import (
+from deeprubin.evaluation.figures import (
     DEFAULT_CHANNELS,
     class_distribution,
     mean_profiles,

@@ -8,7 +8,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 from prefect.task_engine import TaskRunTimeoutError
 
-from flows.common import ClientError, TransientError, backoff, is_transient
+from deeprubin_flows.common import ClientError, TransientError, backoff, is_transient
 from deeprubin.config import load_params
 
 

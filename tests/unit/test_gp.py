@@ -1,4 +1,4 @@
-"""GP interpolation (deeprubin.gp): exactness against a dense float64 GP, held-out accuracy on real curves against
+"""GP interpolation (deeprubin.lightcurves.gp): exactness against a dense float64 GP, held-out accuracy on real curves against
 scikit-learn's GaussianProcessRegressor, and one asserted outcome per robustness case."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deeprubin import gp
-from deeprubin.gp import GPInputError, GPResult, interpolate, interpolate_batch
+from deeprubin.lightcurves import gp
+from deeprubin.lightcurves.gp import GPInputError, GPResult, interpolate, interpolate_batch
 from tests.conftest import shared_data_dir
 
 GRID = np.arange(100.0)

@@ -586,13 +586,13 @@ def test_project_dockerfile_copies_every_package_before_installing_it():
     """An editable install maps only the packages present when it runs: each must be copied before it."""
     import tomllib
 
-    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    roots = {pattern.split(".")[0] for pattern in find.get("include", ["*"])} - {"*"}
-    packages = {}
-    for where in find.get("where", ["."]):
-        for init in (REPO / where).glob("*/__init__.py"):
-            if not roots or init.parent.name in roots:
-                packages[init.parent.name] = init.parent.relative_to(REPO).as_posix()
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_dir = setuptools.get("package-dir", {})
+    packages = {}  # top-level package -> its folder in the repository
+    for name in setuptools["packages"]:
+        top = name.split(".")[0]
+        packages[top] = package_dir.get(top) or f"{package_dir.get('', '.')}/{top}".removeprefix("./")
+        assert (REPO / packages[top] / "__init__.py").exists(), packages[top]
     assert "deeprubin" in packages
     instructions = dockerfile_instructions(INFRA / "Dockerfile")
     install = next(i for i, (ins, a) in enumerate(instructions) if ins == "RUN" and "-e ." in a)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deeprubin import lcstats as L
+from deeprubin.lightcurves import stats as L
 
 
 def shared_data_dir() -> Path:

@@ -359,7 +359,7 @@ def test_cepheid_template_is_a_sawtooth_with_larger_g_amplitude(sim):
 # --- supernovae -------------------------------------------------------------------------------------------------
 
 def _sn_curves(sim, label):
-    from deeprubin import lcstats as L
+    from deeprubin.lightcurves import stats as L
 
     truth, det = _of(sim, label)
     return truth, L.transient_stats(det)

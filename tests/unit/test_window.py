@@ -1,4 +1,4 @@
-"""The window policy (deeprubin.window) and the per-object tensor it feeds (no look past the last detection)."""
+"""The window policy (deeprubin.lightcurves.window) and the per-object tensor it feeds (no look past the last detection)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deeprubin.stages.preprocess import CHANNELS, Curve, prepare, tensorize, time_since_detection
-from deeprubin.window import Window, fit_start, truncate, truncate_after_first, window_for
+from deeprubin.lightcurves.tensorize import CHANNELS, Curve, prepare, tensorize, time_since_detection
+from deeprubin.lightcurves.window import Window, fit_start, truncate, truncate_after_first, window_for
 
 
 def test_young_transient_starts_at_first_detection():

@@ -1,5 +1,8 @@
 """Gaussian-process interpolation of g/r light curves onto a daily grid.
 
+One cohesive thing, kept in one module: the kernel, its exact likelihoods (Kalman filter and dense), the batched
+fit and the prediction share the private curve layout and the numerics; split, each part would expose them.
+
 Model (per object, in flux space, zero mean: alert fluxes are difference fluxes whose baseline is 0)::
 
     f_b(t) = sigma * (L u)(t)_b,    u_1, u_2 independent Matérn-3/2 processes with length scale rho,

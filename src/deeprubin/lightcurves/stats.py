@@ -1,5 +1,8 @@
 """Light-curve statistics: what a light curve *looks like*, measured the same way on real and simulated data.
 
+One cohesive thing: a library of independent, per-object measurements with shared conventions (below); its size
+is its number of statistics, not a mix of jobs.
+
 Every function takes a detections table in the contract (columns ``oid``, ``mjd``, ``band``, ``mag``, ``mag_err``;
 see :mod:`deeprubin.schema`) and returns one row per object (a DataFrame indexed by ``oid``), or a long table where
 that is the natural shape. Objects with too few points get NaN, never an exception. Functions are band-agnostic:

@@ -1,5 +1,8 @@
 """A simulator of ZTF-like g/r alert light curves for QSO, CEP, SNIa and SNII.
 
+One cohesive thing: the survey (cadence, weather, Moon, noise) and the four classes' models share one sourced
+set of constants and one observation model; its length is those models, each a section below.
+
 Every number below is sourced; ``docs/simulator.md`` has the full table and ``../shared/PRIORS.md`` the measured
 values (reference keys as there: ML10 MacLeod+2010, S21 Suberlak+2021, M19 Masci+2019, SS simsurvey, SP/SPP
 Superphot(+), A14 Anderson+2014, Bu20 Bulla+2020, Mi20 Miller+2020, meas. bts = measured on the BTS sample).
