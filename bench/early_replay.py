@@ -6,15 +6,15 @@
     python bench/early_replay.py --objects all            # every SN Ia / SN II, not only the held-out ones
 
 Data: ../shared/data/bts (or $DEEPRUBIN_SHARED_DATA/bts, or --data). By default the objects ``deeprubin evaluate``
-holds out of the real set (:func:`deeprubin.realset.load_heldout`: 30 % of each class by a seeded hash of the oid),
+holds out of the real set (:func:`deeprubin.evaluation.sets.load_heldout`: 30 % of each class by a seeded hash of the oid),
 which no training run sees even with ``ingest.mix_files``; ``--objects all`` takes every SN Ia and SN II.
 
 Protocol: every detection of every object becomes an alert carrying the object's detections up to it, the alerts of
-all objects in time order go through the alert consumer (:func:`deeprubin.alerts.replay_detections`: the light-curve
+all objects in time order go through the alert consumer (:func:`deeprubin.serving.alerts.replay_detections`: the light-curve
 book, the as-of curve of each alert, batched GP + TCN), so each alert is classified with only the history before it.
 Predictions are restricted to SNIa/SNII (argmax of the two, probabilities renormalised), as the evaluation scores
 BTS. For each bin of days since first detection, every object counts once, with its latest alert in the bin
-(:func:`deeprubin.alerts.early_metrics`); accuracy and macro-F1 (mean of the SN Ia and SN II F1) are printed with
+(:func:`deeprubin.serving.alerts.early_metrics`); accuracy and macro-F1 (mean of the SN Ia and SN II F1) are printed with
 the counts. Reference row: the same model on each object's complete light curve (``classify_curves``, as
 ``deeprubin classify`` does). Output: a table, and ``--output`` (default metrics/early_replay.json) with the figures.
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from deeprubin.alerts import EARLY_BINS, early_metrics, replay_detections
+from deeprubin.serving.alerts import EARLY_BINS, early_metrics, replay_detections
 from deeprubin.config import DEFAULT_PARAMS, BaseParams, FilesParams, RealSetParams, load_params
 
 SN = ("SNIa", "SNII")
@@ -53,7 +53,7 @@ def load_objects(root: Path, which: str, base: BaseParams, test_fraction: float)
     real = RealSetParams(detections=root / "detections.parquet", labels=root / "labels.csv", classes=list(SN),
                          test_fraction=test_fraction)
     if which == "heldout":
-        from deeprubin.realset import load_heldout
+        from deeprubin.evaluation.sets import load_heldout
 
         held = load_heldout(real, base)
         return held.detections, held.labels
@@ -83,8 +83,8 @@ def subsample(labels: pd.Series, n: int, seed: int) -> pd.Series:
 def full_curve_row(det: pd.DataFrame, labels: pd.Series, model, grid_days: int, fit_context_days: float,
                    batch_size: int) -> dict:
     """Accuracy and macro-F1 of the model on the complete light curves (the reference for the early bins)."""
-    from deeprubin.classify import classify_curves
-    from deeprubin.stages.preprocess import curves_from_detections
+    from deeprubin.serving.classify import classify_curves
+    from deeprubin.lightcurves.tensorize import curves_from_detections
 
     rows, _ = classify_curves(curves_from_detections(det), model, grid_days, fit_context_days, batch_size)
     rows = rows.assign(alert_mjd=0.0, days_since_first_detection=0.0)
@@ -108,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     params = load_params(args.params if args.params.exists() else None)
-    uri = args.model or params.classify.model_uri
+    uri = args.model or params.model_uri()
     tracking = args.tracking_uri or params.train.tracking_uri
     root = args.data or shared_data_dir() / "bts"
     if not (root / "detections.parquet").exists():
         sys.exit(f"no BTS data at {root} (set DEEPRUBIN_SHARED_DATA or --data)")
 
-    from deeprubin.classify import load_model
+    from deeprubin.serving.classify import load_model
 
     try:
         model = load_model(uri, tracking, params.base.classes)
@@ -162,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['bin']:>10s} {r['n_objects']:8d} {r['n_SNIa']:6d} {r['n_SNII']:6d} {r.get('n_alerts', 0):7d} "
               f"{r['accuracy']:9.3f} {r['macro_f1']:9.3f}")
 
-    from deeprubin.evaluate import write_metrics_json
+    from deeprubin.evaluation.metrics import write_metrics_json
 
     out = write_metrics_json(args.output, {
         "model": {"uri": model.uri, "name": model.name, "version": model.version, "tracking_uri": tracking},
         "data": {"objects": args.objects, "n_objects": len(labels), "per_class": labels.value_counts().to_dict(),
                  "max_objects": args.max_objects, "seed": args.seed},
-        "protocol": "alert-by-alert replay through deeprubin.alerts; prediction restricted to SNIa/SNII; each "
+        "protocol": "alert-by-alert replay through deeprubin.serving.alerts; prediction restricted to SNIa/SNII; each "
                     "object once per bin, its latest alert in the bin",
         "replay": {"alerts": result.alerts_read, "classified": result.classified, "rejected": result.rejected,
                    "rejection_reasons": rejected["reason"].value_counts().to_dict() if len(rejected) else {},

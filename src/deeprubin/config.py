@@ -135,7 +135,7 @@ class IngestParams(Section):
 
 
 class PreprocessParams(Section):
-    """GP interpolation of every light curve onto the daily grid (stages/preprocess.py, window.py)."""
+    """GP interpolation of every light curve onto the daily grid (stages/preprocess.py, lightcurves/)."""
 
     processed_dir: Path = Field(Path("data/processed"), description="Where model-ready tensors are written.")
     grid_days: int = Field(100, ge=10, description="Length of the daily grid, days.")
@@ -249,7 +249,7 @@ class PromoteParams(Section):
 
 
 class ClassifyParams(Section):
-    """Classification of new objects with the serving model (classify.py)."""
+    """Classification of new objects with the serving model (deeprubin.serving.classify)."""
 
     model_uri: str | None = Field(
         None, description="Model URI (models:/name@alias, models:/name/3) or a local MLflow model path; null: the "
@@ -276,7 +276,7 @@ class KafkaParams(Section):
 
 
 class AlertsParams(Section):
-    """Alert-stream consumer (alerts.py): ZTF Avro alerts or LSST alert packets, from a directory or Kafka."""
+    """Alert-stream consumer (deeprubin.serving.alerts): ZTF Avro alerts or LSST alert packets, from a directory or Kafka."""
 
     format: Literal["auto", "ztf", "lsst"] = Field("auto", description="Packet format (auto: from its fields).")
     lsst_schema_version: str | None = Field(None, description="lsst-alert-packet schema, e.g. '7.4' (null: the "

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deeprubin import alerts
-from deeprubin.alerts import (
+from deeprubin.serving import alerts
+from deeprubin.serving.alerts import (
     OUTPUT_COLUMNS,
     Alert,
     AlertClassifier,
@@ -26,7 +26,7 @@ from deeprubin.alerts import (
     read_rejections,
     replay_detections,
 )
-from deeprubin.classify import ServingModel
+from deeprubin.serving.classify import ServingModel
 from deeprubin.config import load_params
 from deeprubin.schema import CLASSES, map_detections
 from tests.alert_packets import (
@@ -455,7 +455,7 @@ def test_early_metrics_restricts_predictions_to_the_scored_classes():
 @pytest.mark.real_data
 def test_replay_on_real_bts_supernovae(shared_data, model):
     from deeprubin.config import BaseParams, RealSetParams
-    from deeprubin.realset import load_heldout
+    from deeprubin.evaluation.sets import load_heldout
 
     real = load_heldout(RealSetParams(detections=shared_data / "bts" / "detections.parquet",
                                       labels=shared_data / "bts" / "labels.csv"), BaseParams())

@@ -72,21 +72,6 @@ def _count_reasons(rejections: list[Rejection]) -> dict[str, int]:
     return out
 
 
-def from_source(params: IngestParams, base: BaseParams) -> MappedTables:
-    if params.source == "simulator":
-        from deeprubin.sources.simulate import simulate
-
-        sim = simulate(params.simulator, classes=base.classes, seed=params.simulator.seed or base.seed)
-        return MappedTables(detections=sim.detections, non_detections=sim.non_detections,
-                            labels=sim.objects[["oid", "label", "label_probability"]], source="simulator",
-                            label_source="simulated")
-    if params.source == "files":
-        from deeprubin.sources.files import load
-
-        return load(params.files)
-    raise ValueError(f"unknown ingest source {params.source!r}")
-
-
 def select_objects(detections: pd.DataFrame, labels: pd.DataFrame | None, classes: list[str],
                    min_detections: int, keep_unlabelled: bool) -> tuple[pd.DataFrame, list[Rejection]]:
     """Keep objects of the target classes with at least ``min_detections`` detections; name every one dropped."""

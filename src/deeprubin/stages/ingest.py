@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from deeprubin.config import Params
+from deeprubin.config import BaseParams, IngestParams, Params
 from deeprubin.progress import Progress, or_silent
 from deeprubin.sources.alerce_pull import pull
-from deeprubin.sources.batch import IngestResult, class_counts, concat_batches, from_source, prepare_batch
-from deeprubin.sources.files import load
+from deeprubin.sources.batch import IngestResult, class_counts, concat_batches, prepare_batch
+from deeprubin.sources.files import MappedTables, load
+from deeprubin.sources.simulate import simulate
 from deeprubin.store import RawStore, upsert
 
 
@@ -28,6 +29,17 @@ class IngestPaths:
     @classmethod
     def from_params(cls, params: Params) -> "IngestPaths":
         return cls(raw_dir=Path(params.ingest.raw_dir))
+
+
+def _from_source(params: IngestParams, base: BaseParams) -> MappedTables:
+    if params.source == "simulator":
+        sim = simulate(params.simulator, classes=base.classes, seed=params.simulator.seed or base.seed)
+        return MappedTables(detections=sim.detections, non_detections=sim.non_detections,
+                            labels=sim.objects[["oid", "label", "label_probability"]], source="simulator",
+                            label_source="simulated")
+    if params.source == "files":
+        return load(params.files)
+    raise ValueError(f"unknown ingest source {params.source!r}")
 
 
 def run(params: Params, paths: IngestPaths, progress: Progress | None = None) -> IngestResult:
@@ -41,7 +53,7 @@ def run(params: Params, paths: IngestPaths, progress: Progress | None = None) ->
         return result
 
     step(f"reading from {params.source}")
-    mapped = from_source(params, base)
+    mapped = _from_source(params, base)
     # Deterministic for deterministic sources, so that `dvc repro` reproduces the same bytes.
     ingested_at = pd.Timestamp(0, tz="UTC") if params.source == "simulator" else pd.Timestamp.now(tz="UTC")
     batch, reports, dropped = prepare_batch(mapped, params, base, ingested_at, step)
