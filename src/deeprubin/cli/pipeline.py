@@ -1,0 +1,295 @@
+"""The pipeline's stages, one command each: ingest, preprocess, train, baseline, evaluate, register."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.panel import Panel
+from rich.table import Table
+
+from deeprubin.cli.common import ParamsOption, SetOption, _load, _run_with_progress, app, console
+
+
+@app.command()
+def ingest(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    source: Annotated[Optional[str], typer.Option(help="simulator, files or alerce (default: ingest.source).")] = None,
+    detections: Annotated[
+        Optional[Path], typer.Option(help="Detections file (Parquet/CSV) for --source files.")
+    ] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Labels file (oid, label) for --source files.")] = None,
+    non_detections: Annotated[Optional[Path], typer.Option(help="Upper-limits file for --source files.")] = None,
+    label_source: Annotated[Optional[str], typer.Option(help="Label provenance, e.g. bts:spectroscopic.")] = None,
+    n_per_class: Annotated[Optional[int], typer.Option(help="Objects per class for the simulator.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: ingest.raw_dir).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="auto, replace or upsert (default: ingest.mode).")] = None,
+    alerce_url: Annotated[
+        Optional[str], typer.Option(help="ALeRCE API base URL for --source alerce (default: ingest.alerce.base_url).")
+    ] = None,
+) -> None:
+    """Ingest light curves (simulator, files or the ALeRCE API) into validated contract tables under data/raw.
+
+    Bad rows are dropped with a reason naming the object; the summary counts them. --source alerce pulls
+    incrementally: only objects new or changed since the last pull, retried on server errors, committed as it goes.
+    Examples:
+
+      deeprubin ingest
+
+      deeprubin ingest --source alerce --set ingest.alerce.since_mjd=60600
+
+      deeprubin ingest --source files --detections ../shared/data/bts/detections.parquet
+      --labels ../shared/data/bts/labels.csv --label-source bts:spectroscopic --out data/bts
+    """
+    from deeprubin.stages import ingest as stage
+
+    extra = list(overrides or [])
+    for key, value in (("source", source), ("files.detections", detections), ("files.labels", labels),
+                       ("files.non_detections", non_detections), ("files.label_source", label_source),
+                       ("simulator.n_per_class", n_per_class), ("raw_dir", out), ("mode", mode),
+                       ("alerce.base_url", alerce_url)):
+        if value is not None:
+            extra.append(f"ingest.{key}={value}")
+    params = _load(params_path, extra)
+    paths = stage.IngestPaths.from_params(params)
+
+    result = _run_with_progress("ingest", lambda report: stage.run(params, paths, report))
+    _print_ingest_summary(result)
+
+
+def _print_ingest_summary(result) -> None:
+    console.print(f"[bold]ingest[/] from {result.source} -> {result.raw_dir} in {result.seconds:.1f} s")
+    table = Table(title="stored")
+    table.add_column("class")
+    table.add_column("objects", justify="right")
+    for label, n in result.objects_per_class.items():
+        table.add_row(label, str(n))
+    table.add_row("[bold]total", f"[bold]{sum(result.objects_per_class.values())}")
+    console.print(table)
+    if result.per_class is not None:
+        pulled = Table(title="ALeRCE pull" + ("" if result.complete else " (incomplete)"),
+                       caption="same: listed but unchanged since the last pull; upd: updated objects; "
+                               "+det: detections added")
+        for col in ("class", "p≥", "listed", "same", "fetched", "new", "upd", "+det", "fail", "watermark"):
+            pulled.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
+        for name, c in result.per_class.items():
+            mark = c["watermark_after"]
+            pulled.add_row(name, f"{c['threshold']:.2f}", str(c["listed"]), str(c["skipped_unchanged"]),
+                           str(c["fetched"]), str(c["objects_new"]), str(c["objects_updated"]),
+                           str(c["detections_added"]), str(len(c["failures"])),
+                           "-" if mark is None else f"{mark:.2f}")
+        console.print(pulled)
+        failures = [f for c in result.per_class.values() for f in c["failures"]]
+        if failures:
+            console.print("failures (also in manifest.json): " + "; ".join(
+                f"{f['what']}: {f['reason']}" for f in failures[:5]) + (" ..." if len(failures) > 5 else ""))
+    lines = [f"detections kept: {result.detections}   non-detections kept: {result.non_detections}"]
+    lines += [r.summary() for r in result.reports]
+    if result.objects_dropped:
+        reasons: dict[str, int] = {}
+        for r in result.objects_dropped:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
+        lines.append("objects dropped: " + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())))
+        examples = [str(r) for r in result.objects_dropped[:3]]
+        lines.append("  e.g. " + "; ".join(examples))
+    row_rejections = [r for rep in result.reports for r in rep.rejections if r.rows]
+    if row_rejections:
+        lines.append("  e.g. " + "; ".join(str(r) for r in row_rejections[:3]))
+    if result.counts:
+        c = result.counts
+        lines.append(f"upsert: {c.objects_new} new objects, {c.objects_updated} updated, "
+                     f"{c.detections_added} detections added, {c.detections_replaced} replaced")
+    lines.append(f"manifest: {result.raw_dir / 'manifest.json'}   every dropped object and row, with its reason: "
+                 f"{result.raw_dir / 'rejections.csv'}")
+    console.print(Panel("\n".join(lines), title="summary", expand=False))
+
+
+@app.command()
+def preprocess(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    executor: Annotated[
+        Optional[str], typer.Option(help="processes or dask (default: preprocess.executor).")
+    ] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes; 1: no pool (default: CPU count).")] = None,
+    dask_address: Annotated[
+        Optional[str], typer.Option(help="Dask scheduler address; implies --executor dask.")
+    ] = None,
+    raw: Annotated[Optional[Path], typer.Option(help="Raw store to read (default: ingest.raw_dir).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: preprocess.processed_dir).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Recompute every object (ignore the stored tensors).")] = False,
+) -> None:
+    """GP-interpolate every light curve onto the daily grid: model input tensors under data/processed.
+
+    Objects run in oid-hash partitions on a process pool or a Dask cluster (same output either way); only objects
+    whose detections changed since the last run are recomputed. Objects that cannot be interpolated are skipped
+    and counted with their reason. Examples:
+
+      deeprubin preprocess
+
+      deeprubin preprocess --dask-address tcp://scheduler:8786
+    """
+    from deeprubin.stages import preprocess as stage
+
+    extra = list(overrides or [])
+    if dask_address is not None:
+        executor = executor or "dask"
+    for key, value in (("preprocess.executor", executor), ("preprocess.workers", workers),
+                       ("preprocess.dask_address", dask_address), ("ingest.raw_dir", raw),
+                       ("preprocess.processed_dir", out)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    if full:
+        extra.append("preprocess.incremental=false")
+    params = _load(params_path, extra)
+    paths = stage.PreprocessPaths.from_params(params)
+
+    result = _run_with_progress("preprocess", lambda report: stage.run(params, paths, report), unit=" partitions")
+    _print_preprocess_summary(result)
+
+
+def _print_preprocess_summary(result) -> None:
+    console.print(f"[bold]preprocess[/] -> {result.processed_dir} in {result.seconds:.1f} s "
+                  f"({result.executor}, {result.workers} worker(s))")
+    table = Table(title="objects")
+    table.add_column("", no_wrap=True)
+    table.add_column("count", justify="right")
+    table.add_row("in", str(result.objects_in))
+    table.add_row("written: GP ok", str(result.ok))
+    table.add_row("written: GP fallback", str(result.fallback_objects))
+    for reason, n in sorted(result.fallback.items()):
+        table.add_row(f"  fallback: {reason}", str(n))
+    for reason, n in sorted(result.skipped.items()):
+        table.add_row(f"skipped: {reason}", str(n))
+    table.add_row("recomputed / reused", f"{result.recomputed} / {result.reused}")
+    console.print(table)
+    console.print(f"tensor {tuple(result.shape)} float32 in {result.shards} shard(s); "
+                  f"index: {result.processed_dir / 'index.parquet'}, skipped objects with reasons: "
+                  f"{result.processed_dir / 'skipped.parquet'}")
+
+
+@app.command()
+def train(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    max_epochs: Annotated[Optional[int], typer.Option(help="Epochs at most (default: train.max_epochs).")] = None,
+    accelerator: Annotated[Optional[str], typer.Option(help="auto, cpu or gpu (default: train.accelerator).")] = None,
+    tracking_uri: Annotated[
+        Optional[str], typer.Option(help="MLflow tracking URI (default: train.tracking_uri, sqlite:///mlflow.db).")
+    ] = None,
+    processed: Annotated[
+        Optional[Path], typer.Option(help="Processed tensors to train on (default: preprocess.processed_dir).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: train.model_dir).")] = None,
+) -> None:
+    """Train the TCN on data/processed and log it to MLflow (`deeprubin register` versions it after evaluation).
+
+    Early stopping and the best checkpoint on validation macro-F1; writes tcn.ckpt and train.json under
+    train.model_dir. Examples:
+
+      deeprubin train
+
+      deeprubin train --max-epochs 5 --tracking-uri http://mlflow:5000
+    """
+    from deeprubin.outputs import TRAIN_REPORT
+    from deeprubin.stages import train as stage
+
+    extra = list(overrides or [])
+    for key, value in (("train.max_epochs", max_epochs), ("train.accelerator", accelerator),
+                       ("train.tracking_uri", tracking_uri), ("preprocess.processed_dir", processed),
+                       ("train.model_dir", out)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    params = _load(params_path, extra)
+    paths = stage.TrainPaths.from_params(params)  # the real set's held-out objects are never trained on
+    result = _run_with_progress("train", lambda report: stage.run(params, paths, report), unit=" epochs")
+    console.print(f"[bold]train[/] {result.epochs} epoch(s) on {result.accelerator} in {result.seconds:.1f} s; "
+                  f"best val macro-F1 {result.best_val_macro_f1:.3f}")
+    console.print(f"objects train/val/test: {result.split_sizes['train']}/{result.split_sizes['val']}/"
+                  f"{result.split_sizes['test']}")
+    console.print(f"MLflow run {result.run_id} at {result.tracking_uri}; model {result.model_uri} "
+                  "(`deeprubin register` registers it after `deeprubin evaluate`)")
+    console.print(f"data {result.data_hash} ({result.data_hash_source}), commit {result.git_commit}")
+    console.print(f"checkpoint: {result.checkpoint}   report: {result.checkpoint.parent / TRAIN_REPORT}")
+
+
+@app.command()
+def baseline(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Train the balanced random forest (light-curve features) on the TCN's training split.
+
+    Writes forest.joblib and forest.json under train.model_dir; `deeprubin evaluate` scores it beside the TCN.
+    """
+    from deeprubin.stages import baseline as stage
+
+    params = _load(params_path, overrides)
+    report = _run_with_progress("baseline", lambda r: stage.run(params, stage.BaselinePaths.from_params(params), r))
+    counts = ", ".join(f"{k} {v}" for k, v in report["objects_per_class"].items())
+    console.print(f"[bold]baseline[/] {report['trees']} trees on {counts} (+ cuts at {report['truncations']} d) "
+                  f"in {report['seconds']:.1f} s -> {report['model']}")
+
+
+@app.command()
+def evaluate(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Do not log to the training run.")] = False,
+) -> None:
+    """Score the TCN and the forest on the test split and the held-out real set (evaluate.real).
+
+    Macro-F1 and per-class recall with bootstrap 95% intervals, calibration, and macro-F1 against days since
+    first detection; writes metrics/evaluate.json, metrics/plots/*.csv and metrics/figures/*.png and logs them to
+    the training run in MLflow.
+    """
+    from rich.table import Table
+
+    from deeprubin.stages import evaluate as stage
+
+    params = _load(params_path, overrides)
+    result = _run_with_progress("evaluate", lambda r: stage.run(params, stage.EvaluatePaths.from_params(params), r,
+                                                                log_to_mlflow=not no_mlflow))
+    table = Table(title="evaluation: macro-F1 [95% bootstrap interval]")
+    for column in ("model", "data", "n", "macro-F1", "ECE", "F1@20d"):
+        table.add_column(column, no_wrap=True)
+    lines = []
+    for model, per_set in result.metrics.items():
+        for name, m in per_set.items():
+            if not isinstance(m, dict) or "macro_f1" not in m:
+                continue
+            early = m.get("early", {})
+            table.add_row(model, name, str(m["n"]),
+                          f"{m['macro_f1']:.3f} [{m['macro_f1_low']:.2f}, {m['macro_f1_high']:.2f}]",
+                          f"{m['ece']:.3f}", f"{early.get('20d', {}).get('macro_f1', float('nan')):.3f}")
+            recalls = ", ".join(f"{c} {pc['recall']:.2f}" for c, pc in m["per_class"].items())
+            curve = ", ".join(f"{d} {e['macro_f1']:.2f}" for d, e in early.items())
+            lines.append(f"{model} on {name}: recall {recalls}; macro-F1 by days since first detection: {curve}")
+    console.print(table)
+    for line in lines:
+        console.print(line)
+    for name, why in result.skipped.items():
+        console.print(f"[yellow]not evaluated:[/] {name}: {why}")
+    console.print(f"metrics: {result.metrics_path}   report: {result.report_path}   figures: "
+                  f"{result.metrics_path.parent / 'figures'}" + (f"   MLflow run {result.run_id}" if result.run_id
+                                                                 else ""))
+
+
+@app.command()
+def register(
+    params_path: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Register the trained, evaluated model as a version of base.model_name (idempotent).
+
+    The version is tagged with the run, commit, data and params hashes and the headline evaluation numbers.
+    """
+    from deeprubin.stages import register as stage
+
+    params = _load(params_path, overrides)
+    out = _run_with_progress("register", lambda r: stage.run(params, stage.RegisterPaths.from_params(params), r))
+    verb = "registered" if out["new"] else "already registered"
+    console.print(f"[bold]register[/] {verb} {out['model_uri']} (run {out['run_id']})"
+                  + ("" if out["evaluated"] else "  [yellow]not evaluated: run `deeprubin evaluate` first[/]"))

@@ -1,0 +1,179 @@
+"""The HTTP service's request and response schemas (pydantic; they make its published OpenAPI schema), and the 422
+reply that names the offending field and the light curve it belongs to.
+
+:func:`request_models` builds the request models with the configured limits; :mod:`deeprubin.serving.service`
+serves them."""
+
+from typing import Annotated, Any, Literal
+
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_ERRORS_SHOWN = 50
+
+
+# --- request and response models -----------------------------------------------------------------------------------
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class Detection(BaseModel):
+    """One detection: time, band, and either difference flux (µJy) or AB magnitude, each with its error."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"mjd": 60123.31, "band": "g", "flux": 52.3, "flux_err": 4.1},
+                     {"mjd": 60125.27, "band": "r", "mag": 19.12, "mag_err": 0.08}]})
+
+    mjd: Finite = Field(..., description="Modified Julian Date of the detection.")
+    band: Literal["g", "r"] = Field(..., description="ZTF band: g or r.")
+    flux: Finite | None = Field(None, description="Difference flux, µJy (negative allowed); with flux_err.")
+    flux_err: Positive | None = Field(None, description="Flux error, µJy (> 0).")
+    mag: Finite | None = Field(None, description="AB magnitude (zero point 23.9), used when flux is absent.")
+    mag_err: Positive | None = Field(None, description="Magnitude error (> 0).")
+
+    @model_validator(mode="after")
+    def _flux_or_mag(self) -> "Detection":
+        if self.flux is not None or self.flux_err is not None:
+            if self.flux is None or self.flux_err is None:
+                missing = "flux" if self.flux is None else "flux_err"
+                raise ValueError(f"{missing} is missing: flux and flux_err come together")
+            return self
+        if self.mag is None or self.mag_err is None:
+            if self.mag is None and self.mag_err is None:
+                raise ValueError("needs flux and flux_err (µJy) or mag and mag_err (AB)")
+            missing = "mag" if self.mag is None else "mag_err"
+            raise ValueError(f"{missing} is missing: mag and mag_err come together")
+        return self
+
+
+def request_models(max_curves: int, max_detections: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """``(LightCurve, ClassifyRequest)`` with the configured limits in their schema (maxItems)."""
+
+    class LightCurve(BaseModel):
+        """One object's detections (any order; they are sorted by time)."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        oid: str = Field(..., min_length=1, max_length=256, description="Object id, unique within the request.")
+        detections: list[Detection] = Field(..., min_length=1, max_length=max_detections,
+                                            description=f"At most {max_detections} detections.")
+
+    class ClassifyRequest(BaseModel):
+        """A batch of light curves."""
+
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"light_curves": [
+            {"oid": "ZTF21aaxtctv", "detections": [
+                {"mjd": 59340.21, "band": "g", "flux": 35.0, "flux_err": 3.9},
+                {"mjd": 59342.25, "band": "r", "flux": 48.1, "flux_err": 4.4},
+                {"mjd": 59345.19, "band": "g", "mag": 19.35, "mag_err": 0.09}]}]}]})
+
+        light_curves: list[LightCurve] = Field(..., min_length=1, max_length=max_curves,
+                                               description=f"1 to {max_curves} light curves, distinct oids.")
+
+    return LightCurve, ClassifyRequest
+
+
+class ModelRef(BaseModel):
+    name: str = Field(..., description="Registered model name (or the local model directory's name).")
+    version: str = Field(..., description="Registry version that produced the probabilities ('local' for a path).")
+    uri: str = Field(..., description="Pinned model URI (models:/name/version).")
+
+
+class Classification(BaseModel):
+    oid: str
+    predicted_class: str = Field(..., description="The class of highest probability.")
+    probabilities: dict[str, float] = Field(..., description="Probability per class (QSO, CEP, SNIa, SNII); sums "
+                                                              "to 1 over the model's classes.")
+    n_det: int = Field(..., description="Detections received for the object.")
+    days_since_first_detection: float = Field(..., description="Last minus first detection of the classified window.")
+
+
+class Rejected(BaseModel):
+    oid: str
+    reason: str = Field(..., description="Why the object could not be classified (e.g. no usable detections).")
+    detail: str = ""
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    classifications: list[Classification]
+    rejected: list[Rejected] = Field(..., description="Objects valid as JSON that the GP could not interpolate.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    model_loaded: bool
+    model_version: str | None = None
+    last_reload_error: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    uri: str = Field(..., description="Pinned URI of the serving version.")
+    source_uri: str = Field(..., description="What the service follows (classify.model_uri), e.g. an alias.")
+    run_id: str | None = None
+    classes: list[str]
+    loaded_at: str = Field(..., description="When this version was loaded (UTC, ISO 8601).")
+    last_checked_at: str | None = Field(None, description="Last look at the registry alias (UTC).")
+    reload_interval_s: float
+    follows_alias: bool = Field(..., description="Whether a moved alias is picked up without a restart.")
+    last_reload_error: str | None = Field(None, description="The last failed reload (the old model kept serving).")
+
+
+class ErrorItem(BaseModel):
+    field: str = Field(..., description="Dotted path of the offending field, e.g. light_curves.3.detections.7.band")
+    msg: str
+    type: str
+    oid: str | None = Field(None, description="The light curve the field belongs to, when known.")
+    loc: list[str | int]
+
+
+class ValidationErrorResponse(BaseModel):
+    message: str = Field(..., description="One line per problem: field path, what is wrong, which oid.")
+    errors: list[ErrorItem]
+    n_errors: int
+
+
+class Problem(BaseModel):
+    message: str
+
+
+# --- validation errors that name the field and the object ---------------------------------------------------------
+
+def _oid_at(body: Any, loc: list) -> str | None:
+    """The oid of the light curve that ``loc`` (light_curves, i, ...) points into, when the body has one."""
+    if len(loc) >= 2 and loc[0] == "light_curves" and isinstance(loc[1], int) and isinstance(body, dict):
+        curves = body.get("light_curves")
+        if isinstance(curves, list) and 0 <= loc[1] < len(curves) and isinstance(curves[loc[1]], dict):
+            oid = curves[loc[1]].get("oid")
+            return oid if isinstance(oid, str) else None
+    return None
+
+
+def validation_error_response(exc: RequestValidationError, content_type: str | None = None) -> JSONResponse:
+    """422 with ``message`` (one line per problem: field path, what is wrong, which oid) and ``errors``; the input
+    values are not echoed back (one of them may be the whole request)."""
+    errors = exc.errors()
+    items, lines = [], []
+    for e in errors[:MAX_ERRORS_SHOWN]:
+        loc = list(e.get("loc", ()))
+        path = loc[1:] if loc and loc[0] == "body" else loc
+        msg, kind = str(e.get("msg", "invalid")), str(e.get("type", ""))
+        if kind == "json_invalid":  # loc is (body, character offset)
+            path, msg = [], f"{msg} at character {loc[-1]}: {(e.get('ctx') or {}).get('error', '')}".rstrip(": ")
+        field = ".".join(str(p) for p in path) or "body"
+        oid = _oid_at(getattr(exc, "body", None), path)
+        items.append({"field": field, "msg": msg, "type": kind, "oid": oid,
+                      "loc": [p if isinstance(p, int) else str(p) for p in loc]})
+        lines.append(f"{field}: {msg}" + (f" (light curve {oid!r})" if oid else ""))
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"... and {len(errors) - MAX_ERRORS_SHOWN} more")
+    hint = ""
+    if content_type is not None and "json" not in content_type.lower():
+        hint = f" (the body must be JSON sent as Content-Type: application/json, not {content_type or 'none'!r})"
+    return JSONResponse(status_code=422, content=jsonable_encoder(
+        {"message": "invalid request" + hint + ": " + "; ".join(lines), "errors": items, "n_errors": len(errors)}))
