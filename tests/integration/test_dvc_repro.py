@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ BIN = Path(sys.executable).parent
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
            "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(cwd)}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"{cmd}: {proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -46,6 +47,24 @@ def project(tmp_path: Path) -> Path:
     return work
 
 
+def write_bytecode(project: Path) -> None:
+    """What the next Python command does after a run: writes .pyc files beside modules the run did not import, into
+    the code deps' directories (src/deeprubin/sources, models, evaluation); plus a stray legacy .pyc beside a module.
+    .dvcignore keeps them out of the deps' hashes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")}
+    src = project / "src"
+    proc = subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=False,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for package in ("sources", "models", "evaluation"):
+        assert list((src / "deeprubin" / package / "__pycache__").glob("*.pyc")), package
+    (src / "deeprubin" / "sources" / "stray.pyc").write_bytes(b"stray")
+
+
+def assert_up_to_date(project: Path, *targets: str) -> None:
+    assert json.loads(run([str(BIN / "dvc"), "status", "--json", *targets], project).stdout or "{}") == {}
+
+
 def test_dvc_repro_ingest_is_recorded_and_reproducible(project: Path):
     dvc = str(BIN / "dvc")
     run([dvc, "repro", "ingest"], project)
@@ -58,6 +77,8 @@ def test_dvc_repro_ingest_is_recorded_and_reproducible(project: Path):
 
     second = run([dvc, "repro", "ingest"], project)
     assert "didn't change" in second.stdout or "up to date" in second.stdout
+    write_bytecode(project)
+    assert_up_to_date(project, "ingest")  # src/deeprubin/sources/__pycache__ is not part of the dep
 
     # Deleting the output and reproducing gives the same data version (the simulator is seeded).
     shutil.rmtree(project / "data" / "raw")
@@ -87,7 +108,7 @@ def test_dvc_repro_whole_pipeline_metrics_plots_and_an_experiment(project: Path)
 
     from mlflow import MlflowClient
 
-    from deeprubin.stages import train
+    from deeprubin.outputs import TRAIN_REPORT
 
     dvc = str(BIN / "dvc")
     run([dvc, "repro"], project)
@@ -95,7 +116,7 @@ def test_dvc_repro_whole_pipeline_metrics_plots_and_an_experiment(project: Path)
     assert set(lock) == {"ingest", "preprocess", "train", "baseline", "evaluate"}
     assert [o["path"] for o in lock["train"]["outs"]] == ["models/tcn.ckpt", "models/train.json"]
     processed_md5 = lock["preprocess"]["outs"][0]["md5"]
-    report = json.loads((project / "models" / train.REPORT).read_text())
+    report = json.loads((project / "models" / TRAIN_REPORT).read_text())
     assert report["data_hash"] == processed_md5 and report["data_hash_source"] == "dvc.lock"
     assert (project / "mlflow.db").exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
@@ -107,6 +128,8 @@ def test_dvc_repro_whole_pipeline_metrics_plots_and_an_experiment(project: Path)
     assert client.get_model_version("deeprubin-tcn", registered["version"]).tags["run_id"] == report["run_id"]
     second = run([dvc, "repro"], project)
     assert "didn't change" in second.stdout or "up to date" in second.stdout
+    write_bytecode(project)
+    assert_up_to_date(project)
 
     metrics = json.loads(run([dvc, "metrics", "show", "--json"], project).stdout)
     shown = json.dumps(metrics)
