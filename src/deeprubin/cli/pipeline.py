@@ -151,6 +151,8 @@ def preprocess(
 
 
 def _print_preprocess_summary(result) -> None:
+    from deeprubin.processed import INDEX, SKIPPED  # pyarrow: deferred, like every heavy import of the CLI
+
     console.print(f"[bold]preprocess[/] -> {result.processed_dir} in {result.seconds:.1f} s "
                   f"({result.executor}, {result.workers} worker(s))")
     table = Table(title="objects")
@@ -166,8 +168,8 @@ def _print_preprocess_summary(result) -> None:
     table.add_row("recomputed / reused", f"{result.recomputed} / {result.reused}")
     console.print(table)
     console.print(f"tensor {tuple(result.shape)} float32 in {result.shards} shard(s); "
-                  f"index: {result.processed_dir / 'index.parquet'}, skipped objects with reasons: "
-                  f"{result.processed_dir / 'skipped.parquet'}")
+                  f"index: {result.processed_dir / INDEX}, skipped objects with reasons: "
+                  f"{result.processed_dir / SKIPPED}")
 
 
 @app.command()
