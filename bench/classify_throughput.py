@@ -45,9 +45,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from deeprubin.serving import classify as clf  # noqa: E402
 from deeprubin.config import load_params  # noqa: E402
+from deeprubin.models import served  # noqa: E402
 from deeprubin.schema import CLASSES  # noqa: E402
+from deeprubin.serving import classify as clf  # noqa: E402
+from deeprubin.serving.pool import resolve_workers  # noqa: E402
 
 TARGET_PER_S = 1000.0
 
@@ -80,18 +82,18 @@ def first_objects(src: Path, n: int, path: Path) -> None:
     det[det["oid"].isin(keep)].to_parquet(path, index=False)
 
 
-def serving_model(uri: str | None, tracking_uri: str) -> clf.ServingModel:
+def serving_model(uri: str | None, tracking_uri: str) -> served.ServingModel:
     if uri:
-        return clf.load_model(uri, tracking_uri)
+        return served.load_model(uri, tracking_uri)
     try:
-        return clf.load_model("models:/deeprubin-tcn@champion", tracking_uri)
+        return served.load_model("models:/deeprubin-tcn@champion", tracking_uri)
     except Exception as exc:  # noqa: BLE001 - no registry yet: an untrained network of the same shape
         from deeprubin.models.served import untrained_served_model
 
         t = load_params(None).train
         print(f"note: no champion in {tracking_uri} ({type(exc).__name__}); an untrained TCN of the configured shape "
               f"(hidden {t.hidden}, levels {t.levels}, kernel {t.kernel_size}) is used")
-        return clf.ServingModel(uri="untrained", name="untrained-tcn", version="0", classes=tuple(CLASSES),
+        return served.ServingModel(uri="untrained", name="untrained-tcn", version="0", classes=tuple(CLASSES),
                                 module=untrained_served_model(t))
 
 
@@ -219,7 +221,7 @@ def main() -> int:
 
     print(f"machine: {machine()}")
     params = load_params(None)
-    workers = clf.resolve_workers(args.workers)
+    workers = resolve_workers(args.workers)
     model = serving_model(args.model, args.tracking_uri)
     report: dict = {"machine": machine(), "model": model.uri, "n": args.n, "workers": workers}
     with tempfile.TemporaryDirectory(prefix="bench-classify-") as tmp:

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "detections.parquet").exists():
         sys.exit(f"no BTS data at {root} (set DEEPRUBIN_SHARED_DATA or --data)")
 
-    from deeprubin.serving.classify import load_model
+    from deeprubin.models.served import load_model
 
     try:
         model = load_model(uri, tracking, params.base.classes)

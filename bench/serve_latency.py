@@ -80,7 +80,7 @@ def register_untrained(directory: Path) -> tuple[str, str]:
 
 def resolve_model(model_uri: str | None, tracking_uri: str | None, scratch: Path):
     """(model_uri, tracking_uri, ServingModel, note)."""
-    from deeprubin.serving.classify import load_model
+    from deeprubin.models.served import load_model
     from deeprubin.config import TrainParams
 
     uri = model_uri or DEFAULT_MODEL

@@ -9,7 +9,7 @@ import pytest
 
 from deeprubin.serving import alerts
 from deeprubin.serving.alerts import read_classifications, read_rejections
-from deeprubin.serving.classify import ServingModel
+from deeprubin.models.served import ServingModel
 from deeprubin.config import load_params
 from deeprubin.schema import CLASSES
 from tests.alert_packets import (

@@ -151,7 +151,8 @@ def test_classify_returns_probabilities_per_object(service, registry, curves):
 
 def test_http_answer_equals_in_process_classification(service, registry, curves):
     """The service adds nothing of its own: same probabilities as classify_curves on the same curves."""
-    from deeprubin.serving.classify import classify_curves, load_model
+    from deeprubin.models.served import load_model
+    from deeprubin.serving.classify import classify_curves
     from deeprubin.lightcurves.tensorize import Curve
     from deeprubin.schema import BAND_INDEX
 

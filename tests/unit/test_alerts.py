@@ -26,7 +26,7 @@ from deeprubin.serving.alerts import (
     read_rejections,
     replay_detections,
 )
-from deeprubin.serving.classify import ServingModel
+from deeprubin.models.served import ServingModel
 from deeprubin.config import load_params
 from deeprubin.schema import CLASSES, map_detections
 from tests.alert_packets import (

@@ -11,6 +11,9 @@ import pytest
 
 from deeprubin.serving import classify as clf
 from deeprubin.config import load_params
+from deeprubin.models.served import ServingModel, load_model
+from deeprubin.serving import reading
+from deeprubin.serving.pool import Tensorizer
 from deeprubin.schema import CLASSES
 from deeprubin.sources import simulate
 from tests.model_fixtures import served_tcn
@@ -23,8 +26,8 @@ def detections() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def model() -> clf.ServingModel:
-    return clf.ServingModel(uri="local:test", name="test", version="0", classes=tuple(CLASSES), module=served_tcn())
+def model() -> ServingModel:
+    return ServingModel(uri="local:test", name="test", version="0", classes=tuple(CLASSES), module=served_tcn())
 
 
 @pytest.fixture
@@ -38,7 +41,7 @@ def _chunks(frame: pd.DataFrame, rows: int):
 
 
 def test_grouped_reader_yields_whole_objects_across_chunk_boundaries(detections):
-    frames = list(clf.grouped_objects(_chunks(detections, 37)))
+    frames = list(reading.grouped_objects(_chunks(detections, 37)))
     seen = [f["oid"].unique() for f in frames]
     flat = np.concatenate(seen)
     assert len(flat) == len(set(flat)) == detections["oid"].nunique()  # no object split between two frames
@@ -48,13 +51,13 @@ def test_grouped_reader_yields_whole_objects_across_chunk_boundaries(detections)
 
 def test_grouped_reader_refuses_interleaved_objects(detections):
     interleaved = detections.sample(frac=1, random_state=0)
-    with pytest.raises(clf.NotGroupedError, match="not contiguous"):
-        list(clf.grouped_objects(_chunks(interleaved, 50)))
+    with pytest.raises(reading.NotGroupedError, match="not contiguous"):
+        list(reading.grouped_objects(_chunks(interleaved, 50)))
 
 
 def test_partitioned_reader_gives_each_object_once_with_all_its_rows(detections, tmp_path):
     shuffled = detections.sample(frac=1, random_state=1)
-    frames = list(clf.partitioned_objects(_chunks(shuffled, 41), tmp_path / "spill", partitions=5))
+    frames = list(reading.partitioned_objects(_chunks(shuffled, 41), tmp_path / "spill", partitions=5))
     assert len(frames) <= 5
     per_frame = [set(f["oid"]) for f in frames]
     assert sum(len(s) for s in per_frame) == len(set().union(*per_frame)) == detections["oid"].nunique()
@@ -68,7 +71,7 @@ def test_batches_are_bounded_and_bad_points_are_counted(detections):
     bad = detections.copy()
     bad.loc[bad.index[:3], "flux_err"] = -1.0
     dropped: Counter = Counter()
-    batches = list(clf.curve_batches(clf.grouped_objects(_chunks(bad, 100)), 8, dropped))
+    batches = list(reading.curve_batches(reading.grouped_objects(_chunks(bad, 100)), 8, dropped))
     assert all(len(b.curves) <= 8 for b in batches)
     assert sum(len(b.curves) for b in batches) == detections["oid"].nunique()
     assert sum(b.rows_read for b in batches) == len(bad)
@@ -134,7 +137,7 @@ def test_a_failed_run_leaves_the_previous_output_whole(detections, model, params
     clf.run_file(params, src, out, model=model)
     before = out.read_bytes()
 
-    class Exploding(clf.ServingModel):
+    class Exploding(ServingModel):
         def predict_proba(self, x, batch=1024):
             raise RuntimeError("GPU fell off")
 
@@ -182,7 +185,7 @@ def test_classification_on_a_process_pool_equals_in_process(detections, model, m
     detections.to_parquet(src, index=False)
     params = load_params(None, ["classify.batch_size=8"])
     # model: an in-memory network, run by the main process; logged: workers load it from disk and run it too
-    logged = clf.load_model(str(model_dir), f"sqlite:///{tmp_path}/unused.db")  # a local path: no registry read
+    logged = load_model(str(model_dir), f"sqlite:///{tmp_path}/unused.db")  # a local path: no registry read
     assert logged.local_path == str(model_dir)
     for m in (model, logged):
         one = clf.run_file(params, src, tmp_path / "one.parquet", model=m, workers=1)
@@ -191,7 +194,7 @@ def test_classification_on_a_process_pool_equals_in_process(detections, model, m
         pd.testing.assert_frame_equal(a, b, rtol=1e-6)
     from deeprubin.lightcurves.tensorize import curves_from_detections
 
-    pool = clf._Tensorizer(2, logged)  # the logged network runs in the workers: only probabilities come back
+    pool = Tensorizer(2, logged)  # the logged network runs in the workers: only probabilities come back
     try:
         [(_, (t, proba))] = list(pool.map([(0, (curves_from_detections(detections)[:5], 100, 100.0, None))]))
     finally:

@@ -9,7 +9,7 @@ import pytest
 
 from deeprubin.config import load_params
 from deeprubin.lightcurves.tensorize import CHANNELS, curves_from_detections, tensorize
-from deeprubin.models.served import load_model, log_and_register
+from deeprubin.models.served import ServingModel, load_model, log_and_register
 from deeprubin.processed import Preprocessing
 from deeprubin.schema import CLASSES
 from deeprubin.serving import classify as clf
@@ -71,7 +71,7 @@ def test_classification_uses_the_models_settings_not_the_configured_ones(registr
 
 
 def test_a_model_without_settings_is_served_with_the_configured_ones_and_says_so(detections):
-    legacy = clf.ServingModel(uri="local:legacy", name="legacy", version="0", classes=tuple(CLASSES),
+    legacy = ServingModel(uri="local:legacy", name="legacy", version="0", classes=tuple(CLASSES),
                               module=served_tcn())
     params = load_params(None, ["preprocess.grid_days=80"])
     with pytest.warns(UserWarning, match="records no preprocessing settings"):

@@ -1,25 +1,24 @@
 """Classification with a registered (or local) model: light curves -> one row of probabilities per object.
 
-The model is loaded once (:func:`load_model`, default ``models:/deeprubin-tcn@champion``); light curves go through
-:func:`deeprubin.lightcurves.tensorize.tensorize_curves` (the window policy and GP of training) in bounded batches, so
-memory does not grow with the input. Objects the GP cannot interpolate are returned as rejections (oid, reason,
+The model is loaded once (:func:`deeprubin.models.served.load_model`, default ``models:/<base.model_name>@champion``);
+light curves go through :func:`deeprubin.lightcurves.tensorize.tensorize_curves` with the model's own preprocessing
+settings, in bounded batches (:mod:`deeprubin.serving.reading` reads files of any size, :mod:`deeprubin.serving.pool`
+runs the GP on a process pool), so memory does not grow with the input. Objects the GP cannot interpolate are returned as rejections (oid, reason,
 detail) and never stop the run.
 
-Output columns (the contract in DESIGN.md): ``oid``, ``predicted_class``, ``p_QSO``, ``p_CEP``, ``p_SNIa``,
+Output columns (the output contract): ``oid``, ``predicted_class``, ``p_QSO``, ``p_CEP``, ``p_SNIa``,
 ``p_SNII``, ``n_det``, ``days_since_first_detection``, ``model_name``, ``model_version``, ``classified_at``.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -27,11 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deeprubin.config import Params
-from deeprubin.lightcurves.tensorize import curves_from_detections, tensorize_curves
-from deeprubin.models.served import ServingModel, load_exported, load_model, predict
-from deeprubin.processed import Preprocessing, partition_of
+from deeprubin.models.served import ServingModel, load_model
+from deeprubin.processed import Preprocessing
 from deeprubin.progress import Progress, or_silent
-from deeprubin.schema import CLASSES, DETECTIONS_SCHEMA, SchemaError, map_detections, to_arrow, validate_detections
+from deeprubin.schema import CLASSES
+from deeprubin.serving.pool import Tensorizer, resolve_workers, tensorize_job
+from deeprubin.serving.reading import READ_ROWS, CurveBatch, NotGroupedError, count_rows, curve_batches, \
+    grouped_objects, partitioned_objects, read_detections, spill_partitions
+
 COLUMNS = ["oid", "predicted_class", *[f"p_{c}" for c in CLASSES], "n_det", "days_since_first_detection",
            "model_name", "model_version", "classified_at"]
 REJECTION_COLUMNS = ["oid", "reason", "detail"]
@@ -53,7 +55,7 @@ def classify_curves(curves: list, model: ServingModel, grid_days: int = 100, fit
     stamp = pd.Timestamp.now(tz="UTC")
     for start in range(0, len(curves), batch_size):
         batch = curves[start:start + batch_size]
-        t = _tensorize_job((batch, grid_days, fit_context_days))
+        t = tensorize_job((batch, grid_days, fit_context_days))
         rejected.extend(t.skipped)
         if len(t.rows):
             frames.append(_rows(t, model.predict_proba(t.x, batch_size), model, _n_det(batch), stamp))
@@ -73,230 +75,6 @@ def empty_classifications() -> pd.DataFrame:
 
 def _n_det(curves) -> dict[str, int]:
     return {c.oid: int(len(c.mjd)) for c in curves}
-
-
-@functools.cache
-def _blas_controller():
-    """One scan of the process's BLAS libraries (threadpool_limits rescans them on every call: ms per request)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def _tensorize_job(job):
-    """One batch through the GP and the window policy (a top-level function: it runs in worker processes)."""
-    curves, grid_days, fit_context_days, *rest = job
-    interpolator = rest[0] if rest else None
-    # The GP's linear algebra is many small matrices: BLAS threads only add synchronisation, and they starve
-    # when torch's own threads spin between TCN batches in the same process (3.4x slower measured on 2 cores).
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        return tensorize_curves(curves, grid_days, fit_context_days, interpolator=interpolator)
-
-
-# Streaming: input files of any size in bounded memory.
-
-READ_ROWS = 65_536  # detections parsed per chunk of the input file
-SPILL_BYTES = 32 * 2**20  # input bytes per on-disk partition when the input is not grouped by object
-_SPILL_SCHEMA = pa.schema([f.with_nullable(True) for f in DETECTIONS_SCHEMA])
-
-
-class NotGroupedError(Exception):
-    """The input's rows of one object are not contiguous (it is then partitioned on disk first)."""
-
-
-def _raw_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
-    suffix = "".join(path.suffixes[-2:]).lower()
-    if suffix.endswith((".parquet", ".pq")):
-        reader = pq.ParquetFile(path)
-        for batch in reader.iter_batches(batch_size=rows):
-            yield batch.to_pandas()
-    elif suffix.endswith((".csv", ".csv.gz")):
-        yield from pd.read_csv(path, chunksize=rows)
-    else:
-        raise SchemaError(f"{path}: unknown format {path.suffix!r}; expected .parquet or .csv")
-
-
-def count_rows(path: Path) -> int | None:
-    """Rows of a Parquet file from its footer (None for CSV: counting would read it all)."""
-    path = Path(path)
-    return pq.ParquetFile(path).metadata.num_rows if path.suffix.lower() in (".parquet", ".pq") else None
-
-
-def read_detections(path: Path | str, rows: int = READ_ROWS) -> Iterator[pd.DataFrame]:
-    """Contract detections of ``path`` (Parquet or CSV; contract, ALeRCE or ANTARES/BTS columns), chunk by chunk."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    for raw in _raw_chunks(path, rows):
-        yield map_detections(raw, source="files")
-
-
-def grouped_objects(chunks: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """Frames of whole objects from chunks whose rows are grouped by oid (each object's rows contiguous, the usual
-    layout of exports). The trailing object of a chunk waits for the next one; an object seen again after its rows
-    ended raises :class:`NotGroupedError`."""
-    done: set[str] = set()
-    carry: pd.DataFrame | None = None
-    for chunk in chunks:
-        if carry is not None and len(carry):
-            chunk = pd.concat([carry, chunk], ignore_index=True)
-        if chunk.empty:
-            continue
-        oid = chunk["oid"].astype(str).to_numpy()
-        starts = np.r_[0, np.flatnonzero(oid[1:] != oid[:-1]) + 1]
-        runs = oid[starts]
-        if len(set(runs)) != len(runs) or not done.isdisjoint(runs):
-            again = next(o for o in runs if o in done or (runs == o).sum() > 1)
-            raise NotGroupedError(f"the rows of object {again} are not contiguous")
-        tail = int(starts[-1])
-        done.update(runs[:-1])
-        carry = chunk.iloc[tail:]
-        if tail:
-            yield chunk.iloc[:tail]
-    if carry is not None and len(carry):
-        yield carry
-
-
-def partitioned_objects(chunks: Iterable[pd.DataFrame], spill_dir: Path, partitions: int) -> Iterator[pd.DataFrame]:
-    """Frames of whole objects from chunks in any order: rows are first written to ``partitions`` Parquet files by
-    a stable hash of the oid (on disk, so memory holds one partition at a time), then read back one by one."""
-    spill_dir.mkdir(parents=True, exist_ok=True)
-    writers: dict[int, pq.ParquetWriter] = {}
-    try:
-        for chunk in chunks:
-            part = chunk["oid"].astype(str).map(lambda o: partition_of(o, partitions))
-            for k, rows in chunk.groupby(part.to_numpy(), sort=False):
-                if k not in writers:
-                    writers[k] = pq.ParquetWriter(spill_dir / f"part-{k:05d}.parquet", _SPILL_SCHEMA)
-                writers[k].write_table(to_arrow(rows, _SPILL_SCHEMA))
-    finally:
-        for w in writers.values():
-            w.close()
-    for k in sorted(writers):
-        path = spill_dir / f"part-{k:05d}.parquet"
-        frame = pd.read_parquet(path)
-        path.unlink()
-        yield frame
-
-
-def _validated(frame: pd.DataFrame, dropped: Counter) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """Contract validation of a frame of whole objects: bad points dropped (counted by reason); an object left with
-    no detection is rejected with the reasons its points were dropped for."""
-    clean, report = validate_detections(frame)
-    reasons: dict[str, list[str]] = {}
-    for r in report.rejections:
-        if r.rows:
-            dropped[r.reason] += r.rows
-            reasons.setdefault(r.oid, []).append(f"{r.rows} x {r.reason}")
-    gone = set(frame["oid"].astype(str)) - set(clean["oid"].astype(str))
-    rejected = [{"oid": o, "reason": "no valid detection", "detail": "; ".join(reasons.get(o, []))}
-                for o in sorted(gone)]
-    return clean, rejected
-
-
-@dataclass
-class CurveBatch:
-    curves: list
-    rejected: list[dict[str, str]]
-    rows_read: int
-
-
-def curve_batches(frames: Iterable[pd.DataFrame], batch_size: int, dropped: Counter) -> Iterator[CurveBatch]:
-    """Light curves of frames of whole objects, validated, in batches of ``batch_size`` objects (the last may be
-    smaller); points dropped by validation are counted in ``dropped``."""
-    pending: list = []
-    rejected: list[dict[str, str]] = []
-    rows_read = 0
-    for frame in frames:
-        rows_read += len(frame)
-        clean, bad = _validated(frame, dropped)
-        rejected.extend(bad)
-        pending.extend(curves_from_detections(clean))
-        while len(pending) >= batch_size:
-            yield CurveBatch(pending[:batch_size], rejected, rows_read)
-            pending, rejected, rows_read = pending[batch_size:], [], 0
-    if pending or rejected or rows_read:
-        yield CurveBatch(pending, rejected, rows_read)
-
-
-def _spill_partitions(path: Path) -> int:
-    return max(1, math.ceil(Path(path).stat().st_size / SPILL_BYTES))
-
-
-_WORKER_MODEL: Any = None  # the network in a worker process (see _Tensorizer)
-WORKER_PRELOAD = ["deeprubin.serving.classify", "deeprubin.lightcurves.tensorize", "threadpoolctl", "torch",
-                  "torch.export.pt2_archive._package", "torch._export.serde.serialize"]
-
-
-def _init_worker(model_path: str | None) -> None:
-    global _WORKER_MODEL
-    import torch
-
-    torch.set_num_threads(1)  # one process per core: more threads would only fight the other workers
-    if model_path:
-        _WORKER_MODEL = load_exported(model_path)
-
-
-def _classify_job(job):
-    """GP, window and (when this worker holds the network) TCN of one batch: ``(Tensors, probabilities or None)``.
-    The tensors are dropped once classified: only probabilities travel back."""
-    t = _tensorize_job(job[:4])
-    if _WORKER_MODEL is None or not len(t.rows):
-        return t, None
-    proba = predict(_WORKER_MODEL, t.x, len(t.x), "cpu", 0)
-    t.x = t.x[:0]
-    return t, proba
-
-
-class _Tensorizer:
-    """Runs the GP (:func:`_tensorize_job`) in this process or on a process pool, keeping at most ``2 × workers``
-    batches in flight (memory stays bounded) and returning results in input order.
-
-    With a pool and a CPU model that has a local copy, each worker also loads the network and runs the TCN on its
-    own batch (single-threaded), so the main process only reads, validates and writes: the TCN in the main process
-    fought the GP workers for the two cores. Results are ``(Tensors, probabilities or None)``."""
-
-    def __init__(self, workers: int, model: ServingModel | None = None):
-        self.workers = workers
-        self.pool = None
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-            if ctx.get_start_method() == "forkserver":
-                # Workers fork from a server that imported the GP path, torch and torch.export's loader once
-                # (~5 s of imports per worker otherwise; a module missing from this torch is skipped).
-                ctx.set_forkserver_preload(WORKER_PRELOAD)
-            shipped = model is not None and model.device == "cpu" and model.local_path is not None
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(model.local_path if shipped else None,))
-
-    def map(self, jobs: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
-        """``(key, job)`` pairs -> ``(key, (Tensors, probabilities or None))`` in order."""
-        if self.pool is None:
-            for key, job in jobs:
-                yield key, (_tensorize_job(job), None)
-            return
-        inflight: deque = deque()
-        for key, job in jobs:
-            inflight.append((key, self.pool.submit(_classify_job, job)))
-            if len(inflight) >= 2 * self.workers:
-                k, fut = inflight.popleft()
-                yield k, fut.result()
-        while inflight:
-            k, fut = inflight.popleft()
-            yield k, fut.result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-
-def resolve_workers(workers: int) -> int:
-    """``classify.workers``: 0 means one GP process per core."""
-    return workers or os.cpu_count() or 1
 
 
 def _rows(t, proba: np.ndarray, model: ServingModel, n_det: dict[str, int], stamp) -> pd.DataFrame:
@@ -369,7 +147,7 @@ def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params
     grid, context, batch_size = settings.grid_days, settings.fit_context_days, params.classify.batch_size
     written = _Written(per_class=Counter())
     rows_done = 0
-    tensorizer = _Tensorizer(workers, model)
+    tensorizer = Tensorizer(workers, model)
     writer = pq.ParquetWriter(tmp / "out.parquet", OUTPUT_SCHEMA)
     try:
         with open(tmp / "rejected.csv", "w", newline="") as side:
@@ -486,7 +264,7 @@ def run_file(params, input_path: Path | str, output: Path, model: ServingModel |
             step(f"input not grouped by object ({exc}): partitioning it on disk")
             dropped.clear()
             frames = partitioned_objects(read_detections(input_path, read_rows), tmp / "spill",
-                                         _spill_partitions(input_path))
+                                         spill_partitions(input_path))
             written = _classify_batches(curve_batches(frames, params.classify.batch_size, dropped), model, params,
                                         tmp, workers, step, total_rows, interpolator)
         n, per_class, side = _finish(tmp, Path(output), upsert, written)

@@ -1,0 +1,109 @@
+"""The GP (and, in worker processes, the TCN) of classification batches, in this process or on a process pool.
+
+:class:`Tensorizer` keeps at most ``2 × workers`` batches in flight, so memory stays bounded, and returns results in
+input order. The functions here are top-level so that worker processes can run them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import deque
+from typing import Any, Iterable, Iterator
+
+from deeprubin.lightcurves.tensorize import tensorize_curves
+from deeprubin.models.served import ServingModel, load_exported, predict
+
+
+@functools.cache
+def _blas_controller():
+    """One scan of the process's BLAS libraries (threadpool_limits rescans them on every call: ms per request)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def tensorize_job(job):
+    """One batch through the GP and the window policy (a top-level function: it runs in worker processes)."""
+    curves, grid_days, fit_context_days, *rest = job
+    interpolator = rest[0] if rest else None
+    # The GP's linear algebra is many small matrices: BLAS threads only add synchronisation, and they starve
+    # when torch's own threads spin between TCN batches in the same process (3.4x slower measured on 2 cores).
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        return tensorize_curves(curves, grid_days, fit_context_days, interpolator=interpolator)
+
+
+_WORKER_MODEL: Any = None  # the network in a worker process (see Tensorizer)
+WORKER_PRELOAD = ["deeprubin.serving.pool", "deeprubin.lightcurves.tensorize", "threadpoolctl", "torch",
+                  "torch.export.pt2_archive._package", "torch._export.serde.serialize"]
+
+
+def _init_worker(model_path: str | None) -> None:
+    global _WORKER_MODEL
+    import torch
+
+    torch.set_num_threads(1)  # one process per core: more threads would only fight the other workers
+    if model_path:
+        _WORKER_MODEL = load_exported(model_path)
+
+
+def _classify_job(job):
+    """GP, window and (when this worker holds the network) TCN of one batch: ``(Tensors, probabilities or None)``.
+    The tensors are dropped once classified: only probabilities travel back."""
+    t = tensorize_job(job[:4])
+    if _WORKER_MODEL is None or not len(t.rows):
+        return t, None
+    proba = predict(_WORKER_MODEL, t.x, len(t.x), "cpu", 0)
+    t.x = t.x[:0]
+    return t, proba
+
+
+class Tensorizer:
+    """Runs the GP (:func:`tensorize_job`) in this process or on a process pool, keeping at most ``2 × workers``
+    batches in flight (memory stays bounded) and returning results in input order.
+
+    With a pool and a CPU model that has a local copy, each worker also loads the network and runs the TCN on its
+    own batch (single-threaded), so the main process only reads, validates and writes: the TCN in the main process
+    fought the GP workers for the two cores. Results are ``(Tensors, probabilities or None)``."""
+
+    def __init__(self, workers: int, model: ServingModel | None = None):
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            if ctx.get_start_method() == "forkserver":
+                # Workers fork from a server that imported the GP path, torch and torch.export's loader once
+                # (~5 s of imports per worker otherwise; a module missing from this torch is skipped).
+                ctx.set_forkserver_preload(WORKER_PRELOAD)
+            shipped = model is not None and model.device == "cpu" and model.local_path is not None
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(model.local_path if shipped else None,))
+
+    def map(self, jobs: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        """``(key, job)`` pairs -> ``(key, (Tensors, probabilities or None))`` in order."""
+        if self.pool is None:
+            for key, job in jobs:
+                yield key, (tensorize_job(job), None)
+            return
+        inflight: deque = deque()
+        for key, job in jobs:
+            inflight.append((key, self.pool.submit(_classify_job, job)))
+            if len(inflight) >= 2 * self.workers:
+                k, fut = inflight.popleft()
+                yield k, fut.result()
+        while inflight:
+            k, fut = inflight.popleft()
+            yield k, fut.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def resolve_workers(workers: int) -> int:
+    """``classify.workers``: 0 means one GP process per core."""
+    return workers or os.cpu_count() or 1

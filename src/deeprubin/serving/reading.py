@@ -1,0 +1,150 @@
+"""Reading detections for classification: files of any size in bounded memory, as batches of whole objects.
+
+Input grouped by object goes through in one pass (:func:`grouped_objects`); other input is partitioned on disk by a
+stable hash of the oid first (:func:`partitioned_objects`). Bad points are dropped and counted by reason; an object
+left with no point is rejected with its reason (:func:`curve_batches`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from deeprubin.lightcurves.tensorize import curves_from_detections
+from deeprubin.processed import partition_of
+from deeprubin.schema import DETECTIONS_SCHEMA, SchemaError, map_detections, to_arrow, validate_detections
+
+READ_ROWS = 65_536  # detections parsed per chunk of the input file
+SPILL_BYTES = 32 * 2**20  # input bytes per on-disk partition when the input is not grouped by object
+_SPILL_SCHEMA = pa.schema([f.with_nullable(True) for f in DETECTIONS_SCHEMA])
+
+
+class NotGroupedError(Exception):
+    """The input's rows of one object are not contiguous (it is then partitioned on disk first)."""
+
+
+def _raw_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
+    suffix = "".join(path.suffixes[-2:]).lower()
+    if suffix.endswith((".parquet", ".pq")):
+        reader = pq.ParquetFile(path)
+        for batch in reader.iter_batches(batch_size=rows):
+            yield batch.to_pandas()
+    elif suffix.endswith((".csv", ".csv.gz")):
+        yield from pd.read_csv(path, chunksize=rows)
+    else:
+        raise SchemaError(f"{path}: unknown format {path.suffix!r}; expected .parquet or .csv")
+
+
+def count_rows(path: Path) -> int | None:
+    """Rows of a Parquet file from its footer (None for CSV: counting would read it all)."""
+    path = Path(path)
+    return pq.ParquetFile(path).metadata.num_rows if path.suffix.lower() in (".parquet", ".pq") else None
+
+
+def read_detections(path: Path | str, rows: int = READ_ROWS) -> Iterator[pd.DataFrame]:
+    """Contract detections of ``path`` (Parquet or CSV; contract, ALeRCE or ANTARES/BTS columns), chunk by chunk."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    for raw in _raw_chunks(path, rows):
+        yield map_detections(raw, source="files")
+
+
+def grouped_objects(chunks: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Frames of whole objects from chunks whose rows are grouped by oid (each object's rows contiguous, the usual
+    layout of exports). The trailing object of a chunk waits for the next one; an object seen again after its rows
+    ended raises :class:`NotGroupedError`."""
+    done: set[str] = set()
+    carry: pd.DataFrame | None = None
+    for chunk in chunks:
+        if carry is not None and len(carry):
+            chunk = pd.concat([carry, chunk], ignore_index=True)
+        if chunk.empty:
+            continue
+        oid = chunk["oid"].astype(str).to_numpy()
+        starts = np.r_[0, np.flatnonzero(oid[1:] != oid[:-1]) + 1]
+        runs = oid[starts]
+        if len(set(runs)) != len(runs) or not done.isdisjoint(runs):
+            again = next(o for o in runs if o in done or (runs == o).sum() > 1)
+            raise NotGroupedError(f"the rows of object {again} are not contiguous")
+        tail = int(starts[-1])
+        done.update(runs[:-1])
+        carry = chunk.iloc[tail:]
+        if tail:
+            yield chunk.iloc[:tail]
+    if carry is not None and len(carry):
+        yield carry
+
+
+def partitioned_objects(chunks: Iterable[pd.DataFrame], spill_dir: Path, partitions: int) -> Iterator[pd.DataFrame]:
+    """Frames of whole objects from chunks in any order: rows are first written to ``partitions`` Parquet files by
+    a stable hash of the oid (on disk, so memory holds one partition at a time), then read back one by one."""
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for chunk in chunks:
+            part = chunk["oid"].astype(str).map(lambda o: partition_of(o, partitions))
+            for k, rows in chunk.groupby(part.to_numpy(), sort=False):
+                if k not in writers:
+                    writers[k] = pq.ParquetWriter(spill_dir / f"part-{k:05d}.parquet", _SPILL_SCHEMA)
+                writers[k].write_table(to_arrow(rows, _SPILL_SCHEMA))
+    finally:
+        for w in writers.values():
+            w.close()
+    for k in sorted(writers):
+        path = spill_dir / f"part-{k:05d}.parquet"
+        frame = pd.read_parquet(path)
+        path.unlink()
+        yield frame
+
+
+def _validated(frame: pd.DataFrame, dropped: Counter) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Contract validation of a frame of whole objects: bad points dropped (counted by reason); an object left with
+    no detection is rejected with the reasons its points were dropped for."""
+    clean, report = validate_detections(frame)
+    reasons: dict[str, list[str]] = {}
+    for r in report.rejections:
+        if r.rows:
+            dropped[r.reason] += r.rows
+            reasons.setdefault(r.oid, []).append(f"{r.rows} x {r.reason}")
+    gone = set(frame["oid"].astype(str)) - set(clean["oid"].astype(str))
+    rejected = [{"oid": o, "reason": "no valid detection", "detail": "; ".join(reasons.get(o, []))}
+                for o in sorted(gone)]
+    return clean, rejected
+
+
+@dataclass
+class CurveBatch:
+    curves: list
+    rejected: list[dict[str, str]]
+    rows_read: int
+
+
+def curve_batches(frames: Iterable[pd.DataFrame], batch_size: int, dropped: Counter) -> Iterator[CurveBatch]:
+    """Light curves of frames of whole objects, validated, in batches of ``batch_size`` objects (the last may be
+    smaller); points dropped by validation are counted in ``dropped``."""
+    pending: list = []
+    rejected: list[dict[str, str]] = []
+    rows_read = 0
+    for frame in frames:
+        rows_read += len(frame)
+        clean, bad = _validated(frame, dropped)
+        rejected.extend(bad)
+        pending.extend(curves_from_detections(clean))
+        while len(pending) >= batch_size:
+            yield CurveBatch(pending[:batch_size], rejected, rows_read)
+            pending, rejected, rows_read = pending[batch_size:], [], 0
+    if pending or rejected or rows_read:
+        yield CurveBatch(pending, rejected, rows_read)
+
+
+def spill_partitions(path: Path) -> int:
+    return max(1, math.ceil(Path(path).stat().st_size / SPILL_BYTES))
