@@ -44,32 +44,32 @@ def _from_source(params: IngestParams, base: BaseParams) -> MappedTables:
 
 def run(params: Params, paths: IngestPaths, progress: Progress | None = None) -> IngestResult:
     """Ingest from the configured source into ``paths.raw_dir``; see the module docstring."""
-    base, params = params.base, params.ingest  # the stage reads its own section (and base) from here on
+    base, cfg = params.base, params.ingest  # the stage reads its own section (and base) from here on
     step = or_silent(progress)
     started = time.perf_counter()
-    if params.source == "alerce":
-        result = pull(params, paths.raw_dir, base, step)
+    if cfg.source == "alerce":
+        result = pull(cfg, paths.raw_dir, base, step)
         result.seconds = time.perf_counter() - started
         return result
 
-    step(f"reading from {params.source}")
-    mapped = _from_source(params, base)
+    step(f"reading from {cfg.source}")
+    mapped = _from_source(cfg, base)
     # Deterministic for deterministic sources, so that `dvc repro` reproduces the same bytes.
-    ingested_at = pd.Timestamp(0, tz="UTC") if params.source == "simulator" else pd.Timestamp.now(tz="UTC")
-    batch, reports, dropped = prepare_batch(mapped, params, base, ingested_at, step)
-    if params.mix_files:
-        step(f"reading {params.files.detections}")
-        extra, extra_reports, extra_dropped = prepare_batch(load(params.files), params, base, ingested_at, step)
+    ingested_at = pd.Timestamp(0, tz="UTC") if cfg.source == "simulator" else pd.Timestamp.now(tz="UTC")
+    batch, reports, dropped = prepare_batch(mapped, cfg, base, ingested_at, step)
+    if cfg.mix_files:
+        step(f"reading {cfg.files.detections}")
+        extra, extra_reports, extra_dropped = prepare_batch(load(cfg.files), cfg, base, ingested_at, step)
         batch = concat_batches(batch, extra)
         reports, dropped = reports + extra_reports, dropped + extra_dropped
 
     step(f"writing {paths.raw_dir}")
     store = RawStore(paths.raw_dir)
     counts = None
-    if params.upsert:
+    if cfg.upsert:
         batch, counts = upsert(store.read(), batch)
     result = IngestResult(
-        source=params.source + ("+files" if params.mix_files else ""),
+        source=cfg.source + ("+files" if cfg.mix_files else ""),
         raw_dir=paths.raw_dir,
         objects_per_class=class_counts(batch),
         detections=len(batch.detections),
@@ -79,7 +79,7 @@ def run(params: Params, paths: IngestPaths, progress: Progress | None = None) ->
         counts=counts,
     )
     # Replacing the tables voids an ALeRCE pull's watermarks; an upsert keeps them valid.
-    store.commit(batch, result.manifest(), rejections=result.rejections_frame(), state=None if params.upsert else {})
+    store.commit(batch, result.manifest(), rejections=result.rejections_frame(), state=None if cfg.upsert else {})
     result.seconds = time.perf_counter() - started
     return result
 

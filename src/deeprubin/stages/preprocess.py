@@ -180,7 +180,7 @@ def _swap_in(tmp: Path, root: Path) -> None:
 def run(params: Params, paths: PreprocessPaths, progress: Progress | None = None) -> PreprocessResult:
     """Interpolate every object of the raw store onto the grid and write ``paths.processed_dir``; see the module."""
     step = or_silent(progress)
-    params = params.preprocess  # the stage reads its own section (and paths) only
+    cfg = params.preprocess  # the stage reads its own section (and paths) only
     started = time.perf_counter()
     step(f"reading {paths.raw_dir}")
     store = RawStore(paths.raw_dir)
@@ -195,10 +195,10 @@ def run(params: Params, paths: PreprocessPaths, progress: Progress | None = None
         label_of.setdefault(oid, None)
     fps = fingerprints(det)
     fps_all = {oid: fps.get(oid, "") for oid in oids}
-    part_of = {oid: partition_of(oid, params.partitions) for oid in oids}
+    part_of = {oid: partition_of(oid, cfg.partitions) for oid in oids}
 
-    key = config_key(params)
-    previous = read_previous(paths.processed_dir, key) if params.incremental else None
+    key = config_key(cfg)
+    previous = read_previous(paths.processed_dir, key) if cfg.incremental else None
     reuse_rows: dict[str, dict[str, Any]] = {}
     reuse_skips: dict[str, dict[str, Any]] = {}
     if previous is not None:
@@ -220,13 +220,13 @@ def run(params: Params, paths: PreprocessPaths, progress: Progress | None = None
         curve = grouped.get(oid) or Curve(
             oid, *(np.zeros(0, dtype=t) for t in (np.float64, np.int64, np.float64, np.float64)))
         by_partition.setdefault(part_of[oid], []).append(curve)
-    tasks = [PartitionTask(p, by_partition[p], params.grid_days, params.fit_context_days)
+    tasks = [PartitionTask(p, by_partition[p], cfg.grid_days, cfg.fit_context_days)
              for p in sorted(by_partition)]
 
-    workers = params.workers or os.cpu_count() or 1
+    workers = cfg.workers or os.cpu_count() or 1
     step("interpolating", completed=0, total=len(tasks))
-    if params.executor == "dask":
-        outputs = list(_run_dask(tasks, workers, params.dask_address, step))
+    if cfg.executor == "dask":
+        outputs = list(_run_dask(tasks, workers, cfg.dask_address, step))
     elif workers == 1 or len(tasks) <= 1:
         outputs = list(_run_serial(tasks, step))
     else:
@@ -254,7 +254,7 @@ def run(params: Params, paths: PreprocessPaths, progress: Progress | None = None
         index_rows: list[dict[str, Any]] = []
         skip_rows: list[dict[str, Any]] = []
         n_written = 0
-        for p in range(params.partitions):
+        for p in range(cfg.partitions):
             members = [oid for oid in oids if part_of[oid] == p]  # oids are sorted
             xs = []
             for oid in members:
@@ -290,8 +290,8 @@ def run(params: Params, paths: PreprocessPaths, progress: Progress | None = None
             processed_dir=paths.processed_dir, objects_in=len(oids), ok=ok, fallback_objects=n_fallback,
             fallback=fallback,
             skipped=dict(Counter(skipped["reason"])), recomputed=len(todo), reused=len(oids) - len(todo),
-            shards=int(index["shard"].nunique()), shape=(n_written, len(CHANNELS), params.grid_days),
-            executor=params.executor if params.executor == "dask" or workers > 1 else "serial",
+            shards=int(index["shard"].nunique()), shape=(n_written, len(CHANNELS), cfg.grid_days),
+            executor=cfg.executor if cfg.executor == "dask" or workers > 1 else "serial",
             workers=workers, per_class=per_class)
         manifest = {
             "deeprubin_version": __version__,

@@ -159,7 +159,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     from deeprubin.models.lit import LitTCN, default_callbacks
 
     base, holdout = params.base, paths.holdout
-    params = params.train  # the stage reads its own section from here on
+    cfg = params.train  # the stage reads its own section from here on
     step = or_silent(progress)
     started = time.perf_counter()
     if not (paths.processed_dir / INDEX).exists():
@@ -167,13 +167,13 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
 
     step(f"reading {paths.processed_dir}")
     pl.seed_everything(base.seed, workers=True, verbose=False)
-    dm = ProcessedDataModule(paths.processed_dir, classes=base.classes, batch_size=params.batch_size,
-                             val_fraction=params.val_fraction, test_fraction=params.test_fraction, seed=base.seed,
-                             imbalance=params.imbalance, holdout=holdout,
-                             raw_dir=paths.raw_dir if params.truncations else None,
-                             truncations=params.truncations if paths.raw_dir is not None else 0,
-                             truncation_min_days=params.truncation_min_days,
-                             full_view_probability=params.full_view_probability)
+    dm = ProcessedDataModule(paths.processed_dir, classes=base.classes, batch_size=cfg.batch_size,
+                             val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=base.seed,
+                             imbalance=cfg.imbalance, holdout=holdout,
+                             raw_dir=paths.raw_dir if cfg.truncations else None,
+                             truncations=cfg.truncations if paths.raw_dir is not None else 0,
+                             truncation_min_days=cfg.truncation_min_days,
+                             full_view_probability=cfg.full_view_probability)
     step("cutting training light curves (augmentation)" if dm.truncations else "splitting objects")
     dm.setup("fit")
     if len(dm.dataset("val")) == 0:
@@ -186,7 +186,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
 
     commit = git_commit()
     dhash, dsource = data_hash(paths.processed_dir, paths.dvc_lock)
-    phash = params_hash(params, base)
+    phash = params_hash(cfg, base)
     preprocessing = preprocessing_of(paths.processed_dir)
     tags = {"git_commit": commit, "data_hash": dhash, "data_hash_source": dsource, "params_hash": phash,
             "deeprubin_version": __version__, "stage": "train",
@@ -198,21 +198,21 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     for stale in list(model_dir.glob("best*.ckpt")) + [model_dir / CHECKPOINT, model_dir / TRAIN_REPORT]:
         stale.unlink(missing_ok=True)
 
-    model = LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=params.hidden,
-                   kernel_size=params.kernel_size, levels=params.levels, dropout=params.dropout,
-                   lr=params.lr, lr_plateau_patience=params.lr_plateau_patience,
+    model = LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=cfg.hidden,
+                   kernel_size=cfg.kernel_size, levels=cfg.levels, dropout=cfg.dropout,
+                   lr=cfg.lr, lr_plateau_patience=cfg.lr_plateau_patience,
                    class_weights=None if dm.class_weights is None else dm.class_weights.tolist())
-    logger = MLFlowLogger(experiment_name=params.experiment, tracking_uri=params.tracking_uri, tags=tags,
-                          artifact_location=params.artifact_location, log_model=False)
-    logger.log_hyperparams({"train": params.model_dump(mode="json"), "base": {"seed": base.seed},
+    logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri, tags=tags,
+                          artifact_location=cfg.artifact_location, log_model=False)
+    logger.log_hyperparams({"train": cfg.model_dump(mode="json"), "base": {"seed": base.seed},
                             "data": {**{"n_" + k: v for k, v in split_sizes.items()}, "n_train_views": n_views,
                                      "n_holdout": len(holdout)}})
-    callbacks = default_callbacks(params.patience, dirpath=model_dir)
-    trainer = pl.Trainer(accelerator=params.accelerator, devices=1 if params.accelerator != "auto" else "auto",
-                         deterministic=True, max_epochs=params.max_epochs, logger=logger,
-                         callbacks=[*callbacks, _progress_callback(step, params.max_epochs)],
+    callbacks = default_callbacks(cfg.patience, dirpath=model_dir)
+    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1 if cfg.accelerator != "auto" else "auto",
+                         deterministic=True, max_epochs=cfg.max_epochs, logger=logger,
+                         callbacks=[*callbacks, _progress_callback(step, cfg.max_epochs)],
                          enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
-    step("training", completed=0, total=params.max_epochs)
+    step("training", completed=0, total=cfg.max_epochs)
     trainer.fit(model, datamodule=dm)
 
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
@@ -229,12 +229,12 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
 
     from deeprubin.tracking import using
 
-    with using(params.tracking_uri), mlflow.start_run(run_id=logger.run_id):
+    with using(cfg.tracking_uri), mlflow.start_run(run_id=logger.run_id):
         mlflow.log_metric("best_val_macro_f1", best_f1)
         info = log_model(served, example, base.classes, preprocessing, tags=tags)
 
     result = TrainResult(
-        run_id=logger.run_id, experiment_id=logger.experiment_id, tracking_uri=params.tracking_uri,
+        run_id=logger.run_id, experiment_id=logger.experiment_id, tracking_uri=cfg.tracking_uri,
         model_uri=info.model_uri, registered_model=base.model_name, best_val_macro_f1=best_f1, epochs=trainer.current_epoch, checkpoint=target,
         split_sizes=split_sizes, class_counts=class_counts, git_commit=commit, data_hash=dhash,
         data_hash_source=dsource, params_hash=phash, accelerator=str(trainer.accelerator.__class__.__name__),
