@@ -285,6 +285,9 @@ def map_detections(frame: pd.DataFrame, source: str, oid: str | None = None) -> 
 
     mag_col = _pick(frame, DETECTION_ALIASES, "mag")
     flux_col = _pick(frame, DETECTION_ALIASES, "flux")
+    if flux_col is not None and _pick(frame, DETECTION_ALIASES, "flux_err") is not None:
+        # A signed flux wins over a magnitude: the contract's `mag` is the magnitude of |flux| and has no sign.
+        mag_col = None
     if mag_col is not None:
         mag = pd.to_numeric(frame[mag_col], errors="coerce").astype(float).to_numpy()
         mag_err = pd.to_numeric(frame[_require(frame, DETECTION_ALIASES, "mag_err")], errors="coerce")
