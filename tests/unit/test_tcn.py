@@ -128,3 +128,33 @@ def test_explicit_mask_is_used():
     with torch.no_grad():
         expected = model.head(model.features(x)[:, :, :10].mean(dim=2))
         torch.testing.assert_close(model(x, mask), expected)
+
+
+@pytest.mark.parametrize("readout", ["mean", "last", "mean_last"])
+def test_every_readout_ignores_days_after_the_last_detection_and_exports(readout):
+    torch.manual_seed(0)
+    model = TCN(readout=readout).eval()
+    x = young_object(last_day=40)
+    changed = x.clone()
+    changed[:, :4, 41:] += 5.0  # GP extrapolation after the last detection day
+    out = model(x)
+    assert out.shape == (3, 4)
+    assert torch.allclose(out, model(changed), atol=1e-6)
+    earlier = x.clone()
+    earlier[:, :4, 10] += 5.0  # a day with data does matter
+    assert not torch.allclose(out, model(earlier), atol=1e-4)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert torch.allclose(exported.module()(young_object(n=5, last_day=40)), model(young_object(n=5, last_day=40)),
+                          atol=1e-5)
+
+
+def test_last_readout_reads_the_feature_of_the_last_observed_day():
+    torch.manual_seed(0)
+    model = TCN(readout="last").eval()
+    x = young_object(n=2, last_day=40)
+    assert torch.allclose(model(x), model.head(model.features(x)[:, :, 40]), atol=1e-6)
+
+
+def test_unknown_readout_is_an_error():
+    with pytest.raises(ValueError, match="readout"):
+        TCN(readout="max")

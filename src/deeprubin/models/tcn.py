@@ -32,6 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+#: How the per-day features become one vector: ``mean`` over the observed days (the paper's global average pooling),
+#: ``last`` (the causal feature at the last observed day), or ``mean_last`` (both, concatenated).
+READOUTS: tuple[str, ...] = ("mean", "last", "mean_last")
+
 #: Indices of ``since_g`` and ``since_r`` in :data:`deeprubin.lightcurves.tensorize.CHANNELS`.
 SINCE_CHANNELS: tuple[int, int] = (4, 5)
 
@@ -80,18 +84,22 @@ class TCN(nn.Module):
     """``forward(x (N, C, T), mask (N, T) bool | None) -> logits (N, n_classes)``; see the module docstring."""
 
     def __init__(self, n_channels: int = 6, n_classes: int = 4, hidden: int = 32, kernel_size: int = 3,
-                 levels: int = 5, dropout: float = 0.1, since_channels: Sequence[int] | None = SINCE_CHANNELS):
+                 levels: int = 5, dropout: float = 0.1, since_channels: Sequence[int] | None = SINCE_CHANNELS,
+                 readout: str = "mean"):
         super().__init__()
         if hidden < 1 or levels < 1 or kernel_size < 2 or not 0 <= dropout < 1:
             raise ValueError(f"bad TCN shape: hidden={hidden}, levels={levels}, kernel_size={kernel_size}, "
                              f"dropout={dropout}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}; got {readout!r}")
+        self.readout = readout
         self.n_channels, self.n_classes = n_channels, n_classes
         self.kernel_size, self.levels = kernel_size, levels
         self.since_channels = tuple(since_channels) if since_channels is not None else None
         self.blocks = nn.Sequential(*[
             TemporalBlock(n_channels if k == 0 else hidden, hidden, kernel_size, 2 ** k, dropout)
             for k in range(levels)])
-        self.head = nn.Linear(hidden, n_classes)
+        self.head = nn.Linear(hidden * (2 if readout == "mean_last" else 1), n_classes)
 
     @property
     def receptive_field(self) -> int:
@@ -111,8 +119,13 @@ class TCN(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x)
         m = (self.pool_mask(x) if mask is None else mask.bool()).to(h.dtype).unsqueeze(1)
-        pooled = (h * m).sum(dim=2) / m.sum(dim=2).clamp_min(1.0)
-        return self.head(pooled)
+        mean = (h * m).sum(dim=2) / m.sum(dim=2).clamp_min(1.0)
+        if self.readout == "mean":
+            return self.head(mean)
+        # The causal feature at the last observed day has seen the whole curve, in order: it knows the object's age.
+        last_day = (m.squeeze(1) * torch.arange(h.shape[2], device=h.device, dtype=h.dtype)).amax(dim=1).long()
+        last = h.gather(2, last_day.view(-1, 1, 1).expand(-1, h.shape[1], 1)).squeeze(2)
+        return self.head(last if self.readout == "last" else torch.cat([mean, last], dim=1))
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
