@@ -167,6 +167,9 @@ class TrainParams(Section):
     kernel_size: int = Field(3, ge=2, description="TCN convolution kernel, days.")
     levels: int = Field(5, ge=1, description="TCN residual blocks (dilations 1, 2, ..., 2**(levels-1)).")
     dropout: float = Field(0.1, ge=0, lt=1)
+    readout: Literal["mean", "last", "mean_last"] = Field(
+        "mean", description="Per-day features -> one vector: mean over observed days (the paper), the causal "
+                              "feature at the last observed day, or both.")
     imbalance: Literal["weights", "sampler", "both", "none"] = Field(
         "weights", description="Class imbalance: class-weighted loss, balanced sampler, both or none.")
     val_fraction: float = Field(0.15, ge=0, lt=1, description="Objects held out for validation (stratified).")
@@ -200,12 +203,12 @@ class TrainParams(Section):
 
 
 class RealSetParams(Section):
-    """A real labelled set evaluated held out (default: the BTS supernovae in ../shared/data, when present)."""
+    """A real labelled set evaluated held out (default: the BTS supernovae shipped in data/bts, when present)."""
 
     name: str = Field("bts", description="Name in the metrics and plots.")
-    detections: Path | None = Field(Path("../shared/data/bts/detections.parquet"),
+    detections: Path | None = Field(Path("data/bts/detections.parquet"),
                                     description="Detections table; null or missing file: no real-data evaluation.")
-    labels: Path | None = Field(Path("../shared/data/bts/labels.csv"), description="Labels table (oid, label).")
+    labels: Path | None = Field(Path("data/bts/labels.csv"), description="Labels table (oid, label).")
     classes: list[str] = Field(["SNIa", "SNII"], description="Classes of the set that are scored.")
     test_fraction: float = Field(
         0.3, gt=0, lt=1, description="Objects held out per class (by a seeded hash of the oid): never trained on, "

@@ -34,11 +34,14 @@ def project(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "infra" / "dvc", work / "infra" / "dvc")  # the offline plots template
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    shutil.copytree(REPO / "data" / "bts", work / "data" / "bts")  # a dep of the stages (evaluate.real, mix_files)
     params["ingest"]["simulator"]["n_per_class"] = 10
+    params["ingest"]["mix_files"] = False  # the simulator alone keeps the pipeline small; BTS has its own tests
     params["preprocess"]["partitions"] = 2
     params["preprocess"]["workers"] = 1
     params["train"].update(max_epochs=2, accelerator="cpu", truncations=1)
     params["evaluate"].update(n_bootstrap=20, forest_trees=10)
+    params["evaluate"]["real"].update(detections=None, labels=None)  # the real set has its own tests
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], work)
     run(["git", "config", "user.email", "test@example.org"], work)

@@ -41,7 +41,9 @@ def make_project(root: Path, remote: Path | None = None, **sections) -> Path:
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "infra" / "dvc", root / "infra" / "dvc")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    shutil.copytree(REPO / "data" / "bts", root / "data" / "bts")  # a dep of the stages (evaluate.real, mix_files)
     params["ingest"]["simulator"]["n_per_class"] = 16
+    params["ingest"]["mix_files"] = False  # the simulator alone keeps the flows small; BTS has its own tests
     params["preprocess"].update(partitions=2, workers=1)
     params["train"].update(max_epochs=12, patience=12, accelerator="cpu", truncations=1, tracking_uri=None)
     params["evaluate"].update(n_bootstrap=20, forest_trees=10, early_days=[10, 30])

@@ -40,8 +40,8 @@ def ingest(
 
       deeprubin ingest --source alerce --set ingest.alerce.since_mjd=60600
 
-      deeprubin ingest --source files --detections ../shared/data/bts/detections.parquet
-      --labels ../shared/data/bts/labels.csv --label-source bts:spectroscopic --out data/bts
+      deeprubin ingest --source files --detections data/bts/detections.parquet
+      --labels data/bts/labels.csv --label-source bts:spectroscopic --out data/bts_raw
     """
     from deeprubin.stages import ingest as stage
 
