@@ -170,8 +170,10 @@ class TrainParams(Section):
     readout: Literal["mean", "last", "mean_last"] = Field(
         "mean", description="Per-day features -> one vector: mean over observed days (the paper), the causal "
                               "feature at the last observed day, or both.")
-    imbalance: Literal["weights", "sampler", "both", "none"] = Field(
-        "weights", description="Class imbalance: class-weighted loss, balanced sampler, both or none.")
+    imbalance: Literal["weights", "sampler", "both", "none", "source_sampler"] = Field(
+        "weights", description="Class imbalance: class-weighted loss, balanced sampler, both, none, or "
+                               "source_sampler: batches balanced over (label source, class), e.g. real SN II as "
+                               "often as simulated SN II and as real SN Ia.")
     val_fraction: float = Field(0.15, ge=0, lt=1, description="Objects held out for validation (stratified).")
     test_fraction: float = Field(0.15, ge=0, lt=1, description="Objects held out for the test set (stratified).")
     patience: int = Field(10, ge=1, description="Early stopping: epochs without a better validation macro-F1.")

@@ -9,7 +9,8 @@ LightningDataModule, with a stratified split by object and class-imbalance handl
   (oid, label) pairs, independent of their order, for later stages (evaluation) to reuse.
 - Imbalance (``imbalance``): ``"weights"`` gives the loss per-class weights (:func:`class_weights`, from the training
   split); ``"sampler"`` draws training batches with a balanced :class:`~torch.utils.data.WeightedRandomSampler`;
-  ``"both"``; ``"none"``.
+  ``"both"``; ``"none"``; ``"source_sampler"`` draws each (label source, class) group equally often (the label
+  source is read from ``raw_dir``'s objects table), so real SN II weigh as much as simulated ones and as real SN Ia.
 - Held-out objects (``holdout``, e.g. :func:`holdout_by_hash` of a real labelled set) go to the test split whatever
   the stratified split says, so they are never trained or early-stopped on.
 - Early-classification augmentation (``truncations > 0``, needs ``raw_dir``): each training object also gets
@@ -39,7 +40,7 @@ from deeprubin.schema import CLASS_ALIASES, CLASSES
 from deeprubin.store import RawStore
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-Imbalance = Literal["none", "weights", "sampler", "both"]
+Imbalance = Literal["none", "weights", "sampler", "both", "source_sampler"]
 
 
 def _object_labels(oids: Sequence[str], labels: Sequence) -> pd.Series:
@@ -215,8 +216,10 @@ class ProcessedDataModule(pl.LightningDataModule):
         self.truncations, self.truncation_min_days = truncations, truncation_min_days
         self.full_view_probability = full_view_probability
         self.train_views: pd.DataFrame | None = None  # owner oid and cut day of each augmented training row
-        if imbalance not in ("none", "weights", "sampler", "both"):
-            raise ValueError(f"imbalance must be none, weights, sampler or both; got {imbalance!r}")
+        if imbalance not in ("none", "weights", "sampler", "both", "source_sampler"):
+            raise ValueError(f"imbalance must be none, weights, sampler, both or source_sampler; got {imbalance!r}")
+        if imbalance == "source_sampler" and raw_dir is None:
+            raise ValueError("imbalance source_sampler reads each object's label source from raw_dir: it needs raw_dir")
         self.processed_dir = Path(processed_dir)
         self.classes = tuple(classes)
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -228,6 +231,7 @@ class ProcessedDataModule(pl.LightningDataModule):
         self.n_channels: int | None = None
         self._data: dict[str, TensorDataset] = {}
         self._train_groups: list[np.ndarray] | None = None
+        self._train_object_weights: np.ndarray | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
@@ -256,8 +260,21 @@ class ProcessedDataModule(pl.LightningDataModule):
         if self.imbalance in ("weights", "both"):
             self.class_weights = torch.as_tensor(class_weights(self.targets("train"), len(self.classes)),
                                                  dtype=torch.float32)
+        if self.imbalance == "source_sampler":
+            self._train_object_weights = self._source_class_weights(index)
         if self.truncations > 0:
             self._add_truncated_views(index)
+
+    def _source_class_weights(self, index: pd.DataFrame) -> np.ndarray:
+        """Per training object, 1 / (objects of its label source and class): each (source, class) group, e.g.
+        simulated SN II or spectroscopic SN II, is drawn equally often, so a scarce real class is not outweighed by
+        the plentiful real class or by the simulation."""
+        objects = RawStore(self.raw_dir).read().objects
+        source_of = objects.assign(oid=objects["oid"].astype(str)).drop_duplicates("oid", keep="last") \
+            .set_index("oid")["label_source"].astype(str)
+        train = index.loc[index["split"] == "train"]
+        group = train["oid"].astype(str).map(source_of).fillna("unknown") + "/" + train["label"].astype(str)
+        return (1.0 / group.map(group.value_counts())).to_numpy(dtype=np.float64, copy=True)
 
     def _add_truncated_views(self, index: pd.DataFrame) -> None:
         settings = preprocessing_of(self.processed_dir)
@@ -288,11 +305,15 @@ class ProcessedDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         kwargs = {}
         if train and self._train_groups is not None:
-            weights = None
+            weights = self._train_object_weights
             if self.imbalance in ("sampler", "both"):
                 y = self.targets(split)
                 weights = 1.0 / np.bincount(y)[y]
             kwargs["sampler"] = ViewSampler(self._train_groups, weights, self.seed, self.full_view_probability)
+        elif train and self._train_object_weights is not None:
+            kwargs["sampler"] = WeightedRandomSampler(
+                torch.as_tensor(self._train_object_weights, dtype=torch.double), len(self._train_object_weights),
+                replacement=True, generator=torch.Generator().manual_seed(self.seed))
         elif train and self.imbalance in ("sampler", "both"):
             kwargs["sampler"] = balanced_sampler(self.targets(split), self.seed)
         elif train:

@@ -120,3 +120,37 @@ def test_overfit_one_batch(processed):
         after = model.loss(model(xb), yb).item()
     assert before > 1.0
     assert after < 0.1, (before, after)
+
+
+def test_source_sampler_draws_each_source_and_class_equally(processed, tmp_path):
+    """Half the SNe relabelled as a second, real source with few SN II: every (source, class) group is drawn about
+    equally often, so the scarce real SN II are not outweighed."""
+    import shutil
+
+    from deeprubin.store import RawStore
+
+    raw = tmp_path / "raw"
+    shutil.copytree(processed.parent / "raw", raw)
+    store = RawStore(raw)
+    lcs = store.read()
+    objects = lcs.objects.copy()
+    sne = objects.index[objects["label"].isin(["SNIa", "SNII"])]
+    real = [i for i in sne if objects.at[i, "label"] == "SNIa" or i % 4 == 0]  # real: all SNIa-half, few SNII
+    objects.loc[real[: len(real) // 2], "label_source"] = "bts:spectroscopic"
+    lcs.objects = objects
+    store.commit(lcs, store.read_manifest() or {})
+    dm = ProcessedDataModule(processed, batch_size=8, seed=3, imbalance="source_sampler", raw_dir=raw)
+    dm.setup("fit")
+    source = objects.set_index("oid")["label_source"]
+    train = dm.index[dm.index["split"] == "train"].reset_index(drop=True)
+    groups = (train["oid"].map(source) + "/" + train["label"]).to_numpy()
+    counts: dict[str, int] = {}
+    sampler = dm.train_dataloader().sampler
+    for _ in range(100):
+        for i in iter(sampler):
+            counts[groups[i]] = counts.get(groups[i], 0) + 1
+    assert len(counts) == len(set(groups)) >= 5
+    share = np.array(list(counts.values())) / sum(counts.values())
+    assert np.allclose(share, 1 / len(counts), rtol=0.15), counts
+    with pytest.raises(ValueError, match="raw_dir"):
+        ProcessedDataModule(processed, imbalance="source_sampler")

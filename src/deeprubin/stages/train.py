@@ -170,7 +170,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     dm = ProcessedDataModule(paths.processed_dir, classes=base.classes, batch_size=cfg.batch_size,
                              val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=base.seed,
                              imbalance=cfg.imbalance, holdout=holdout,
-                             raw_dir=paths.raw_dir if cfg.truncations else None,
+                             raw_dir=paths.raw_dir if cfg.truncations or cfg.imbalance == "source_sampler" else None,
                              truncations=cfg.truncations if paths.raw_dir is not None else 0,
                              truncation_min_days=cfg.truncation_min_days,
                              full_view_probability=cfg.full_view_probability)
