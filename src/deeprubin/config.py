@@ -196,6 +196,22 @@ class TrainParams(Section):
     full_view_probability: float = Field(
         0.5, ge=0, le=1, description="With augmentation, the chance that an epoch shows an object's whole curve "
                                      "rather than one of its cuts.")
+    redshift_views: int = Field(
+        0, ge=0, description="Redshift augmentation (deeprubin/augment.py): copies of each real training supernova "
+                             "with a known redshift (the `redshift` column of ingest.files.labels) moved farther "
+                             "away, dimmer and time-dilated, with ZTF noise; drawn like the cuts.")
+    redshift_max_peak_mag: float = Field(
+        20.0, gt=0, description="Redshifted copies peak at most this faint (uniform from the observed peak).")
+    calibration: Literal["per_age", "global", "none"] = Field(
+        "per_age", description="Temperature scaling fitted on the validation objects after training, applied inside "
+                               "the served model: a temperature per age bin (days since first detection, read from "
+                               "the input), one for all ages, or none (the network's own softmax).")
+    calibration_objects: Literal["all", "real"] = Field(
+        "all", description="Validation objects the temperatures are fitted on: all (simulated and real) or the real "
+                           "ones only (not the simulated).")
+    calibration_views: int = Field(
+        8, ge=0, description="Cuts of each validation object (GP refitted, as at inference) beside its whole curve "
+                             "for the calibration fit: early ages get their own temperatures.")
 
     @field_validator("tracking_uri", mode="before")
     @classmethod

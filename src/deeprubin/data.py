@@ -18,12 +18,15 @@ LightningDataModule, with a stratified split by object and class-imbalance handl
   on the detections before the cut, exactly as at inference on a young alert); every epoch draws one view per object
   (:class:`ViewSampler`): the whole curve with probability ``full_view_probability``, else one of the cuts.
   Validation and test use the full curves.
+- Redshift augmentation (``redshift_views > 0`` with ``redshifts``, oid -> spectroscopic redshift, e.g.
+  :func:`redshifts_of` the BTS labels): each real training supernova also gets copies moved to a larger redshift
+  (:mod:`deeprubin.augment`: dimmer, time-dilated, ZTF noise, 5-sigma detections), drawn as more views of the object.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -34,9 +37,11 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Sampler, TensorDataset, WeightedRandomSampler
 
+from deeprubin.augment import redshifted_curves
 from deeprubin.lightcurves.tensorize import curves_from_detections, cut_after_first, tensorize_curves
 from deeprubin.processed import load_processed, preprocessing_of
-from deeprubin.schema import CLASS_ALIASES, CLASSES
+from deeprubin.schema import CLASS_ALIASES, CLASSES, LABEL_ALIASES
+from deeprubin.sources.files import read_table
 from deeprubin.store import RawStore
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -83,6 +88,13 @@ def split_objects(oids: Sequence[str], labels: Sequence, val_fraction: float = 0
     rest_val_fraction = val_fraction / (1 - test_fraction)
     train, _, val = cut(rest, y_rest, rest_val_fraction, "validation")
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def _oid_column(table: pd.DataFrame) -> str:
+    name = next((c for c in LABEL_ALIASES["oid"] if c in table.columns), None)
+    if name is None:
+        raise ValueError(f"no object id column: expected one of {list(LABEL_ALIASES['oid'])}")
+    return name
 
 
 def _oid_seed(oid: str, seed: int) -> int:
@@ -134,6 +146,38 @@ def truncated_views(detections: pd.DataFrame, oids: Sequence[str], n_views: int,
     rows = np.array([p for p in pick if p is not None], dtype=np.int64)
     x = tensors.x[rows] if len(rows) else np.zeros((0, tensors.x.shape[1], grid_days), dtype=np.float32)
     return x, np.asarray(owners, dtype=str)[ok], np.asarray(days, dtype=np.float64)[ok]
+
+
+def redshifts_of(labels: Path | str | None) -> dict[str, float]:
+    """oid -> spectroscopic redshift from a labels table's ``redshift`` column (missing or unparsable values left
+    out; none at all when there is no table or no such column). Training-time only: never a model input."""
+    if labels is None or not Path(labels).exists():
+        return {}
+    table = read_table(labels)
+    if "redshift" not in table.columns:
+        return {}
+    oid = table[_oid_column(table)].astype(str)
+    z = pd.to_numeric(table["redshift"], errors="coerce")
+    ok = z.notna() & (z > 0)
+    return dict(zip(oid[ok], z[ok].astype(float)))
+
+
+def redshifted_views(detections: pd.DataFrame, oids: Sequence[str], redshifts: Mapping[str, float], n_views: int,
+                     seed: int = 42, grid_days: int = 100, fit_context_days: float = 100.0,
+                     max_peak_mag: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(x (M, C, G), owner oid (M,))``: up to ``n_views`` redshifted copies (:mod:`deeprubin.augment`) of each of
+    ``oids`` with a known redshift, seeded per object; tensors from the inference path."""
+    wanted = {o for o in map(str, oids) if o in redshifts}
+    det = detections.loc[detections["oid"].astype(str).isin(wanted)]
+    curves, owners = redshifted_curves(curves_from_detections(det), redshifts, n_views,
+                                       lambda oid: _oid_seed(f"z:{oid}", seed), max_peak_mag)
+    tensors = tensorize_curves(curves, grid_days, fit_context_days)
+    made = {row["oid"]: i for i, row in enumerate(tensors.rows)}
+    pick = [made.get(c.oid) for c in curves]
+    ok = np.array([p is not None for p in pick], dtype=bool)
+    rows = np.array([p for p in pick if p is not None], dtype=np.int64)
+    x = tensors.x[rows] if len(rows) else np.zeros((0, tensors.x.shape[1], grid_days), dtype=np.float32)
+    return x, np.asarray(owners, dtype=str)[ok] if len(owners) else np.array([], dtype=str)
 
 
 class ViewSampler(Sampler[int]):
@@ -207,10 +251,13 @@ class ProcessedDataModule(pl.LightningDataModule):
                  val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
                  imbalance: Imbalance = "weights", num_workers: int = 0, holdout: Sequence[str] = (),
                  raw_dir: Path | str | None = None, truncations: int = 0, truncation_min_days: float = 3.0,
-                 full_view_probability: float | None = None):
+                 full_view_probability: float | None = None, redshift_views: int = 0,
+                 redshifts: Mapping[str, float] | None = None, redshift_max_peak_mag: float = 20.0):
         super().__init__()
-        if truncations and raw_dir is None:
-            raise ValueError("truncation augmentation refits the GP on cut light curves: it needs raw_dir")
+        if (truncations or redshift_views) and raw_dir is None:
+            raise ValueError("truncation and redshift augmentation refit the GP on new light curves: they need raw_dir")
+        self.redshift_views, self.redshifts = redshift_views, dict(redshifts or {})
+        self.redshift_max_peak_mag = redshift_max_peak_mag
         self.holdout = frozenset(map(str, holdout))
         self.raw_dir = None if raw_dir is None else Path(raw_dir)
         self.truncations, self.truncation_min_days = truncations, truncation_min_days
@@ -262,7 +309,7 @@ class ProcessedDataModule(pl.LightningDataModule):
                                                  dtype=torch.float32)
         if self.imbalance == "source_sampler":
             self._train_object_weights = self._source_class_weights(index)
-        if self.truncations > 0:
+        if self.truncations > 0 or (self.redshift_views > 0 and self.redshifts):
             self._add_truncated_views(index)
 
     def _source_class_weights(self, index: pd.DataFrame) -> np.ndarray:
@@ -283,6 +330,12 @@ class ProcessedDataModule(pl.LightningDataModule):
         xv, owners, days = truncated_views(detections, train["oid"].astype(str), self.truncations,
                                            self.truncation_min_days, self.seed,
                                            settings.grid_days, settings.fit_context_days)
+        if self.redshift_views > 0 and self.redshifts:
+            xz, z_owners = redshifted_views(detections, train["oid"].astype(str), self.redshifts,
+                                            self.redshift_views, self.seed, settings.grid_days,
+                                            settings.fit_context_days, self.redshift_max_peak_mag)
+            xv, owners = np.concatenate([xv, xz]), np.concatenate([owners, z_owners])
+            days = np.concatenate([days, np.full(len(z_owners), np.nan)])  # NaN: a redshifted whole curve
         position = {oid: i for i, oid in enumerate(train["oid"].astype(str))}
         owner_pos = np.array([position[o] for o in owners], dtype=np.int64)
         full_x, full_y = self._data["train"].tensors

@@ -154,3 +154,35 @@ def test_source_sampler_draws_each_source_and_class_equally(processed, tmp_path)
     assert np.allclose(share, 1 / len(counts), rtol=0.15), counts
     with pytest.raises(ValueError, match="raw_dir"):
         ProcessedDataModule(processed, imbalance="source_sampler")
+
+
+def test_redshifted_views_of_real_supernovae_join_their_owner(tmp_path, shared_data):
+    """Simulated objects plus 40 real BTS supernovae: only the real ones, which have a redshift, get redshifted
+    copies, each drawn as one more view of its owner; validation and test objects get none."""
+    import pandas as pd
+
+    from deeprubin.config import FilesParams
+    from deeprubin.data import redshifts_of
+
+    labels = pd.read_csv(shared_data / "bts" / "labels.csv")
+    labels = pd.concat([labels[labels["label"] == c].head(20) for c in ("SNIa", "SNII")])
+    det = pd.read_parquet(shared_data / "bts" / "detections.parquet")
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    det[det["oid"].isin(labels["oid"])].to_parquet(tmp_path / "detections.parquet")
+    files = FilesParams(detections=tmp_path / "detections.parquet", labels=tmp_path / "labels.csv",
+                        label_source="bts:spectroscopic")
+    ingest.run(Params(ingest=IngestParams(raw_dir=tmp_path / "raw", simulator=SimulatorParams(n_per_class=8),
+                                          files=files, mix_files=True)), ingest.IngestPaths(raw_dir=tmp_path / "raw"))
+    preprocess.run(Params(preprocess=PreprocessParams(processed_dir=tmp_path / "processed", workers=1)),
+                   preprocess.PreprocessPaths(raw_dir=tmp_path / "raw", processed_dir=tmp_path / "processed"))
+    redshifts = redshifts_of(tmp_path / "labels.csv")
+    dm = ProcessedDataModule(tmp_path / "processed", batch_size=8, seed=3, raw_dir=tmp_path / "raw",
+                             redshift_views=2, redshifts=redshifts)
+    dm.setup("fit")
+    views = dm.train_views
+    train = set(dm.splits["train"])
+    assert len(views) > 0 and set(views["oid"]) <= train & set(redshifts)
+    assert views.groupby("oid").size().max() <= 2 and views["days"].isna().all()
+    x, _ = dm.dataset("train").tensors
+    assert len(x) == len(train) + len(views) and torch.isfinite(x).all()
+    assert len(dm.dataset("val")) == len(dm.splits["val"]) and len(dm.dataset("test")) == len(dm.splits["test"])

@@ -35,7 +35,7 @@ import yaml
 
 from deeprubin import __version__
 from deeprubin.config import BaseParams, Params, TrainParams
-from deeprubin.data import ProcessedDataModule
+from deeprubin.data import ProcessedDataModule, redshifts_of
 from deeprubin.evaluation.sets import holdout_oids
 from deeprubin.models.served import ProbabilityTCN, log_model, model_tags
 from deeprubin.outputs import CHECKPOINT, TRAIN_REPORT
@@ -49,13 +49,16 @@ class TrainPaths:
     dvc_lock: Path = Path("dvc.lock")
     raw_dir: Path | None = None  # needed for truncation augmentation (the GP is refitted on cut light curves)
     holdout: tuple[str, ...] = ()  # objects never trained on
+    redshift_labels: Path | None = None  # a labels table with a redshift column (redshift augmentation)
 
     @classmethod
     def from_params(cls, params: Params) -> "TrainPaths":
         """The configured directories; the held-out objects of the real evaluation set are never trained on."""
         return cls(processed_dir=Path(params.preprocess.processed_dir), model_dir=Path(params.train.model_dir),
                    raw_dir=Path(params.ingest.raw_dir),
-                   holdout=tuple(map(str, holdout_oids(params.evaluate.real, params.base))))
+                   holdout=tuple(map(str, holdout_oids(params.evaluate.real, params.base))),
+                   redshift_labels=params.ingest.files.labels if params.ingest.mix_files or
+                   params.ingest.source == "files" else None)
 
 
 @dataclass
@@ -170,10 +173,14 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     dm = ProcessedDataModule(paths.processed_dir, classes=base.classes, batch_size=cfg.batch_size,
                              val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=base.seed,
                              imbalance=cfg.imbalance, holdout=holdout,
-                             raw_dir=paths.raw_dir if cfg.truncations or cfg.imbalance == "source_sampler" else None,
+                             raw_dir=paths.raw_dir if cfg.truncations or cfg.redshift_views
+                             or cfg.imbalance == "source_sampler" else None,
                              truncations=cfg.truncations if paths.raw_dir is not None else 0,
                              truncation_min_days=cfg.truncation_min_days,
-                             full_view_probability=cfg.full_view_probability)
+                             full_view_probability=cfg.full_view_probability,
+                             redshift_views=cfg.redshift_views if paths.raw_dir is not None else 0,
+                             redshifts=redshifts_of(paths.redshift_labels) if cfg.redshift_views else None,
+                             redshift_max_peak_mag=cfg.redshift_max_peak_mag)
     step("cutting training light curves (augmentation)" if dm.truncations else "splitting objects")
     dm.setup("fit")
     if len(dm.dataset("val")) == 0:
