@@ -167,6 +167,9 @@ class TrainParams(Section):
     kernel_size: int = Field(3, ge=2, description="TCN convolution kernel, days.")
     levels: int = Field(5, ge=1, description="TCN residual blocks (dilations 1, 2, ..., 2**(levels-1)).")
     dropout: float = Field(0.1, ge=0, lt=1)
+    seed: int | None = Field(
+        None, description="Seed of the network's initialisation and batch order (null: base.seed). The object "
+                          "splits and held-out sets stay on base.seed, so runs with different seeds compare.")
     readout: Literal["mean", "last", "mean_last"] = Field(
         "mean", description="Per-day features -> one vector: mean over observed days (the paper), the causal "
                               "feature at the last observed day, or both.")

@@ -169,7 +169,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
         raise FileNotFoundError(f"no processed tensors in {paths.processed_dir}: run `deeprubin preprocess` first")
 
     step(f"reading {paths.processed_dir}")
-    pl.seed_everything(base.seed, workers=True, verbose=False)
+    pl.seed_everything(base.seed if cfg.seed is None else cfg.seed, workers=True, verbose=False)
     dm = ProcessedDataModule(paths.processed_dir, classes=base.classes, batch_size=cfg.batch_size,
                              val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=base.seed,
                              imbalance=cfg.imbalance, holdout=holdout,
