@@ -252,8 +252,10 @@ class ProcessedDataModule(pl.LightningDataModule):
                  imbalance: Imbalance = "weights", num_workers: int = 0, holdout: Sequence[str] = (),
                  raw_dir: Path | str | None = None, truncations: int = 0, truncation_min_days: float = 3.0,
                  full_view_probability: float | None = None, redshift_views: int = 0,
-                 redshifts: Mapping[str, float] | None = None, redshift_max_peak_mag: float = 20.0):
+                 redshifts: Mapping[str, float] | None = None, redshift_max_peak_mag: float = 20.0,
+                 shuffle_seed: int | None = None):
         super().__init__()
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed  # batch order; splits stay on seed
         if (truncations or redshift_views) and raw_dir is None:
             raise ValueError("truncation and redshift augmentation refit the GP on new light curves: they need raw_dir")
         self.redshift_views, self.redshifts = redshift_views, dict(redshifts or {})
@@ -362,15 +364,15 @@ class ProcessedDataModule(pl.LightningDataModule):
             if self.imbalance in ("sampler", "both"):
                 y = self.targets(split)
                 weights = 1.0 / np.bincount(y)[y]
-            kwargs["sampler"] = ViewSampler(self._train_groups, weights, self.seed, self.full_view_probability)
+            kwargs["sampler"] = ViewSampler(self._train_groups, weights, self.shuffle_seed, self.full_view_probability)
         elif train and self._train_object_weights is not None:
             kwargs["sampler"] = WeightedRandomSampler(
                 torch.as_tensor(self._train_object_weights, dtype=torch.double), len(self._train_object_weights),
-                replacement=True, generator=torch.Generator().manual_seed(self.seed))
+                replacement=True, generator=torch.Generator().manual_seed(self.shuffle_seed))
         elif train and self.imbalance in ("sampler", "both"):
-            kwargs["sampler"] = balanced_sampler(self.targets(split), self.seed)
+            kwargs["sampler"] = balanced_sampler(self.targets(split), self.shuffle_seed)
         elif train:
-            kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+            kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(self.shuffle_seed))
         return DataLoader(self._data[split], batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, **kwargs)
 

@@ -180,7 +180,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                              full_view_probability=cfg.full_view_probability,
                              redshift_views=cfg.redshift_views if paths.raw_dir is not None else 0,
                              redshifts=redshifts_of(paths.redshift_labels) if cfg.redshift_views else None,
-                             redshift_max_peak_mag=cfg.redshift_max_peak_mag)
+                             redshift_max_peak_mag=cfg.redshift_max_peak_mag, shuffle_seed=cfg.seed)
     step("cutting training light curves (augmentation)" if dm.truncations else "splitting objects")
     dm.setup("fit")
     if len(dm.dataset("val")) == 0:
