@@ -170,6 +170,9 @@ class TrainParams(Section):
     seed: int | None = Field(
         None, description="Seed of the network's initialisation and batch order (null: base.seed). The object "
                           "splits and held-out sets stay on base.seed, so runs with different seeds compare.")
+    simulated_classes: list[str] | None = Field(
+        None, description="Classes whose simulated objects are trained on (null: all); e.g. [QSO, CEP] trains the "
+                          "supernova classes on the real (BTS) objects alone. Validation and test keep them all.")
     readout: Literal["mean", "last", "mean_last"] = Field(
         "mean", description="Per-day features -> one vector: mean over observed days (the paper), the causal "
                               "feature at the last observed day, or both.")

@@ -18,6 +18,8 @@ LightningDataModule, with a stratified split by object and class-imbalance handl
   on the detections before the cut, exactly as at inference on a young alert); every epoch draws one view per object
   (:class:`ViewSampler`): the whole curve with probability ``full_view_probability``, else one of the cuts.
   Validation and test use the full curves.
+- ``simulated_classes`` (e.g. ``["QSO", "CEP"]``): simulated training objects of other classes are left out of
+  training (validation and test keep them), to train a class on real objects only.
 - Redshift augmentation (``redshift_views > 0`` with ``redshifts``, oid -> spectroscopic redshift, e.g.
   :func:`redshifts_of` the BTS labels): each real training supernova also gets copies moved to a larger redshift
   (:mod:`deeprubin.augment`: dimmer, time-dilated, ZTF noise, 5-sigma detections), drawn as more views of the object.
@@ -42,6 +44,7 @@ from deeprubin.lightcurves.tensorize import curves_from_detections, cut_after_fi
 from deeprubin.processed import load_processed, preprocessing_of
 from deeprubin.schema import CLASS_ALIASES, CLASSES, LABEL_ALIASES
 from deeprubin.sources.files import read_table
+from deeprubin.sources.simulate import LABEL_SOURCE as SIMULATED
 from deeprubin.store import RawStore
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -253,8 +256,11 @@ class ProcessedDataModule(pl.LightningDataModule):
                  raw_dir: Path | str | None = None, truncations: int = 0, truncation_min_days: float = 3.0,
                  full_view_probability: float | None = None, redshift_views: int = 0,
                  redshifts: Mapping[str, float] | None = None, redshift_max_peak_mag: float = 20.0,
-                 shuffle_seed: int | None = None):
+                 shuffle_seed: int | None = None, simulated_classes: Sequence[str] | None = None):
         super().__init__()
+        if simulated_classes is not None and raw_dir is None:
+            raise ValueError("simulated_classes reads each object's label source from raw_dir: it needs raw_dir")
+        self.simulated_classes = None if simulated_classes is None else frozenset(simulated_classes)
         self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed  # batch order; splits stay on seed
         if (truncations or redshift_views) and raw_dir is None:
             raise ValueError("truncation and redshift augmentation refit the GP on new light curves: they need raw_dir")
@@ -298,9 +304,18 @@ class ProcessedDataModule(pl.LightningDataModule):
         splits = split_objects(index["oid"][~held], index["label"][~held], self.val_fraction, self.test_fraction,
                                self.seed)
         splits["test"] = np.sort(np.concatenate([splits["test"], index["oid"][held].to_numpy(dtype=str)]))
+        if self.simulated_classes is not None:
+            source = self._label_sources()
+            train = pd.Series(splits["train"])
+            label_of = index.set_index(index["oid"].astype(str))["label"]
+            simulated_out = (train.map(source) == SIMULATED) & ~train.map(label_of).isin(self.simulated_classes)
+            splits["train"] = np.sort(train[~simulated_out].to_numpy(dtype=str))
         self.splits = splits
         split_of = {oid: name for name, ids in self.splits.items() for oid in ids}
         index["split"] = index["oid"].astype(str).map(split_of)
+        if index["split"].isna().any():  # simulated objects of classes not trained on
+            rows = index["split"].notna().to_numpy()
+            index, x = index.loc[rows].reset_index(drop=True), x[rows]
         self.index, self.n_channels = index, x.shape[1]
         for name in SPLITS:
             rows = np.flatnonzero((index["split"] == name).to_numpy())
@@ -314,13 +329,17 @@ class ProcessedDataModule(pl.LightningDataModule):
         if self.truncations > 0 or (self.redshift_views > 0 and self.redshifts):
             self._add_truncated_views(index)
 
+    def _label_sources(self) -> pd.Series:
+        """oid -> label source (``simulated``, ``bts:spectroscopic``, ...) from ``raw_dir``'s objects table."""
+        objects = RawStore(self.raw_dir).read().objects
+        return objects.assign(oid=objects["oid"].astype(str)).drop_duplicates("oid", keep="last") \
+            .set_index("oid")["label_source"].astype(str)
+
     def _source_class_weights(self, index: pd.DataFrame) -> np.ndarray:
         """Per training object, 1 / (objects of its label source and class): each (source, class) group, e.g.
         simulated SN II or spectroscopic SN II, is drawn equally often, so a scarce real class is not outweighed by
         the plentiful real class or by the simulation."""
-        objects = RawStore(self.raw_dir).read().objects
-        source_of = objects.assign(oid=objects["oid"].astype(str)).drop_duplicates("oid", keep="last") \
-            .set_index("oid")["label_source"].astype(str)
+        source_of = self._label_sources()
         train = index.loc[index["split"] == "train"]
         group = train["oid"].astype(str).map(source_of).fillna("unknown") + "/" + train["label"].astype(str)
         return (1.0 / group.map(group.value_counts())).to_numpy(dtype=np.float64, copy=True)

@@ -186,3 +186,18 @@ def test_redshifted_views_of_real_supernovae_join_their_owner(tmp_path, shared_d
     x, _ = dm.dataset("train").tensors
     assert len(x) == len(train) + len(views) and torch.isfinite(x).all()
     assert len(dm.dataset("val")) == len(dm.splits["val"]) and len(dm.dataset("test")) == len(dm.splits["test"])
+
+
+def test_simulated_classes_leaves_other_simulated_objects_out_of_training(processed, tmp_path):
+    """simulated_classes=[QSO, CEP]: no simulated supernova is trained on; validation and test keep every class."""
+    dm = ProcessedDataModule(processed, batch_size=8, seed=3, raw_dir=processed.parent / "raw",
+                             simulated_classes=["QSO", "CEP"])
+    dm.setup("fit")
+    train = dm.index[dm.index["split"] == "train"]
+    assert set(train["label"]) == {"QSO", "CEP"}
+    assert len(dm.dataset("train")) == len(train) == len(dm.splits["train"])
+    for name in ("val", "test"):
+        assert set(dm.index.loc[dm.index["split"] == name, "label"]) == set(CLASSES)
+    full = ProcessedDataModule(processed, batch_size=8, seed=3)
+    full.setup("fit")
+    assert set(full.splits["val"]) == set(dm.splits["val"]) and set(full.splits["test"]) == set(dm.splits["test"])

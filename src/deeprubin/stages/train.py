@@ -174,13 +174,14 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                              val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=base.seed,
                              imbalance=cfg.imbalance, holdout=holdout,
                              raw_dir=paths.raw_dir if cfg.truncations or cfg.redshift_views
-                             or cfg.imbalance == "source_sampler" else None,
+                             or cfg.imbalance == "source_sampler" or cfg.simulated_classes is not None else None,
                              truncations=cfg.truncations if paths.raw_dir is not None else 0,
                              truncation_min_days=cfg.truncation_min_days,
                              full_view_probability=cfg.full_view_probability,
                              redshift_views=cfg.redshift_views if paths.raw_dir is not None else 0,
                              redshifts=redshifts_of(paths.redshift_labels) if cfg.redshift_views else None,
-                             redshift_max_peak_mag=cfg.redshift_max_peak_mag, shuffle_seed=cfg.seed)
+                             redshift_max_peak_mag=cfg.redshift_max_peak_mag, shuffle_seed=cfg.seed,
+                             simulated_classes=cfg.simulated_classes)
     step("cutting training light curves (augmentation)" if dm.truncations else "splitting objects")
     dm.setup("fit")
     if len(dm.dataset("val")) == 0:
