@@ -173,6 +173,9 @@ class TrainParams(Section):
     simulated_classes: list[str] | None = Field(
         None, description="Classes whose simulated objects are trained on (null: all); e.g. [QSO, CEP] trains the "
                           "supernova classes on the real (BTS) objects alone. Validation and test keep them all.")
+    gp_draws: float = Field(
+        0.0, ge=0, description="Augmentation: each training batch's GP means are redrawn as mean + gp_draws * std * "
+                               "smoothed unit noise (0: off).")
     readout: Literal["mean", "last", "mean_last"] = Field(
         "mean", description="Per-day features -> one vector: mean over observed days (the paper), the causal "
                               "feature at the last observed day, or both.")

@@ -20,6 +20,8 @@ LightningDataModule, with a stratified split by object and class-imbalance handl
   Validation and test use the full curves.
 - ``simulated_classes`` (e.g. ``["QSO", "CEP"]``): simulated training objects of other classes are left out of
   training (validation and test keep them), to train a class on real objects only.
+- GP draws (``gp_draws > 0``): each training batch's GP means are redrawn within their uncertainty
+  (:class:`GPDraws`), so the network cannot lean on details the data do not pin down.
 - Redshift augmentation (``redshift_views > 0`` with ``redshifts``, oid -> spectroscopic redshift, e.g.
   :func:`redshifts_of` the BTS labels): each real training supernova also gets copies moved to a larger redshift
   (:mod:`deeprubin.augment`: dimmer, time-dilated, ZTF noise, 5-sigma detections), drawn as more views of the object.
@@ -37,7 +39,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Sampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler, TensorDataset, WeightedRandomSampler, default_collate
 
 from deeprubin.augment import redshifted_curves
 from deeprubin.lightcurves.tensorize import curves_from_detections, cut_after_first, tensorize_curves
@@ -183,6 +185,32 @@ def redshifted_views(detections: pd.DataFrame, oids: Sequence[str], redshifts: M
     return x, np.asarray(owners, dtype=str)[ok] if len(owners) else np.array([], dtype=str)
 
 
+class GPDraws:
+    """A training batch's collate function that replaces each GP mean by a random curve within its uncertainty:
+    ``mean + scale * std * n``, ``n`` a unit-variance Gaussian noise smoothed over ``smooth_days`` (a cheap stand-in
+    for a draw from the GP posterior, whose neighbouring days are correlated). Channels: :data:`CHANNELS` order
+    (means 0-1, standard deviations 2-3). Days past the last detection change too, but the network's pooling ignores
+    them."""
+
+    def __init__(self, scale: float, seed: int, smooth_days: float = 3.0):
+        if scale < 0:
+            raise ValueError(f"GP draw scale must be >= 0; got {scale}")
+        self.scale = scale
+        self.generator = torch.Generator().manual_seed(seed)
+        half = int(np.ceil(3 * smooth_days))
+        kernel = torch.exp(-0.5 * (torch.arange(-half, half + 1, dtype=torch.float32) / smooth_days) ** 2)
+        self.kernel = (kernel / kernel.pow(2).sum().sqrt()).view(1, 1, -1)  # unit variance after smoothing
+
+    def __call__(self, batch):
+        x, y = default_collate(batch)
+        n, _, t = x.shape
+        white = torch.randn(n * 2, 1, t + self.kernel.shape[2] - 1, generator=self.generator)
+        smooth = torch.nn.functional.conv1d(white, self.kernel).view(n, 2, t)
+        x = x.clone()
+        x[:, 0:2] += self.scale * x[:, 2:4] * smooth
+        return x, y
+
+
 class ViewSampler(Sampler[int]):
     """One dataset row per object per epoch: objects in random order (or drawn by ``object_weights`` with
     replacement, for balanced batches), each represented by one of its rows (views) chosen at random.
@@ -256,8 +284,10 @@ class ProcessedDataModule(pl.LightningDataModule):
                  raw_dir: Path | str | None = None, truncations: int = 0, truncation_min_days: float = 3.0,
                  full_view_probability: float | None = None, redshift_views: int = 0,
                  redshifts: Mapping[str, float] | None = None, redshift_max_peak_mag: float = 20.0,
-                 shuffle_seed: int | None = None, simulated_classes: Sequence[str] | None = None):
+                 shuffle_seed: int | None = None, simulated_classes: Sequence[str] | None = None,
+                 gp_draws: float = 0.0):
         super().__init__()
+        self.gp_draws = gp_draws
         if simulated_classes is not None and raw_dir is None:
             raise ValueError("simulated_classes reads each object's label source from raw_dir: it needs raw_dir")
         self.simulated_classes = None if simulated_classes is None else frozenset(simulated_classes)
@@ -392,6 +422,8 @@ class ProcessedDataModule(pl.LightningDataModule):
             kwargs["sampler"] = balanced_sampler(self.targets(split), self.shuffle_seed)
         elif train:
             kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(self.shuffle_seed))
+        if train and self.gp_draws > 0:
+            kwargs["collate_fn"] = GPDraws(self.gp_draws, self.shuffle_seed)
         return DataLoader(self._data[split], batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, **kwargs)
 

@@ -201,3 +201,19 @@ def test_simulated_classes_leaves_other_simulated_objects_out_of_training(proces
     full = ProcessedDataModule(processed, batch_size=8, seed=3)
     full.setup("fit")
     assert set(full.splits["val"]) == set(dm.splits["val"]) and set(full.splits["test"]) == set(dm.splits["test"])
+
+
+def test_gp_draws_move_training_means_within_their_uncertainty(processed):
+    """gp_draws: training batches' GP means differ from the stored ones by about scale x std, smoothly; the std and
+    time channels, the labels and the validation batches are untouched."""
+    plain = ProcessedDataModule(processed, batch_size=64, seed=3)
+    drawn = ProcessedDataModule(processed, batch_size=64, seed=3, gp_draws=0.5)
+    for dm in (plain, drawn):
+        dm.setup("fit")
+    (x0, y0), (x1, y1) = next(iter(plain.train_dataloader())), next(iter(drawn.train_dataloader()))
+    assert torch.equal(y0, y1) and torch.equal(x0[:, 2:], x1[:, 2:])
+    z = (x1[:, :2] - x0[:, :2]) / (0.5 * x0[:, 2:4])
+    assert 0.8 < float(z.std()) < 1.2 and abs(float(z.mean())) < 0.1
+    lag1 = float((z[..., 1:] * z[..., :-1]).mean() / z.pow(2).mean())
+    assert lag1 > 0.8  # smooth over days, not white noise
+    assert torch.equal(next(iter(plain.val_dataloader()))[0], next(iter(drawn.val_dataloader()))[0])

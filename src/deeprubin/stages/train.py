@@ -181,7 +181,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                              redshift_views=cfg.redshift_views if paths.raw_dir is not None else 0,
                              redshifts=redshifts_of(paths.redshift_labels) if cfg.redshift_views else None,
                              redshift_max_peak_mag=cfg.redshift_max_peak_mag, shuffle_seed=cfg.seed,
-                             simulated_classes=cfg.simulated_classes)
+                             simulated_classes=cfg.simulated_classes, gp_draws=cfg.gp_draws)
     step("cutting training light curves (augmentation)" if dm.truncations else "splitting objects")
     dm.setup("fit")
     if len(dm.dataset("val")) == 0:
