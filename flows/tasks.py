@@ -138,7 +138,8 @@ def classify(params: Params, oids: list[str] | None, output: str) -> dict[str, A
     det = RawStore(Path(params.ingest.raw_dir)).read().detections
     if oids is not None:
         det = det.loc[det["oid"].astype(str).isin(set(oids))]
-    return clf.run(params, det.reset_index(drop=True), Path(output), upsert=True).report()
+    # The raw store holds difference flux (the contract's, what training saw): nothing to recognise.
+    return clf.run(params, det.reset_index(drop=True), Path(output), upsert=True, photometry="difference").report()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -332,6 +332,10 @@ class ServeParams(Section):
 
 
 class ScheduleParams(Section):
+    photometry: Literal["auto", "difference", "apparent"] = Field(
+        "auto", description="What input brightness is when its rows do not say (a `photometry` column): difference "
+                            "flux, as the model learned; apparent magnitudes, turned into difference flux first; "
+                            "auto: recognised per object (lightcurves/presentation.py). Not for alert streams.")
     cron: str = Field(..., description="Cron expression.")
     timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
 

@@ -83,7 +83,11 @@ DETECTION_ALIASES: dict[str, tuple[str, ...]] = {
     "isdiffpos": ("isdiffpos",),
     "mag_corr": ("mag_corr", "magpsf_corr"),
     "mag_corr_err": ("mag_corr_err", "sigmapsf_corr"),
+    "photometry": ("photometry",),
 }
+# What a detection's brightness is (a declaration; deeprubin.lightcurves.presentation): the difference flux of an
+# alert stream, or an apparent magnitude (forced photometry, other surveys).
+PHOTOMETRIES: tuple[str, ...] = ("difference", "apparent")
 NON_DETECTION_ALIASES: dict[str, tuple[str, ...]] = {
     "oid": DETECTION_ALIASES["oid"],
     "mjd": ("mjd", "ant_mjd"),
@@ -312,6 +316,20 @@ def map_detections(frame: pd.DataFrame, source: str, oid: str | None = None) -> 
     return out.reset_index(drop=True)
 
 
+def map_photometry(frame: pd.DataFrame) -> pd.Series | None:
+    """The photometry each input row declares: its ``photometry`` column (difference|apparent, any case; blank:
+    undeclared), else ``difference`` where ``isdiffpos`` is given (a signed difference by construction); None when
+    the table declares nothing. Unknown values are kept as given, for :func:`validate_detections` to reject."""
+    col = _pick(frame, DETECTION_ALIASES, "photometry")
+    if col is not None:
+        text = frame[col].astype(str).str.strip().str.lower().to_numpy(dtype=object)
+        blank = frame[col].isna().to_numpy() | (text == "")
+        return pd.Series(np.where(blank, None, text), dtype=object)
+    if _pick(frame, DETECTION_ALIASES, "isdiffpos") is not None:
+        return pd.Series(PHOTOMETRIES[0], index=range(len(frame)), dtype=object)
+    return None
+
+
 def map_non_detections(frame: pd.DataFrame, oid: str | None = None) -> pd.DataFrame:
     """Map an upper-limits table (ALeRCE non_detections: mjd or jd, fid, diffmaglim) onto the contract."""
     out = pd.DataFrame(index=frame.index)
@@ -371,13 +389,17 @@ def validate_detections(frame: pd.DataFrame, on_unsorted: str = "sort") -> tuple
     """Drop detections that break the contract, naming each object and reason in the report.
 
     Rules: missing oid; NaN/inf time; band not g or r; NaN/inf mag, mag_err, flux or flux_err; mag_err or flux_err
-    not positive; duplicate (oid, mjd, band) (the first is kept). Objects whose rows are not in time order are
-    re-sorted (``on_unsorted="sort"``, reported with 0 rows dropped) or dropped whole (``"reject"``).
+    not positive; a ``photometry`` value (when given) not in :data:`PHOTOMETRIES`; duplicate (oid, mjd, band) (the
+    first is kept). Objects whose rows are not in time order are re-sorted (``on_unsorted="sort"``, reported with 0
+    rows dropped) or dropped whole (``"reject"``).
     """
     if on_unsorted not in ("sort", "reject"):
         raise ValueError(f"on_unsorted must be 'sort' or 'reject', not {on_unsorted!r}")
     report = ValidationReport(table="detections", rows_in=len(frame))
     frame = _drop_bad_points(frame, report, ("mag", "mag_err", "flux", "flux_err"), ("mag_err", "flux_err"))
+    if "photometry" in frame.columns:  # optional: rows that declare their photometry
+        unknown = frame["photometry"].notna() & ~frame["photometry"].isin(PHOTOMETRIES)
+        frame = report.reject(frame, unknown, f"photometry not in {list(PHOTOMETRIES)}")
     frame = _drop_unsorted_and_duplicates(frame, report, DETECTION_KEY, on_unsorted)
     report.rows_out = len(frame)
     return frame, report

@@ -191,6 +191,50 @@ def test_an_object_the_gp_cannot_use_is_rejected_alone(service, curves):
     assert body["rejected"] == [{"oid": "hopeless", "reason": "no usable detections", "detail": "none finite in g or r"}]
 
 
+def _mag_curve(oid: str, rows) -> dict:
+    return {"oid": oid, "detections": [{"mjd": float(m), "band": str(b), "mag": float(v), "mag_err": float(e)}
+                                       for m, b, v, e in zip(rows["mjd"], rows["band"], rows["mag"], rows["mag_err"])]}
+
+
+@pytest.fixture(scope="module")
+def photometries(shared_data) -> list[dict]:
+    """A real OGLE-II Cepheid (apparent, every 3rd epoch), a real BTS supernova (difference magnitudes, no
+    isdiffpos) and a steady star (the Cepheid's epochs and errors at a constant level)."""
+    from tests.real_curves import bts_rows, ogle_as_ztf
+
+    ogle = ogle_as_ztf(shared_data)
+    cep = ogle.loc[ogle["oid"] == ogle.loc[ogle["label"] == "CEP", "oid"].iloc[0]].iloc[::3]
+    bts = bts_rows(shared_data)
+    sn = bts.loc[bts["oid"] == bts["oid"].iloc[0]].assign(band=lambda d: d["fid"].map({1: "g", 2: "r"}),
+                                                          mag=lambda d: d["magpsf"], mag_err=lambda d: d["sigmapsf"])
+    star = cep.assign(mag=17.0)
+    return [_mag_curve(str(cep["oid"].iloc[0]), cep), _mag_curve(str(sn["oid"].iloc[0]), sn),
+            _mag_curve("steady-star", star)]
+
+
+def test_apparent_curves_are_recognised_or_declared_and_the_path_is_answered(service, photometries):
+    cep, sn, star = photometries
+    r = _post(service, {"light_curves": photometries})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    paths = {c["oid"]: (c["photometry"], c["photometry_declared"]) for c in body["classifications"]}
+    assert paths == {cep["oid"]: ("apparent", False), sn["oid"]: ("difference", False)}
+    [rejected] = body["rejected"]
+    assert rejected["oid"] == "steady-star"
+    assert rejected["reason"] == "steady source: no point 5 sigma from its reference"
+    n_det = {c["oid"]: c["n_det"] for c in body["classifications"]}
+    assert 0 < n_det[cep["oid"]] < len(cep["detections"]) and n_det[sn["oid"]] == len(sn["detections"])
+
+    declared = _post(service, {"photometry": "difference",
+                               "light_curves": [cep, {**sn, "photometry": "apparent"}, star]}).json()
+    paths = {c["oid"]: (c["photometry"], c["photometry_declared"]) for c in declared["classifications"]}
+    assert paths == {cep["oid"]: ("difference", True), sn["oid"]: ("apparent", True),
+                     "steady-star": ("difference", True)}
+    assert declared["rejected"] == []
+    bad = _post(service, {"photometry": "magnitudes", "light_curves": [cep]})
+    assert bad.status_code == 422 and "photometry" in bad.json()["message"]
+
+
 def _det(**kw):
     return {"mjd": 60000.0, "band": "g", "flux": 10.0, "flux_err": 1.0, **kw}
 

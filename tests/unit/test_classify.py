@@ -220,3 +220,111 @@ def test_classify_command_reads_alerce_csv_with_a_local_model_and_summarises(det
     bad = CliRunner().invoke(app, ["classify", "--input", str(tmp_path / "nope.csv"), "--output", str(out),
                                    "--model", str(model_dir), "--params", str(REPO / "params.yaml")])
     assert bad.exit_code == 1 and "nope.csv" in bad.output
+
+
+# --- photometry: apparent magnitudes (real OGLE-II curves) beside difference magnitudes (real BTS supernovae) ------
+
+@pytest.fixture(scope="module")
+def mixed_photometry(shared_data) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Rows oid, mjd, band, mag, mag_err of 2 OGLE Cepheids and 2 OGLE quasars (apparent), 3 BTS supernovae
+    (difference, no isdiffpos) and one steady star (a real OGLE curve's epochs and errors at a constant level)."""
+    from tests.real_curves import bts_rows, ogle_as_ztf
+
+    ogle = ogle_as_ztf(shared_data)
+    label = ogle.groupby("oid")["label"].first()
+    ceps = list(label[label == "CEP"].index[:2])
+    qsos = ["LMC_SC10_10560", "LMC_SC16_178924"]  # vary by 5 sigma from their median at some epochs
+    bts = bts_rows(shared_data)
+    sne = list(bts["oid"].drop_duplicates().iloc[[0, 5, 10]])
+    bts = bts.loc[bts["oid"].isin(sne)]
+    rng = np.random.default_rng(1)
+    star = ogle.loc[ogle["oid"] == ceps[0]].assign(oid="steady-star")
+    star["mag"] = 17.0 + rng.normal(0, 1, len(star)) * star["mag_err"] / 5
+    rows = pd.concat([ogle.loc[ogle["oid"].isin(ceps + qsos)], star,
+                      pd.DataFrame({"oid": bts["oid"], "mjd": bts["mjd"], "band": bts["fid"].map({1: "g", 2: "r"}),
+                                    "mag": bts["magpsf"], "mag_err": bts["sigmapsf"]})], ignore_index=True)
+    kinds = {**{o: "apparent" for o in ceps + qsos}, **{o: "difference" for o in sne}}
+    return rows.drop(columns="label"), kinds
+
+
+def test_classify_recognises_apparent_curves_converts_them_and_says_the_path(mixed_photometry, model, params,
+                                                                            tmp_path):
+    from deeprubin.lightcurves.presentation import apparent_to_difference
+
+    rows, kinds = mixed_photometry
+    src = tmp_path / "mixed.csv"
+    rows.to_csv(src, index=False)
+    result = clf.run_file(params, src, tmp_path / "out.parquet", model=model)
+    out = pd.read_parquet(result.output).set_index("oid")
+    assert list(out.reset_index().columns) == clf.COLUMNS
+    assert out["photometry"].to_dict() == kinds and not out["photometry_declared"].any()
+    assert result.per_photometry == {"apparent (recognised)": 4, "difference (recognised)": 3}
+    side = pd.read_csv(result.rejections)
+    assert side.to_dict("records") == [{"oid": "steady-star",
+                                        "reason": "steady source: no point 5 sigma from its reference",
+                                        "detail": side["detail"].iloc[0]}]
+    assert "recognised" in side["detail"].iloc[0]
+
+    # The apparent curves were classified as the difference flux of their 5 sigma points, declared so here.
+    from tests.real_curves import contract
+
+    diff = apparent_to_difference(contract(rows.loc[rows["oid"].map(kinds) == "apparent"], "test"))
+    given = clf.run(load_params(None, ["classify.batch_size=16", "classify.workers=1",
+                                       "classify.photometry=difference"]), diff, tmp_path / "diff.parquet",
+                    model=model)
+    same = pd.read_parquet(given.output).set_index("oid")
+    assert same["photometry_declared"].all()
+    probs = [f"p_{c}" for c in CLASSES]
+    np.testing.assert_allclose(out.loc[same.index, probs], same[probs], atol=1e-6)
+    assert (out.loc[same.index, "n_det"] == same["n_det"]).all()
+    assert (same["n_det"] < rows.loc[rows["oid"].isin(same.index)].groupby("oid").size()).all()
+
+
+def test_a_declared_photometry_column_or_setting_wins_over_recognition(mixed_photometry, model, params, tmp_path):
+    rows, kinds = mixed_photometry
+    cep = next(o for o, k in kinds.items() if k == "apparent")
+    sn = next(o for o, k in kinds.items() if k == "difference")
+    declared = rows.assign(photometry=rows["oid"].map({cep: "difference", sn: "apparent"}))
+    src = tmp_path / "declared.parquet"
+    declared.sample(frac=1, random_state=0).to_parquet(src, index=False)  # not grouped: the column survives the spill
+    result = clf.run_file(params, src, tmp_path / "out.parquet", model=model, read_rows=500)
+    out = pd.read_parquet(result.output).set_index("oid")
+    assert not result.input_grouped
+    assert out.loc[cep, "photometry"] == "difference" and out.loc[cep, "photometry_declared"]
+    assert out.loc[sn, "photometry"] == "apparent" and out.loc[sn, "photometry_declared"]
+    others = out.drop(index=[cep, sn])
+    assert (others["photometry"] == others.index.map(kinds)).all() and not others["photometry_declared"].any()
+
+    plain = tmp_path / "plain.csv"
+    rows.to_csv(plain, index=False)
+    setting = load_params(None, ["classify.batch_size=16", "classify.workers=1", "classify.photometry=difference"])
+    every = pd.read_parquet(clf.run_file(setting, plain, tmp_path / "all.parquet", model=model).output)
+    assert (every["photometry"] == "difference").all() and every["photometry_declared"].all()
+    assert "steady-star" in set(every["oid"])  # taken as given: nothing is subtracted
+
+    from tests.real_curves import contract
+
+    stored = clf.run(params, contract(rows, "store"), tmp_path / "night.parquet", model=model, photometry="difference")
+    night = pd.read_parquet(stored.output)
+    assert len(night) == len(kinds) + 1 and night["photometry_declared"].all()
+
+
+def test_classify_command_takes_the_photometry_option(mixed_photometry, model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from deeprubin.cli import app
+    from tests.conftest import REPO
+
+    rows, kinds = mixed_photometry
+    src = tmp_path / "mixed.csv"
+    rows.loc[rows["oid"].isin(kinds)].to_csv(src, index=False)
+    out = tmp_path / "out.parquet"
+    done = CliRunner().invoke(app, ["classify", "--input", str(src), "--output", str(out), "--model", str(model_dir),
+                                    "--params", str(REPO / "params.yaml"), "--photometry", "apparent"])
+    assert done.exit_code == 0, done.output
+    assert "photometry apparent (declared): 7 object(s)" in done.output
+    frame = pd.read_parquet(out)
+    assert (frame["photometry"] == "apparent").all() and frame["photometry_declared"].all()
+    wrong = CliRunner().invoke(app, ["classify", "--input", str(src), "--output", str(out), "--model",
+                                     str(model_dir), "--photometry", "magnitudes"])
+    assert wrong.exit_code == 2

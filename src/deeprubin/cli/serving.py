@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,6 +10,12 @@ import typer
 from rich.table import Table
 
 from deeprubin.cli.common import ParamsOption, SetOption, _load, _run_with_progress, app, console, err_console
+
+
+class Photometry(str, Enum):  # classify.photometry
+    auto = "auto"
+    difference = "difference"
+    apparent = "apparent"
 
 
 @app.command()
@@ -20,13 +27,18 @@ def classify(
     overrides: SetOption = None,
     model: Annotated[Optional[str], typer.Option(help="Model URI or local MLflow model path "
                                                       "(default: classify.model_uri, the champion).")] = None,
+    photometry: Annotated[Optional[Photometry], typer.Option(
+        help="What the brightness is where the rows do not say (a `photometry` column): difference flux, apparent "
+             "magnitudes (turned into difference flux), or auto: recognised per object (default: "
+             "classify.photometry).")] = None,
 ) -> None:
     """Classify every object of a detections file with the serving model; rejected objects go to
-    OUTPUT.rejected.csv with their reasons."""
+    OUTPUT.rejected.csv with their reasons. The output's `photometry` column says which path each object took."""
     from deeprubin.serving import classify as clf
     from deeprubin.schema import SchemaError
 
-    params = _load(params_path, [*(overrides or []), *([f"classify.model_uri={model}"] if model else [])])
+    params = _load(params_path, [*(overrides or []), *([f"classify.model_uri={model}"] if model else []),
+                                 *([f"classify.photometry={photometry.value}"] if photometry else [])])
     try:
         result = _run_with_progress("classify", lambda r: clf.run_file(params, input_path, output, progress=r),
                                     unit=" rows")
@@ -40,6 +52,8 @@ def classify(
     for c, n in sorted(result.per_class.items()):
         table.add_row(c, str(n))
     console.print(table)
+    for path, n in sorted((result.per_photometry or {}).items()):
+        console.print(f"photometry {path}: {n} object(s)")
     for reason, n in sorted((result.n_points_dropped or {}).items()):
         console.print(f"dropped {n} detection(s): {reason}")
     if not result.input_grouped:

@@ -29,7 +29,8 @@ class Detection(BaseModel):
 
     mjd: Finite = Field(..., description="Modified Julian Date of the detection.")
     band: Literal["g", "r"] = Field(..., description="ZTF band: g or r.")
-    flux: Finite | None = Field(None, description="Difference flux, µJy (negative allowed); with flux_err.")
+    flux: Finite | None = Field(None, description="Difference flux, µJy (negative allowed), or the total flux of "
+                                                  "apparent photometry; with flux_err.")
     flux_err: Positive | None = Field(None, description="Flux error, µJy (> 0).")
     mag: Finite | None = Field(None, description="AB magnitude (zero point 23.9), used when flux is absent.")
     mag_err: Positive | None = Field(None, description="Magnitude error (> 0).")
@@ -60,6 +61,10 @@ def request_models(max_curves: int, max_detections: int) -> tuple[type[BaseModel
         oid: str = Field(..., min_length=1, max_length=256, description="Object id, unique within the request.")
         detections: list[Detection] = Field(..., min_length=1, max_length=max_detections,
                                             description=f"At most {max_detections} detections.")
+        photometry: Literal["difference", "apparent"] | None = Field(
+            None, description="What this curve's brightness is: difference flux (as an alert stream gives it) or "
+                              "apparent magnitudes (turned into difference flux first); unset: the request's "
+                              "`photometry`.")
 
     class ClassifyRequest(BaseModel):
         """A batch of light curves."""
@@ -72,6 +77,10 @@ def request_models(max_curves: int, max_detections: int) -> tuple[type[BaseModel
 
         light_curves: list[LightCurve] = Field(..., min_length=1, max_length=max_curves,
                                                description=f"1 to {max_curves} light curves, distinct oids.")
+        photometry: Literal["auto", "difference", "apparent"] | None = Field(
+            None, description="What the curves' brightness is where a curve does not say: difference, apparent, or "
+                              "auto (recognised per curve: apparent only for a long, steady, high-S/N curve); unset: "
+                              "the server's classify.photometry.")
 
     return LightCurve, ClassifyRequest
 
@@ -89,18 +98,23 @@ class Classification(BaseModel):
                                                               "to 1 over the model's classes.")
     n_det: int = Field(..., description="Detections received for the object.")
     days_since_first_detection: float = Field(..., description="Last minus first detection of the classified window.")
+    photometry: Literal["difference", "apparent"] = Field(
+        ..., description="The path the curve took: difference flux as given, or apparent magnitudes turned into "
+                         "difference flux (median reference per band, points 5 sigma from it).")
+    photometry_declared: bool = Field(..., description="True when the request said so, false when recognised.")
 
 
 class Rejected(BaseModel):
     oid: str
-    reason: str = Field(..., description="Why the object could not be classified (e.g. no usable detections).")
+    reason: str = Field(..., description="Why the object could not be classified (e.g. no usable detections, or a "
+                                         "steady apparent curve with no point 5 sigma from its reference).")
     detail: str = ""
 
 
 class ClassifyResponse(BaseModel):
     model: ModelRef
     classifications: list[Classification]
-    rejected: list[Rejected] = Field(..., description="Objects valid as JSON that the GP could not interpolate.")
+    rejected: list[Rejected] = Field(..., description="Objects valid as JSON that could not be classified.")
 
 
 class Health(BaseModel):

@@ -7,7 +7,12 @@ runs the GP on a process pool), so memory does not grow with the input. Objects 
 detail) and never stop the run.
 
 Output columns (the output contract): ``oid``, ``predicted_class``, ``p_QSO``, ``p_CEP``, ``p_SNIa``,
-``p_SNII``, ``n_det``, ``days_since_first_detection``, ``model_name``, ``model_version``, ``classified_at``.
+``p_SNII``, ``n_det``, ``days_since_first_detection``, ``photometry``, ``photometry_declared``, ``model_name``,
+``model_version``, ``classified_at``. ``photometry`` is the path the object took: ``difference`` (classified as
+given) or ``apparent`` (apparent magnitudes turned into difference flux first,
+:mod:`deeprubin.lightcurves.presentation`); ``photometry_declared`` is true when the input, the request or
+``classify.photometry`` said so, false when it was recognised from the curve. ``n_det`` counts the detections
+classified (for an apparent curve: those 5 σ from its reference).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deeprubin.config import Params
+from deeprubin.lightcurves.presentation import DECLARED_DIFFERENCE, PhotometryPath
 from deeprubin.models.served import ServingModel, load_model
 from deeprubin.processed import Preprocessing
 from deeprubin.progress import Progress, or_silent
@@ -35,7 +41,7 @@ from deeprubin.serving.reading import READ_ROWS, CurveBatch, NotGroupedError, co
     grouped_objects, partitioned_objects, read_detections, spill_partitions
 
 COLUMNS = ["oid", "predicted_class", *[f"p_{c}" for c in CLASSES], "n_det", "days_since_first_detection",
-           "model_name", "model_version", "classified_at"]
+           "photometry", "photometry_declared", "model_name", "model_version", "classified_at"]
 REJECTION_COLUMNS = ["oid", "reason", "detail"]
 
 
@@ -46,10 +52,12 @@ def serving_settings(model: Any, params: Params) -> Preprocessing:
 
 
 def classify_curves(curves: list, model: ServingModel, grid_days: int = 100, fit_context_days: float = 100.0,
-                    batch_size: int = 1024, progress: Progress | None = None
-                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    batch_size: int = 1024, progress: Progress | None = None,
+                    paths: dict[str, PhotometryPath] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(classifications, rejections)`` of ``curves`` (:class:`deeprubin.lightcurves.tensorize.Curve`), batch by batch,
-    in this process (the HTTP service and the alert consumer; files go through :func:`classify_stream`)."""
+    in this process (the HTTP service and the alert consumer; files go through :func:`run_file`). ``paths``: how
+    each curve was read (:func:`deeprubin.lightcurves.presentation.resolve`); a curve not in it is difference flux,
+    declared (an alert stream's)."""
     step = or_silent(progress)
     frames, rejected = [], []
     stamp = pd.Timestamp.now(tz="UTC")
@@ -58,7 +66,7 @@ def classify_curves(curves: list, model: ServingModel, grid_days: int = 100, fit
         t = tensorize_job((batch, grid_days, fit_context_days))
         rejected.extend(t.skipped)
         if len(t.rows):
-            frames.append(_rows(t, model.predict_proba(t.x, batch_size), model, _n_det(batch), stamp))
+            frames.append(_rows(t, model.predict_proba(t.x, batch_size), model, _n_det(batch), stamp, paths))
         step("classifying", completed=min(start + batch_size, len(curves)), total=len(curves))
     out = pd.concat(frames, ignore_index=True) if frames else empty_classifications()
     return out[COLUMNS], pd.DataFrame(rejected, columns=REJECTION_COLUMNS)
@@ -69,6 +77,8 @@ def empty_classifications() -> pd.DataFrame:
     for c in ("oid", "predicted_class", "model_name", "model_version"):
         frame[c] = frame[c].astype(object)
     frame["n_det"] = frame["n_det"].astype("int64")
+    frame["photometry"] = frame["photometry"].astype(object)
+    frame["photometry_declared"] = frame["photometry_declared"].astype(bool)
     frame["classified_at"] = pd.Series(dtype="datetime64[ns, UTC]")
     return frame
 
@@ -77,7 +87,8 @@ def _n_det(curves) -> dict[str, int]:
     return {c.oid: int(len(c.mjd)) for c in curves}
 
 
-def _rows(t, proba: np.ndarray, model: ServingModel, n_det: dict[str, int], stamp) -> pd.DataFrame:
+def _rows(t, proba: np.ndarray, model: ServingModel, n_det: dict[str, int], stamp,
+          paths: dict[str, PhotometryPath] | None = None) -> pd.DataFrame:
     frame = pd.DataFrame({"oid": [r["oid"] for r in t.rows]})
     classes = list(model.classes)
     frame["predicted_class"] = np.asarray(classes)[proba.argmax(axis=1)]
@@ -85,6 +96,9 @@ def _rows(t, proba: np.ndarray, model: ServingModel, n_det: dict[str, int], stam
         frame[f"p_{c}"] = proba[:, classes.index(c)] if c in classes else 0.0
     frame["n_det"] = [n_det[o] for o in frame["oid"]]
     frame["days_since_first_detection"] = [float(r["last_mjd"] - r["first_mjd"]) for r in t.rows]
+    taken = [(paths or {}).get(o, DECLARED_DIFFERENCE) for o in frame["oid"]]
+    frame["photometry"] = [p.photometry for p in taken]
+    frame["photometry_declared"] = np.array([p.declared for p in taken], dtype=bool)
     frame["model_name"] = model.name
     frame["model_version"] = model.version
     frame["classified_at"] = stamp
@@ -109,7 +123,8 @@ def write_atomically(frame: pd.DataFrame, path: Path) -> Path:
 OUTPUT_SCHEMA = pa.schema(
     [pa.field("oid", pa.string()), pa.field("predicted_class", pa.string()),
      *[pa.field(f"p_{c}", pa.float64()) for c in CLASSES], pa.field("n_det", pa.int64()),
-     pa.field("days_since_first_detection", pa.float64()), pa.field("model_name", pa.string()),
+     pa.field("days_since_first_detection", pa.float64()), pa.field("photometry", pa.string()),
+     pa.field("photometry_declared", pa.bool_()), pa.field("model_name", pa.string()),
      pa.field("model_version", pa.string()), pa.field("classified_at", pa.timestamp("ns", tz="UTC"))])
 
 
@@ -125,12 +140,14 @@ class ClassifyResult:
     seconds: float
     n_points_dropped: dict[str, int] | None = None
     input_grouped: bool = True
+    per_photometry: dict[str, int] | None = None  # "apparent (recognised)" -> objects classified this run
 
     def report(self) -> dict[str, Any]:
         return {"output": str(self.output), "rejections": None if self.rejections is None else str(self.rejections),
                 "n_classified": self.n_classified, "n_rejected": self.n_rejected, "model_uri": self.model_uri,
                 "model_version": self.model_version, "per_class": self.per_class, "seconds": round(self.seconds, 3),
-                "points_dropped": dict(self.n_points_dropped or {}), "input_grouped": self.input_grouped}
+                "points_dropped": dict(self.n_points_dropped or {}), "input_grouped": self.input_grouped,
+                "per_photometry": dict(self.per_photometry or {})}
 
 
 @dataclass
@@ -138,6 +155,7 @@ class _Written:
     n_classified: int = 0
     n_rejected: int = 0
     per_class: Counter | None = None
+    per_photometry: Counter = field(default_factory=Counter)
 
 
 def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params, tmp: Path, workers: int,
@@ -160,11 +178,14 @@ def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params
                     pd.DataFrame(rejected, columns=REJECTION_COLUMNS).to_csv(side, header=False, index=False)
                 if len(t.rows):
                     proba = model.predict_proba(t.x, batch_size) if proba is None else proba
-                    frame = _rows(t, proba, model, _n_det(batch.curves), stamp)
+                    frame = _rows(t, proba, model, _n_det(batch.curves), stamp, batch.paths)
                     writer.write_table(pa.Table.from_pandas(frame[COLUMNS], schema=OUTPUT_SCHEMA,
                                                             preserve_index=False))
                     written.n_classified += len(frame)
                     written.per_class.update(frame["predicted_class"])
+                    written.per_photometry.update(
+                        f"{p} ({'declared' if d else 'recognised'})"
+                        for p, d in zip(frame["photometry"], frame["photometry_declared"]))
                 written.n_rejected += len(rejected)
                 rows_done += batch.rows_read
                 step("classifying", completed=rows_done if total_rows else written.n_classified,
@@ -205,9 +226,12 @@ def _prepare_run(params, model: ServingModel | None, output: Path, workers: int 
 
 
 def run(params, detections: pd.DataFrame, output: Path, model: ServingModel | None = None,
-        progress: Progress | None = None, upsert: bool = False, workers: int | None = None) -> ClassifyResult:
+        progress: Progress | None = None, upsert: bool = False, workers: int | None = None,
+        photometry: str | None = None) -> ClassifyResult:
     """Classify every object of ``detections`` (contract columns, in memory) with ``params.model_uri()`` (or
     ``model``); write ``output`` (Parquet) and ``<output stem>.rejected.csv`` when objects were rejected.
+    ``photometry``: what the detections are where a ``photometry`` column does not say (default
+    ``params.classify.photometry``).
 
     ``upsert``: keep the rows of an existing ``output`` for objects not classified now (a night's file rerun replaces
     its rows and never duplicates them); the result then counts the whole file."""
@@ -217,13 +241,14 @@ def run(params, detections: pd.DataFrame, output: Path, model: ServingModel | No
     frames = [detections.sort_values(["oid", "mjd"], kind="stable")] if len(detections) else []
     dropped: Counter = Counter()
     with tempfile.TemporaryDirectory(prefix=".classify-", dir=Path(output).parent) as tmp:
-        batches = curve_batches(frames, params.classify.batch_size, dropped)
+        batches = curve_batches(frames, params.classify.batch_size, dropped, photometry or params.classify.photometry)
         written = _classify_batches(batches, model, params, Path(tmp), _useful_workers(workers, len(detections)),
                                     step, len(detections))
         n, per_class, side = _finish(Path(tmp), Path(output), upsert, written)
     return ClassifyResult(output=Path(output), rejections=side, n_classified=n, n_rejected=written.n_rejected,
                           model_uri=model.uri, model_version=model.version, per_class=per_class,
-                          seconds=time.perf_counter() - started, n_points_dropped=dict(dropped))
+                          seconds=time.perf_counter() - started, n_points_dropped=dict(dropped),
+                          per_photometry=dict(written.per_photometry))
 
 
 MIN_ROWS_FOR_POOL = 20_000  # a process pool costs a second or two to start: not worth it for a small input
@@ -257,7 +282,8 @@ def run_file(params, input_path: Path | str, output: Path, model: ServingModel |
         grouped = True
         try:
             frames = grouped_objects(read_detections(input_path, read_rows))
-            written = _classify_batches(curve_batches(frames, params.classify.batch_size, dropped), model, params,
+            written = _classify_batches(curve_batches(frames, params.classify.batch_size, dropped,
+                                                      params.classify.photometry), model, params,
                                         tmp, workers, step, total_rows, interpolator)
         except NotGroupedError as exc:
             grouped = False
@@ -265,10 +291,12 @@ def run_file(params, input_path: Path | str, output: Path, model: ServingModel |
             dropped.clear()
             frames = partitioned_objects(read_detections(input_path, read_rows), tmp / "spill",
                                          spill_partitions(input_path))
-            written = _classify_batches(curve_batches(frames, params.classify.batch_size, dropped), model, params,
+            written = _classify_batches(curve_batches(frames, params.classify.batch_size, dropped,
+                                                      params.classify.photometry), model, params,
                                         tmp, workers, step, total_rows, interpolator)
         n, per_class, side = _finish(tmp, Path(output), upsert, written)
     return ClassifyResult(output=Path(output), rejections=side, n_classified=n, n_rejected=written.n_rejected,
                           model_uri=model.uri, model_version=model.version, per_class=per_class,
                           seconds=time.perf_counter() - started, n_points_dropped=dict(dropped),
+                          per_photometry=dict(written.per_photometry),
                           input_grouped=grouped)

@@ -2,14 +2,15 @@
 
 Input grouped by object goes through in one pass (:func:`grouped_objects`); other input is partitioned on disk by a
 stable hash of the oid first (:func:`partitioned_objects`). Bad points are dropped and counted by reason; an object
-left with no point is rejected with its reason (:func:`curve_batches`).
+left with no point is rejected with its reason; apparent magnitudes (declared or recognised) become difference flux
+(:func:`curve_batches`, :mod:`deeprubin.lightcurves.presentation`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,13 +19,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deeprubin.lightcurves import presentation
 from deeprubin.lightcurves.tensorize import curves_from_detections
 from deeprubin.processed import partition_of
-from deeprubin.schema import DETECTIONS_SCHEMA, SchemaError, map_detections, to_arrow, validate_detections
+from deeprubin.schema import DETECTIONS_SCHEMA, SchemaError, map_detections, map_photometry, to_arrow, \
+    validate_detections
 
 READ_ROWS = 65_536  # detections parsed per chunk of the input file
 SPILL_BYTES = 32 * 2**20  # input bytes per on-disk partition when the input is not grouped by object
-_SPILL_SCHEMA = pa.schema([f.with_nullable(True) for f in DETECTIONS_SCHEMA])
+_SPILL_SCHEMA = pa.schema([*(f.with_nullable(True) for f in DETECTIONS_SCHEMA), pa.field("photometry", pa.string())])
 
 
 class NotGroupedError(Exception):
@@ -50,12 +53,17 @@ def count_rows(path: Path) -> int | None:
 
 
 def read_detections(path: Path | str, rows: int = READ_ROWS) -> Iterator[pd.DataFrame]:
-    """Contract detections of ``path`` (Parquet or CSV; contract, ALeRCE or ANTARES/BTS columns), chunk by chunk."""
+    """Contract detections of ``path`` (Parquet or CSV; contract, ALeRCE or ANTARES/BTS columns), chunk by chunk,
+    with a ``photometry`` column where the input declares it (:func:`deeprubin.schema.map_photometry`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input file {path} does not exist")
     for raw in _raw_chunks(path, rows):
-        yield map_detections(raw, source="files")
+        detections = map_detections(raw, source="files")
+        declared = map_photometry(raw)
+        if declared is not None:
+            detections["photometry"] = declared.to_numpy()
+        yield detections
 
 
 def grouped_objects(chunks: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -92,6 +100,8 @@ def partitioned_objects(chunks: Iterable[pd.DataFrame], spill_dir: Path, partiti
     try:
         for chunk in chunks:
             part = chunk["oid"].astype(str).map(lambda o: partition_of(o, partitions))
+            if "photometry" not in chunk.columns:
+                chunk = chunk.assign(photometry=None)
             for k, rows in chunk.groupby(part.to_numpy(), sort=False):
                 if k not in writers:
                     writers[k] = pq.ParquetWriter(spill_dir / f"part-{k:05d}.parquet", _SPILL_SCHEMA)
@@ -126,24 +136,37 @@ class CurveBatch:
     curves: list
     rejected: list[dict[str, str]]
     rows_read: int
+    paths: dict[str, presentation.PhotometryPath] = field(default_factory=dict)  # oid -> how it was read
 
 
-def curve_batches(frames: Iterable[pd.DataFrame], batch_size: int, dropped: Counter) -> Iterator[CurveBatch]:
+def curve_batches(frames: Iterable[pd.DataFrame], batch_size: int, dropped: Counter,
+                  photometry: str = presentation.AUTO) -> Iterator[CurveBatch]:
     """Light curves of frames of whole objects, validated, in batches of ``batch_size`` objects (the last may be
-    smaller); points dropped by validation are counted in ``dropped``."""
+    smaller); points dropped by validation are counted in ``dropped``. Each object is difference flux as given, or
+    apparent photometry turned into difference flux: as its rows declare, else as ``photometry`` says (``auto``:
+    recognised, :func:`deeprubin.lightcurves.presentation.resolve`)."""
     pending: list = []
+    paths: dict[str, presentation.PhotometryPath] = {}
     rejected: list[dict[str, str]] = []
     rows_read = 0
     for frame in frames:
         rows_read += len(frame)
         clean, bad = _validated(frame, dropped)
         rejected.extend(bad)
-        pending.extend(curves_from_detections(clean))
+        declared, mixed = presentation.declared_per_object(clean)
+        rejected.extend(mixed)
+        if mixed:
+            clean = clean.loc[~clean["oid"].astype(str).isin({r["oid"] for r in mixed})]
+        resolved = presentation.resolve(curves_from_detections(clean), photometry, declared)
+        rejected.extend(resolved.rejected)
+        pending.extend(resolved.curves)
+        paths.update(resolved.paths)
         while len(pending) >= batch_size:
-            yield CurveBatch(pending[:batch_size], rejected, rows_read)
+            batch = pending[:batch_size]
+            yield CurveBatch(batch, rejected, rows_read, {c.oid: paths.pop(c.oid) for c in batch})
             pending, rejected, rows_read = pending[batch_size:], [], 0
     if pending or rejected or rows_read:
-        yield CurveBatch(pending, rejected, rows_read)
+        yield CurveBatch(pending, rejected, rows_read, {c.oid: paths.pop(c.oid) for c in pending})
 
 
 def spill_partitions(path: Path) -> int:

@@ -4,7 +4,9 @@ Endpoints
 ---------
 * ``POST /classify``: a batch of light curves (JSON) -> class probabilities per object, from the serving model.
   Each detection is ``mjd``, ``band`` (``g``/``r``) and either ``flux`` + ``flux_err`` (µJy) or ``mag`` + ``mag_err``
-  (AB, zero point 23.9). Invalid payloads get a 422 whose ``message`` names the field path
+  (AB, zero point 23.9), as difference photometry or apparent magnitudes: a curve's or the request's ``photometry``
+  (default ``classify.photometry``; ``auto`` recognises it per curve), and each classification says which path it
+  took (``photometry``, ``photometry_declared``). Invalid payloads get a 422 whose ``message`` names the field path
   (``light_curves.3.detections.7.flux_err``) and the object's oid; an object the GP cannot interpolate is a
   per-object rejection in a 200 reply, never a 500.
 * ``GET /healthz``: 200 while a model is loaded, else 503.
@@ -45,6 +47,7 @@ from starlette.concurrency import run_in_threadpool
 
 from deeprubin import __version__
 from deeprubin.config import Params
+from deeprubin.lightcurves import presentation
 from deeprubin.lightcurves.tensorize import Curve
 from deeprubin.models.served import load_model, parse_registry_uri
 from deeprubin.schema import BAND_INDEX, CLASSES, mag_to_flux
@@ -305,8 +308,9 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
         summary="Classifies ZTF/LSST alert light curves into QSO, CEP, SNIa and SNII (GP-interpolated TCN).",
         description="POST a batch of light curves to `/classify` and get class probabilities per object from the "
                     "serving model (the registry champion by default, followed without a restart). Detections "
-                    "carry `mjd`, `band` (g/r) and `flux`+`flux_err` in µJy or `mag`+`mag_err` (AB). Invalid "
-                    "payloads get 422 naming the field; bodies over the size limit get 413.")
+                    "carry `mjd`, `band` (g/r) and `flux`+`flux_err` in µJy or `mag`+`mag_err` (AB): difference "
+                    "photometry, or apparent magnitudes (`photometry`: declared per curve or request, else "
+                    "recognised). Invalid payloads get 422 naming the field; bodies over the size limit get 413.")
     app.state.models = holder
     app.add_middleware(BodySizeLimit, max_bytes=sp.max_request_bytes)
 
@@ -315,14 +319,18 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
         ctype = request.headers.get("content-type", "") if request.method == "POST" else None
         return validation_error_response(exc, ctype)
 
-    def work(light_curves, model) -> tuple[dict, float]:
+    def work(light_curves, model, photometry: str | None) -> tuple[dict, float]:
         started = time.perf_counter()
         settings = serving_settings(model, params)  # the model's own window and GP context
-        out, rejected = classify_curves([_curve(lc) for lc in light_curves], model, settings.grid_days,
-                                        settings.fit_context_days, batch_size)
+        declared = {lc.oid: lc.photometry for lc in light_curves if lc.photometry is not None}
+        resolved = presentation.resolve([_curve(lc) for lc in light_curves],
+                                        photometry or params.classify.photometry, declared)
+        out, rejected = classify_curves(resolved.curves, model, settings.grid_days, settings.fit_context_days,
+                                        batch_size, paths=resolved.paths)
         ms = (time.perf_counter() - started) * 1e3
         return {"model": {"name": model.name, "version": str(model.version), "uri": model.uri},
-                "classifications": _classifications(out), "rejected": _rejections(rejected)}, ms
+                "classifications": _classifications(out),
+                "rejected": resolved.rejected + _rejections(rejected)}, ms
 
     too_large = {413: {"model": Problem, "description": f"Body over {sp.max_request_bytes} bytes."},
                  422: {"model": ValidationErrorResponse, "description": "Invalid payload; the field is named."},
@@ -331,7 +339,8 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
     @app.post("/classify", response_model=ClassifyResponse, responses=too_large, tags=["classification"],
               summary="Classify a batch of light curves")
     async def classify(request: ClassifyRequest, response: Response) -> Any:  # type: ignore[valid-type]
-        """Class probabilities for each light curve. Objects the GP cannot interpolate are listed in `rejected`
+        """Class probabilities for each light curve, with the photometry path it took. Objects the GP cannot
+        interpolate, and steady apparent curves (no point 5 sigma from their reference), are listed in `rejected`
         with the reason; the others are classified. `model` names the version that answered; the `Server-Timing`
         header gives the time spent classifying (GP + TCN)."""
         seen: dict[str, int] = {}
@@ -346,7 +355,7 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
         if model is None:
             return JSONResponse(status_code=503, content={"message": "no model loaded"})
         # The GP and the TCN are synchronous CPU work: one hop to the threadpool keeps the event loop free.
-        body, ms = await run_in_threadpool(work, request.light_curves, model)
+        body, ms = await run_in_threadpool(work, request.light_curves, model, request.photometry)
         response.headers["Server-Timing"] = f"classify;dur={ms:.2f}"
         return body
 
@@ -373,7 +382,8 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
     return app
 
 
-_OUT_COLUMNS = ("oid", "predicted_class", "n_det", "days_since_first_detection", *(f"p_{c}" for c in CLASSES))
+_OUT_COLUMNS = ("oid", "predicted_class", "n_det", "days_since_first_detection", "photometry", "photometry_declared",
+                *(f"p_{c}" for c in CLASSES))
 
 
 def _classifications(out) -> list[dict]:
@@ -381,7 +391,9 @@ def _classifications(out) -> list[dict]:
     cols = {k: out[k].tolist() for k in _OUT_COLUMNS}
     return [{"oid": str(cols["oid"][i]), "predicted_class": str(cols["predicted_class"][i]),
              "probabilities": {c: float(cols[f"p_{c}"][i]) for c in CLASSES}, "n_det": int(cols["n_det"][i]),
-             "days_since_first_detection": float(cols["days_since_first_detection"][i])} for i in range(len(out))]
+             "days_since_first_detection": float(cols["days_since_first_detection"][i]),
+             "photometry": str(cols["photometry"][i]), "photometry_declared": bool(cols["photometry_declared"][i])}
+            for i in range(len(out))]
 
 
 def _rejections(rejected) -> list[dict]:
