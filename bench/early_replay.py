@@ -4,8 +4,9 @@
     python bench/early_replay.py --model models:/deeprubin-tcn/3 --tracking-uri http://127.0.0.1:5000
     python bench/early_replay.py --max-objects 200        # a quicker stratified subset
     python bench/early_replay.py --objects all            # every SN Ia / SN II, not only the held-out ones
+    python bench/early_replay.py --markdown docs/early.md # also write the Markdown table (for the README)
 
-Data: ../shared/data/bts (or $DEEPRUBIN_SHARED_DATA/bts, or --data). By default the objects ``deeprubin evaluate``
+Data: data/bts (shipped; else ../shared/data/bts or $DEEPRUBIN_SHARED_DATA/bts; or --data). By default the objects ``deeprubin evaluate``
 holds out of the real set (:func:`deeprubin.evaluation.sets.load_heldout`: 30 % of each class by a seeded hash of the oid),
 which no training run sees even with ``ingest.mix_files``; ``--objects all`` takes every SN Ia and SN II.
 
@@ -14,9 +15,13 @@ all objects in time order go through the alert consumer (:func:`deeprubin.servin
 book, the as-of curve of each alert, batched GP + TCN), so each alert is classified with only the history before it.
 Predictions are restricted to SNIa/SNII (argmax of the two, probabilities renormalised), as the evaluation scores
 BTS. For each bin of days since first detection, every object counts once, with its latest alert in the bin
-(:func:`deeprubin.serving.alerts.early_metrics`); accuracy and macro-F1 (mean of the SN Ia and SN II F1) are printed with
-the counts. Reference row: the same model on each object's complete light curve (``classify_curves``, as
-``deeprubin classify`` does). Output: a table, and ``--output`` (default metrics/early_replay.json) with the figures.
+(:func:`deeprubin.serving.alerts.early_metrics`); accuracy, macro-F1 (mean of the SN Ia and SN II F1), each class's
+recall and the expected calibration error (ECE, top label, on the SNIa/SNII-renormalised probabilities; ``ece_all_classes``
+on the model's own four-class probabilities) are printed with the counts. From 5 days on a bin where a class's recall
+is below 0.6 is flagged, and ``goal`` says whether every such bin has each recall >= 0.6 and ECE <= 0.05
+(:func:`deeprubin.serving.alerts.early_goal`). Reference row: the same model on each object's complete light curve
+(``classify_curves``, as ``deeprubin classify`` does). Output: a table and its Markdown (printed; ``--markdown PATH``
+writes it), and ``--output`` (default metrics/early_replay.json) with the figures.
 
 Needs a trained model: if the registry has no champion, run ``make run`` first (or give --model).
 """
@@ -37,7 +42,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from deeprubin.serving.alerts import EARLY_BINS, early_metrics, replay_detections
+from deeprubin.serving.alerts import EARLY_BINS, early_goal, early_markdown, early_metrics, replay_detections
 from deeprubin.config import DEFAULT_PARAMS, BaseParams, FilesParams, RealSetParams, load_params
 
 SN = ("SNIa", "SNII")
@@ -46,6 +51,12 @@ SN = ("SNIa", "SNII")
 def shared_data_dir() -> Path:
     env = os.environ.get("DEEPRUBIN_SHARED_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def default_bts_dir() -> Path:
+    """The BTS set shipped in the repository, else the shared one."""
+    shipped = REPO / "data" / "bts"
+    return shipped if (shipped / "detections.parquet").exists() else shared_data_dir() / "bts"
 
 
 def load_objects(root: Path, which: str, base: BaseParams, test_fraction: float) -> tuple[pd.DataFrame, pd.Series]:
@@ -105,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bins", type=float, nargs="+", default=list(EARLY_BINS), help="bin edges, days")
     ap.add_argument("--batch-alerts", type=int, default=None, help="alerts per batch (default: alerts.batch_alerts)")
     ap.add_argument("--output", type=Path, default=Path("metrics/early_replay.json"))
+    ap.add_argument("--markdown", type=Path, default=None, help="also write the Markdown table to this file")
     args = ap.parse_args(argv)
 
     params = load_params(args.params if args.params.exists() else None)
     uri = args.model or params.model_uri()
     tracking = args.tracking_uri or params.train.tracking_uri
-    root = args.data or shared_data_dir() / "bts"
+    root = args.data or default_bts_dir()
     if not (root / "detections.parquet").exists():
         sys.exit(f"no BTS data at {root} (set DEEPRUBIN_SHARED_DATA or --data)")
 
@@ -157,10 +169,22 @@ def main(argv: list[str] | None = None) -> int:
         print("rejected: " + ", ".join(f"{k} ({v})" for k, v in rejected["reason"].value_counts().items()))
     print("\nprediction restricted to SNIa/SNII; each object counted once per bin (its latest alert in the bin)")
     print(f"  {'days':>10s} {'objects':>8s} {'SN Ia':>6s} {'SN II':>6s} {'alerts':>7s} {'accuracy':>9s} "
-          f"{'macro-F1':>9s}")
+          f"{'macro-F1':>9s} {'rec Ia':>7s} {'rec II':>7s} {'ECE':>6s} {'ECE(4)':>7s}")
     for r in [*table.to_dict("records"), full]:
+        flag = "  <- recall < 0.6: " + ", ".join(r["low_recall"]) if r.get("low_recall") else ""
         print(f"  {r['bin']:>10s} {r['n_objects']:8d} {r['n_SNIa']:6d} {r['n_SNII']:6d} {r.get('n_alerts', 0):7d} "
-              f"{r['accuracy']:9.3f} {r['macro_f1']:9.3f}")
+              f"{r['accuracy']:9.3f} {r['macro_f1']:9.3f} {r['recall_SNIa']:7.3f} {r['recall_SNII']:7.3f} "
+              f"{r['ece']:6.3f} {r['ece_all_classes']:7.3f}{flag}")
+    goal = early_goal(table, SN)
+    print(f"\ngoal from {goal['recall_from_days']:g} d (each recall >= {goal['min_recall']:g}, ECE <= "
+          f"{goal['max_ece']:g}): {'met' if goal['met'] else 'NOT met'}"
+          + "".join(f"\n  {f['bin']}: {f['why']}" for f in goal["failing"]))
+    markdown = early_markdown(table, SN, full)
+    print("\n" + markdown)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown)
+        print(f"wrote {args.markdown}")
 
     from deeprubin.evaluation.metrics import write_metrics_json
 
@@ -173,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         "replay": {"alerts": result.alerts_read, "classified": result.classified, "rejected": result.rejected,
                    "rejection_reasons": rejected["reason"].value_counts().to_dict() if len(rejected) else {},
                    "seconds": result.seconds, "alerts_per_s": result.alerts_per_s, "batch_alerts": batch},
+        "model_calibration": model.calibration,
         "bins": table.to_dict("records"),
         "full_curve": full,
+        "goal": goal,
     })
     print(f"\nwrote {out}")
     return 0

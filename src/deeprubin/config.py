@@ -216,8 +216,9 @@ class TrainParams(Section):
                                "the served model: a temperature per age bin (days since first detection, read from "
                                "the input), one for all ages, or none (the network's own softmax).")
     calibration_objects: Literal["all", "real"] = Field(
-        "all", description="Validation objects the temperatures are fitted on: all (simulated and real) or the real "
-                           "ones only (not the simulated).")
+        "real", description="Validation objects the temperatures are fitted on: the real ones only (not simulated; "
+                            "all of them when the split has no real object), or all. Real-only calibrates the "
+                            "held-out real objects better (docs/calibration.md).")
     calibration_views: int = Field(
         8, ge=0, description="Cuts of each validation object (GP refitted, as at inference) beside its whole curve "
                              "for the calibration fit: early ages get their own temperatures.")

@@ -26,7 +26,8 @@ def trained(tmp_path_factory):
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     mp.setenv("DO_NOT_TRACK", "1")
     root = tmp_path_factory.mktemp("train_stage")
-    ingest.run(Params(ingest=IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=12))),
+    ingest.run(Params(ingest=IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=12),
+                                                  mix_files=False)),
                ingest.IngestPaths(raw_dir=root / "raw"))
     preprocess.run(Params(preprocess=PreprocessParams(processed_dir=root / "processed", workers=1, partitions=2)),
                    preprocess.PreprocessPaths(raw_dir=root / "raw", processed_dir=root / "processed"))
@@ -168,3 +169,57 @@ def test_the_logged_model_records_the_preprocessing_it_was_trained_with(trained)
     assert model.preprocessing == preprocessing_of(root / "processed")
     assert model.preprocessing.grid_days == PreprocessParams().grid_days
     assert Preprocessing.from_tags(result.extra["tags"]) == model.preprocessing  # registered versions get them too
+
+
+def test_the_calibration_is_in_the_logged_model_the_checkpoint_and_the_reports(trained, client):
+    from deeprubin.models.calibration import AGE_EDGES
+    from deeprubin.models.served import load_checkpoint, load_model
+
+    root, params, result, _ = trained
+    report = json.loads((root / "models" / TRAIN_REPORT).read_text())["calibration"]
+    assert report["mode"] == "per_age" and report["edges"] == list(AGE_EDGES)
+    assert len(report["temperatures"]) == len(AGE_EDGES) and all(t > 0 for t in report["temperatures"])
+    assert report["argmax_changed"] == 0.0  # one temperature per object never moves its argmax
+    assert report["after"]["all"]["nll"] <= report["before"]["all"]["nll"] + 1e-9  # fitted on these rows
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["calibration/temperature_from_0d"] == pytest.approx(report["temperatures"][0])
+    assert "calibration/after/all/nll" in metrics
+    logged = load_model(result.extra["logged_model_uri"], params.tracking_uri)
+    checkpoint = load_checkpoint(root / "models" / CHECKPOINT)
+    assert logged.calibration == checkpoint.calibration and logged.calibration["temperatures"] == \
+        pytest.approx(report["temperatures"])
+    x, _ = load_processed(root / "processed")
+    x = np.asarray(x[:6], dtype=np.float32)
+    np.testing.assert_allclose(logged.predict_proba(x), checkpoint.predict_proba(x), atol=1e-6)
+
+
+def test_calibration_views_cut_the_validation_objects_and_know_the_real_ones(trained):
+    from deeprubin.data import ProcessedDataModule
+    from deeprubin.models.lit import LitTCN
+    from deeprubin.processed import preprocessing_of
+    from deeprubin.store import RawStore
+
+    root, params, _, _ = trained
+    dm = ProcessedDataModule(root / "processed", val_fraction=params.val_fraction, test_fraction=params.test_fraction)
+    dm.setup("fit")
+    x, y, owner, real = train.calibration_views(dm, root / "raw", 3, 42, 100, 100.0)
+    val = set(dm.splits["val"])
+    assert len(x) == len(y) == len(owner) > len(val) and set(owner) == val
+    for oid in val:  # every cut carries its object's label
+        assert len(set(y[owner == oid])) == 1
+    objects = RawStore(root / "raw").read().objects
+    simulated = set(objects.loc[objects["source"] == "simulator", "oid"])
+    assert real.tolist() == [o not in simulated for o in owner]
+
+    net = LitTCN.load_from_checkpoint(root / "models" / CHECKPOINT, map_location="cpu").eval().model
+    settings = preprocessing_of(root / "processed")
+    cfg = params.model_copy(update={"calibration_views": 3, "calibration_objects": "all"})
+    _, report = train.calibrate(net, dm, cfg, BaseParams(), root / "raw", settings)
+    assert report["fitted_on"] == "all" and sum(r["all"] for r in report["rows"].values()) == len(x)
+    assert report["n_objects"] == {"all": len(val), "real": len(set(owner[real]))}
+    assert {"global/all", "per_age/all"} <= set(report["crossfit"])
+    # Real objects only, and the split has none (no raw store: no sources known): fitted on all, with a warning.
+    with pytest.warns(UserWarning, match="no real objects"):
+        _, report = train.calibrate(net, dm, params.model_copy(update={"calibration_objects": "real"}), BaseParams(),
+                                    None, settings)
+    assert report["fitted_on"] == "all" and report["n_objects"]["real"] == 0

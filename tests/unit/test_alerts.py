@@ -20,6 +20,8 @@ from deeprubin.serving.alerts import (
     Malformed,
     consume,
     decode_packet,
+    early_goal,
+    early_markdown,
     early_metrics,
     iter_directory,
     read_classifications,
@@ -450,6 +452,45 @@ def test_early_metrics_restricts_predictions_to_the_scored_classes():
     assert m["accuracy"].iloc[0] == 1.0 and m["macro_f1"].iloc[0] == 1.0
     m = early_metrics(rows, labels, bins=(0, 2), restrict=False)
     assert m["accuracy"].iloc[0] == 0.0
+
+
+def test_early_metrics_recall_and_calibration_error_per_bin_by_hand():
+    def row(oid, days, p_ia, p_qso=0.0):
+        p = {f"p_{c}": 0.0 for c in CLASSES}
+        p.update(p_SNIa=p_ia, p_SNII=1 - p_ia - p_qso, p_QSO=p_qso)
+        return {"oid": oid, "days_since_first_detection": days, "alert_mjd": 60000.0 + days, **p}
+
+    rows = pd.DataFrame([
+        # 0-5: a, b (SN Ia) right; c (SN II) called SN Ia; d (SN II) right. Top probabilities .92 .72 .63 .83.
+        row("a", 1.0, 0.92), row("b", 2.0, 0.72), row("c", 3.0, 0.63), row("d", 4.0, 0.17),
+        # 5-10: a right (.62 of four classes, .62/.70 of SN Ia + SN II), c wrong (.55), d right (.72).
+        row("a", 6.0, 0.62, p_qso=0.30), row("c", 7.0, 0.55), row("d", 8.0, 0.28),
+        row("a", 12.0, 0.9),  # 10-20: only a SN Ia, right
+    ])
+    labels = {"a": "SNIa", "b": "SNIa", "c": "SNII", "d": "SNII"}
+    m = early_metrics(rows, labels, bins=(0, 5, 10, 20)).set_index("bin")
+    assert (m.loc["0-5", "recall_SNIa"], m.loc["0-5", "recall_SNII"]) == (1.0, 0.5)
+    # Each object alone in its confidence bin: ECE = mean |correct - confidence|.
+    assert m.loc["0-5", "ece"] == pytest.approx((0.08 + 0.28 + 0.63 + 0.17) / 4)
+    assert m.loc["0-5", "ece_all_classes"] == pytest.approx((0.08 + 0.28 + 0.63 + 0.17) / 4)
+    assert m.loc["0-5", "low_recall"] == []  # younger than 5 days: not flagged
+    assert (m.loc["5-10", "recall_SNIa"], m.loc["5-10", "recall_SNII"]) == (1.0, 0.5)
+    assert m.loc["5-10", "ece"] == pytest.approx(((1 - 0.62 / 0.70) + 0.55 + 0.28) / 3)
+    assert m.loc["5-10", "ece_all_classes"] == pytest.approx(((1 - 0.62) + 0.55 + 0.28) / 3)
+    assert m.loc["5-10", "low_recall"] == ["SNII"]
+    assert m.loc["10-20", "recall_SNIa"] == 1.0 and np.isnan(m.loc["10-20", "recall_SNII"])
+    assert m.loc["10-20", "low_recall"] == [] and m.loc["10-20", "ece"] == pytest.approx(0.1)
+
+    table = m.reset_index()
+    goal = early_goal(table, max_ece=0.2)
+    assert not goal["met"] and not goal["recall_met"] and not goal["ece_met"]
+    assert [f["bin"] for f in goal["failing"]] == ["5-10", "5-10"]  # recall of SN II, ECE 0.31 > 0.2
+    assert early_goal(table.iloc[[2]], max_ece=0.2)["met"]
+    assert not early_goal(table.iloc[[2]], max_ece=0.05)["met"]
+    md = early_markdown(table).splitlines()
+    assert md[0].startswith("| days since first detection | objects | SNIa | SNII | accuracy | macro-F1 |")
+    assert len(md) == 2 + 3 and md[3].startswith("| 5-10 | 3 | 1 | 2 |") and md[3].endswith("| **SNII** |")
+    assert "| 0.315 |" in md[3] and md[2].endswith("|  |")
 
 
 @pytest.mark.real_data

@@ -7,6 +7,9 @@
 - :data:`MONITOR` (``val/macro_f1``, maximised) drives early stopping and the best checkpoint
   (:func:`default_callbacks`).
 - ``predict_step`` returns class probabilities (N, n_classes) in ``classes`` order.
+- ``calibration``: the temperatures ``train`` fits after training (:mod:`deeprubin.models.calibration`,
+  ``AgeTemperature.as_dict``), saved in the checkpoint under :data:`CALIBRATION_KEY` (:func:`store_calibration`) so
+  that :func:`deeprubin.models.served.load_checkpoint` serves what the logged model serves; None: no calibration.
 
 Batches are ``(x, y)`` (what :class:`deeprubin.data.ProcessedDataModule` yields); ``predict_step`` also accepts ``x``
 alone.
@@ -28,6 +31,7 @@ from deeprubin.schema import CLASSES
 
 MONITOR = "val/macro_f1"
 MONITOR_MODE = "max"
+CALIBRATION_KEY = "deeprubin_calibration"  # checkpoint entry: AgeTemperature.as_dict(), or absent
 
 
 class LitTCN(pl.LightningModule):
@@ -47,6 +51,7 @@ class LitTCN(pl.LightningModule):
         self.classes = tuple(classes)
         self.lr = lr
         self.lr_plateau_patience = lr_plateau_patience
+        self.calibration: dict | None = None  # fitted after training (store_calibration), restored on load
         self.model = TCN(n_channels, len(classes), hidden, kernel_size, levels, dropout, readout=readout)
         self.register_buffer("class_weights",
                              None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32))
@@ -83,6 +88,13 @@ class LitTCN(pl.LightningModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return torch.softmax(self(x), dim=1)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.calibration:
+            checkpoint[CALIBRATION_KEY] = self.calibration
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.calibration = checkpoint.get(CALIBRATION_KEY) or None
+
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
         if self.lr_plateau_patience <= 0:
@@ -91,6 +103,15 @@ class LitTCN(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=MONITOR_MODE, factor=0.5,
                                                                patience=self.lr_plateau_patience)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR}}
+
+
+def store_calibration(checkpoint: Path | str, calibration: dict | None) -> None:
+    """Write ``calibration`` (``AgeTemperature.as_dict()``; None removes it) into a saved checkpoint, in place."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state.pop(CALIBRATION_KEY, None)
+    if calibration:
+        state[CALIBRATION_KEY] = dict(calibration)
+    torch.save(state, checkpoint)
 
 
 def default_callbacks(patience: int = 10, dirpath: Path | str | None = None) -> list[Callback]:

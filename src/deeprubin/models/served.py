@@ -26,23 +26,31 @@ from torch import nn
 
 from deeprubin.config import TrainParams
 from deeprubin.lightcurves.tensorize import CHANNELS
+from deeprubin.models.calibration import AgeTemperature
 from deeprubin.outputs import LOGGED_MODEL
 from deeprubin.processed import Preprocessing
 from deeprubin.schema import CLASSES
 
 CLASSES_TAG = "classes"  # the model's output columns, in order
-METADATA_KEY = "deeprubin"  # MLmodel metadata: {"classes": [...], "preprocessing": {...}}
+METADATA_KEY = "deeprubin"  # MLmodel metadata: {"classes": [...], "preprocessing": {...}, "calibration": {...}}
 
 
 class ProbabilityTCN(nn.Module):
-    """The logged model: ``x (N, C, T) float32 -> probabilities (N, n_classes)``, rows summing to 1."""
+    """The logged model: ``x (N, C, T) float32 -> probabilities (N, n_classes)``, rows summing to 1.
 
-    def __init__(self, tcn: nn.Module):
+    ``calibration`` (:class:`~deeprubin.models.calibration.AgeTemperature`, fitted by ``train``): the logits are
+    divided by the temperature of each object's age, read from ``x``, before the softmax; None: the plain softmax."""
+
+    def __init__(self, tcn: nn.Module, calibration: AgeTemperature | None = None):
         super().__init__()
         self.tcn = tcn
+        self.calibration = calibration
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.tcn(x), dim=1)
+        logits = self.tcn(x)
+        if self.calibration is not None:
+            logits = self.calibration(x, logits)
+        return torch.softmax(logits, dim=1)
 
 
 def untrained_served_model(params: TrainParams | None = None, seed: int = 0, n_classes: int = 4) -> ProbabilityTCN:
@@ -80,7 +88,9 @@ def log_model(model: nn.Module, example: np.ndarray, classes: Sequence[str], pre
 
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    metadata = {METADATA_KEY: {"classes": list(classes), "preprocessing": preprocessing.as_dict()}}
+    calibration = getattr(model, "calibration", None)
+    metadata = {METADATA_KEY: {"classes": list(classes), "preprocessing": preprocessing.as_dict(),
+                               "calibration": calibration.as_dict() if calibration is not None else None}}
     return mlflow.pytorch.log_model(model, name=LOGGED_MODEL, signature=signature, input_example=example,
                                     pip_requirements=pip_requirements(), serialization_format="pt2",
                                     metadata=metadata, tags=tags)
@@ -129,6 +139,7 @@ class ServingModel:
     device: str = "cpu"
     local_path: str | None = None  # a local copy of the MLflow model: worker processes load it from there
     preprocessing: Preprocessing | None = None
+    calibration: dict[str, Any] | None = None  # the temperatures inside the network (AgeTemperature.as_dict)
 
     def settings(self, fallback: Preprocessing) -> Preprocessing:
         """The model's own preprocessing settings; ``fallback`` (the configured ones) for an older model."""
@@ -229,21 +240,24 @@ def load_model(uri: str, tracking_uri: str, default_classes: Iterable[str] = CLA
     preprocessing = (Preprocessing.from_dict(meta["preprocessing"]) if meta.get("preprocessing")
                      else Preprocessing.from_tags(tags))
     model = ServingModel(uri=uri, name=name, version=version, classes=classes, module=module, run_id=run_id,
-                         local_path=str(local), preprocessing=preprocessing)
+                         local_path=str(local), preprocessing=preprocessing, calibration=meta.get("calibration"))
     if local != uri:
         weakref.finalize(model, shutil.rmtree, scratch, True)
     return model
 
 
 def load_checkpoint(checkpoint: Path | str, preprocessing: Preprocessing | None = None) -> ServingModel:
-    """The train stage's best checkpoint as a served model (softmax over the TCN), on the GPU when there is one."""
+    """The train stage's best checkpoint as a served model (softmax over the TCN, with the calibration that train
+    fitted and stored in the checkpoint, as in the logged model), on the GPU when there is one."""
     from deeprubin.models.lit import LitTCN
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lit = LitTCN.load_from_checkpoint(checkpoint, map_location=device).eval()
+    calibration = AgeTemperature.from_dict(lit.calibration)
+    module = ProbabilityTCN(lit.model, None if calibration is None else calibration.to(device)).eval()
     return ServingModel(uri=str(checkpoint), name=Path(checkpoint).stem, version="checkpoint",
-                        classes=tuple(lit.classes), module=ProbabilityTCN(lit.model).eval(), device=device,
-                        preprocessing=preprocessing)
+                        classes=tuple(lit.classes), module=module, device=device, preprocessing=preprocessing,
+                        calibration=None if calibration is None else calibration.as_dict())
 
 
 def load_exported(model_path: str) -> Any:

@@ -52,6 +52,17 @@ def detection_threshold(grid_days: int) -> float:
     return math.log1p(1.0) / math.log1p(grid_days) - 1e-6
 
 
+def age_days(x: torch.Tensor, since_channels: Sequence[int] = SINCE_CHANNELS) -> torch.Tensor:
+    """(N,) float: days from the window start to the last detection, read from the input itself: at the last grid
+    day ``T - 1``, ``dt = expm1(min(since_g, since_r) * log1p(T))`` days have passed since the latest detection, so
+    the last detection is at day ``T - 1 - dt``. The window starts at the first detection unless the curve spans
+    more than ``T - 1`` days (:mod:`deeprubin.lightcurves.window`), so this is the days since the first detection,
+    capped at ``T - 1`` (exact to float32 rounding, not rounded to grid days)."""
+    t = x.shape[2]
+    since_last = x[:, list(since_channels), t - 1].amin(dim=1)
+    return ((t - 1) - torch.expm1(since_last * math.log1p(t))).clamp(0.0, float(t - 1))
+
+
 def observed_mask(x: torch.Tensor, since_channels: Sequence[int] = SINCE_CHANNELS) -> torch.Tensor:
     """(N, T) bool: days 0 .. last detection day of each object (all days when it has none); see the module doc."""
     t = x.shape[2]

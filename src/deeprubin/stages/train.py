@@ -15,6 +15,15 @@
   ``(2, C, 100)``: batch size 1 would freeze the batch dimension of the exported graph) and explicit
   ``pip_requirements`` (no requirement inference: it is slow and reaches for the network). Registration as a
   version of ``base.model_name`` comes after evaluation (:mod:`deeprubin.stages.register`).
+- Calibration (``train.calibration``: ``per_age``, ``global`` or ``none``): after training, temperatures are fitted
+  to the best network's logits on the validation objects (``train.calibration_objects``: the real ones only, or
+  all when there is none; or all of them), each as its whole curve and ``train.calibration_views`` cuts (GP refitted on the detections before the
+  cut, as at inference): one temperature per bin of days since first detection
+  (:func:`deeprubin.models.calibration.fit_age_temperatures`). They go inside the logged model
+  (:class:`~deeprubin.models.served.ProbabilityTCN`) and into ``tcn.ckpt``, so every path serves the same
+  calibrated probabilities. The MLflow run and ``train.json`` (``calibration``) get the temperatures and the
+  validation NLL and expected calibration error (ECE) before and after, per age bin, and cross-fitted (fitted on one
+  half of the validation objects, scored on the other) for each mode and fit set, on all and on real objects.
 - DVC outputs in ``train.model_dir``: ``tcn.ckpt`` (the best Lightning checkpoint, for evaluation) and
   ``train.json`` (run id, model version, best validation macro-F1, split sizes, hashes). MLflow's own files
   (``mlflow.db``, artifacts) are never DVC outputs.
@@ -26,6 +35,7 @@ import hashlib
 import json
 import subprocess
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +45,29 @@ import yaml
 
 from deeprubin import __version__
 from deeprubin.config import BaseParams, Params, TrainParams
-from deeprubin.data import ProcessedDataModule, redshifts_of
+from deeprubin.data import ProcessedDataModule, holdout_by_hash, redshifts_of, truncated_views
+from deeprubin.evaluation.metrics import expected_calibration_error
 from deeprubin.evaluation.sets import holdout_oids
+from deeprubin.models.calibration import (
+    AGE_EDGES,
+    AgeTemperature,
+    age_bin,
+    bin_labels,
+    fit_age_temperatures,
+    nll,
+    row_temperatures,
+    softmax,
+)
 from deeprubin.models.served import ProbabilityTCN, log_model, model_tags
 from deeprubin.outputs import CHECKPOINT, TRAIN_REPORT
 from deeprubin.processed import INDEX, MANIFEST, preprocessing_of
 from deeprubin.progress import Progress, or_silent
+from deeprubin.store import RawStore
+
+#: Earliest calibration cut, days after the first detection: the youngest alerts get a temperature too.
+CALIBRATION_MIN_DAYS = 0.5
+#: The simulator's objects (``objects.source``); every other source is real.
+SIMULATED_SOURCE = "simulator"
 
 @dataclass(frozen=True)
 class TrainPaths:
@@ -79,6 +106,7 @@ class TrainResult:
     params_hash: str
     accelerator: str
     seconds: float = 0.0
+    calibration: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
@@ -159,7 +187,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import MLFlowLogger
 
-    from deeprubin.models.lit import LitTCN, default_callbacks
+    from deeprubin.models.lit import LitTCN, default_callbacks, store_calibration
 
     base, holdout = params.base, paths.holdout
     cfg = params.train  # the stage reads its own section from here on
@@ -230,15 +258,23 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     target = model_dir / CHECKPOINT
     Path(checkpoint.best_model_path).replace(target)
 
+    best = LitTCN.load_from_checkpoint(target, map_location="cpu").eval()
+    calibration, calibration_report = None, {"mode": "none"}
+    if cfg.calibration != "none":
+        step("calibrating the probabilities on the validation objects")
+        calibration, calibration_report = calibrate(best.model, dm, cfg, base, paths.raw_dir, preprocessing)
+    store_calibration(target, None if calibration is None else calibration.as_dict())
+
     step("logging the model to MLflow")
-    best = LitTCN.load_from_checkpoint(target, map_location="cpu")
-    served = ProbabilityTCN(best.model).eval()
+    served = ProbabilityTCN(best.model, calibration).eval()
     example = dm.dataset("val").tensors[0][:2].numpy().astype(np.float32)
 
     from deeprubin.tracking import using
 
     with using(cfg.tracking_uri), mlflow.start_run(run_id=logger.run_id):
         mlflow.log_metric("best_val_macro_f1", best_f1)
+        mlflow.log_metrics(calibration_metrics(calibration_report))
+        mlflow.log_dict(calibration_report, "calibration.json")
         info = log_model(served, example, base.classes, preprocessing, tags=tags)
 
     result = TrainResult(
@@ -246,7 +282,148 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
         model_uri=info.model_uri, registered_model=base.model_name, best_val_macro_f1=best_f1, epochs=trainer.current_epoch, checkpoint=target,
         split_sizes=split_sizes, class_counts=class_counts, git_commit=commit, data_hash=dhash,
         data_hash_source=dsource, params_hash=phash, accelerator=str(trainer.accelerator.__class__.__name__),
-        seconds=time.perf_counter() - started, extra={"logged_model_uri": info.model_uri, "tags": tags})
+        seconds=time.perf_counter() - started, calibration=calibration_report, extra={"logged_model_uri": info.model_uri, "tags": tags})
     (model_dir / TRAIN_REPORT).write_text(json.dumps(result.report(), indent=2, sort_keys=True) + "\n")
     return result
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration (temperature scaling by age, :mod:`deeprubin.models.calibration`).
+
+def _logits(net, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            out.append(net(torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32))).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def calibration_views(dm: ProcessedDataModule, raw_dir: Path | None, n_views: int, seed: int, grid_days: int,
+                      fit_context_days: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, y, oid, real)`` of the validation objects: each whole curve, then up to ``n_views`` cuts of it (from
+    :data:`CALIBRATION_MIN_DAYS` days on, GP refitted: :func:`deeprubin.data.truncated_views`). ``real``: the
+    object is not simulated (``objects.source`` in ``raw_dir``; all False without ``raw_dir``)."""
+    rows = dm.index.loc[dm.index["split"] == "val"]
+    oids = rows["oid"].astype(str).to_numpy()
+    x_full, y_full = (t.numpy() for t in dm.dataset("val").tensors)
+    xs, ys, owners = [x_full], [y_full], [oids]
+    real_oids: set[str] = set()
+    if raw_dir is not None and RawStore(raw_dir).exists():
+        raw = RawStore(raw_dir).read()
+        objects = raw.objects
+        real_oids = set(objects.loc[objects["source"] != SIMULATED_SOURCE, "oid"].astype(str))
+        if n_views > 0:
+            xv, owner, _ = truncated_views(raw.detections, oids, n_views, CALIBRATION_MIN_DAYS, seed, grid_days,
+                                           fit_context_days)
+            target = dict(zip(oids, y_full))
+            xs.append(xv)
+            ys.append(np.array([target[o] for o in owner], dtype=np.int64))
+            owners.append(owner)
+    owner = np.concatenate(owners)
+    return (np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64), owner,
+            np.isin(owner, list(real_oids)))
+
+
+def ece_by_age(y: np.ndarray, proba: np.ndarray, ages: np.ndarray, classes, edges=AGE_EDGES) -> dict[str, Any]:
+    """Top-label ECE of all rows pooled (``all``), of each age bin (None for an empty bin), and their mean weighted by
+    the rows of each bin (``by_age``: what "calibrated in every age bin" asks; errors of opposite sign in two bins
+    cancel in ``all``, not here)."""
+    k = age_bin(ages, edges)
+    out: dict[str, Any] = {"all": expected_calibration_error(y, proba, classes=classes) if len(y) else None}
+    weighted = 0.0
+    for b, name in enumerate(bin_labels(edges)):
+        inside = k == b
+        out[name] = expected_calibration_error(y[inside], proba[inside], classes=classes) if inside.any() else None
+        weighted += 0.0 if out[name] is None else out[name] * inside.sum()
+    out["by_age"] = weighted / len(y) if len(y) else None
+    return out
+
+
+def _crossfit(logits, y, ages, fold, fit_rows, mode) -> np.ndarray:
+    """Per-row temperatures of each fold fitted on the other fold's ``fit_rows``."""
+    temps = np.ones(len(y))
+    for f in (False, True):
+        train_rows = fit_rows & (fold != f)
+        calibration = fit_age_temperatures(logits[train_rows], y[train_rows], ages[train_rows], mode)
+        temps[fold == f] = row_temperatures(calibration, ages[fold == f])
+    return temps
+
+
+def calibrate(net, dm: ProcessedDataModule, cfg: TrainParams, base: BaseParams, raw_dir: Path | None,
+              preprocessing) -> tuple[AgeTemperature | None, dict[str, Any]]:
+    """Fit ``cfg.calibration`` to ``net``'s logits on the validation objects (:func:`calibration_views`); returns
+    the module and the report of ``train.json`` (temperatures, rows per age bin, NLL and ECE before and after, the
+    cross-fitted ECE of every mode and fit set)."""
+    import torch
+
+    from deeprubin.models.tcn import age_days
+
+    x, y, owner, real = calibration_views(dm, raw_dir, cfg.calibration_views, base.seed, preprocessing.grid_days,
+                                          preprocessing.fit_context_days)
+    logits = _logits(net, x)
+    ages = age_days(torch.from_numpy(x)).double().numpy()
+    fitted_on = "real" if cfg.calibration_objects == "real" and real.any() else "all"
+    if fitted_on != cfg.calibration_objects:
+        warnings.warn("train.calibration_objects is 'real' but the validation split has no real objects: the "
+                      "temperatures are fitted on all validation objects", stacklevel=2)
+    fit_rows = real if fitted_on == "real" else np.ones(len(y), dtype=bool)
+    calibration = fit_age_temperatures(logits[fit_rows], y[fit_rows], ages[fit_rows], cfg.calibration)
+    temps = row_temperatures(calibration, ages)
+    before, after = softmax(logits), softmax(logits, temps)
+    classes = list(base.classes)
+
+    def scores(rows: np.ndarray, proba: np.ndarray, t: np.ndarray | float) -> dict[str, Any]:
+        return {"nll": nll(logits[rows], y[rows], t if np.ndim(t) == 0 else t[rows]),
+                "ece": ece_by_age(y[rows], proba[rows], ages[rows], classes)}
+
+    everyone = np.ones(len(y), dtype=bool)
+    objects = {"all": everyone, "real": real}
+    # Cross-fitted: fitted on one half of the validation objects (stratified by a seeded hash), scored on the other.
+    labels = dm.index.set_index(dm.index["oid"].astype(str)).loc[np.unique(owner), "label"]
+    fold = np.isin(owner, holdout_by_hash(labels.index, labels.to_numpy(), 0.5, base.seed))
+    crossfit: dict[str, Any] = {}
+    for mode in ("global", "per_age"):
+        for fit_on, rows in objects.items():
+            if not rows.any():
+                continue
+            t = _crossfit(logits, y, ages, fold, rows, mode)
+            crossfit[f"{mode}/{fit_on}"] = {scored: scores(r, softmax(logits, t), t)
+                                            for scored, r in objects.items() if r.any()}
+    k = age_bin(ages, AGE_EDGES)
+    report = {
+        "mode": cfg.calibration, "objects": cfg.calibration_objects, "fitted_on": fitted_on,
+        **(calibration.as_dict() if calibration is not None else {}),
+        "bins": bin_labels(AGE_EDGES),
+        "rows": {name: {"all": int((k == b).sum()), "real": int((real & (k == b)).sum())}
+                 for b, name in enumerate(bin_labels(AGE_EDGES))},
+        "n_objects": {"all": len(np.unique(owner)), "real": len(np.unique(owner[real]))},
+        "argmax_changed": float(np.mean(before.argmax(axis=1) != after.argmax(axis=1))) if len(y) else 0.0,
+        "before": {name: scores(r, before, 1.0) for name, r in objects.items() if r.any()},
+        "after": {name: scores(r, after, temps) for name, r in objects.items() if r.any()},
+        "crossfit": crossfit,
+    }
+    return calibration, report
+
+
+def calibration_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a :func:`calibrate` report as flat MLflow metric names (``calibration/...``)."""
+    def key(name: str) -> str:
+        return name.replace("+", "_up").replace("-", "_to_")
+
+    out: dict[str, float] = {}
+    for name, t in zip(report.get("edges", []), report.get("temperatures", [])):
+        out[f"calibration/temperature_from_{name:g}d"] = t
+    for when in ("before", "after"):
+        for objects, s in report.get(when, {}).items():
+            out[f"calibration/{when}/{objects}/nll"] = s["nll"]
+            for age, ece in s["ece"].items():
+                if ece is not None:
+                    out[f"calibration/{when}/{objects}/ece_{key(age)}"] = ece
+    for fit, by_scored in report.get("crossfit", {}).items():
+        for scored, s in by_scored.items():
+            for summary in ("all", "by_age"):
+                if s["ece"][summary] is not None:
+                    out[f"calibration/crossfit/{fit.replace('/', '_fit_')}/{scored}/ece_{summary}"] = s["ece"][summary]
+    return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}

@@ -26,7 +26,14 @@ from deeprubin.serving.alerts.consume import (
 )
 from deeprubin.serving.alerts.kafka import KafkaSource
 from deeprubin.serving.alerts.packets import Alert, Malformed, SchemaVersionError, decode_packet, iter_directory
-from deeprubin.serving.alerts.replay import EARLY_BINS, alerts_from_detections, early_metrics, replay_detections
+from deeprubin.serving.alerts.replay import (
+    EARLY_BINS,
+    alerts_from_detections,
+    early_goal,
+    early_markdown,
+    early_metrics,
+    replay_detections,
+)
 
 __all__ = [
     "EARLY_BINS",
@@ -44,6 +51,8 @@ __all__ = [
     "consume_directory",
     "consume_kafka",
     "decode_packet",
+    "early_goal",
+    "early_markdown",
     "early_metrics",
     "iter_directory",
     "read_classifications",
