@@ -36,7 +36,8 @@ def evaluated(tmp_path_factory, shared_data):
         "train": {"max_epochs": 2, "accelerator": "cpu", "truncations": 2, "tracking_uri": f"sqlite:///{root}/m.db",
                   "artifact_location": (root / "artifacts").as_uri(), "model_dir": str(root / "models")},
         "evaluate": {"metrics_dir": str(root / "metrics"), "n_bootstrap": 50, "forest_trees": 20,
-                     "real": {"detections": str(root / "bts.parquet"), "labels": str(root / "bts.csv")}},
+                     "real": {"detections": str(root / "bts.parquet"), "labels": str(root / "bts.csv")},
+                     "ogle": {"path": str(shared_data / "other_surveys" / "ogle2_lmc_qso_cep_iband.csv")}},
     })
     ingest.run(params, ingest.IngestPaths.from_params(params))
     preprocess.run(params, preprocess.PreprocessPaths.from_params(params))
@@ -94,6 +95,28 @@ def test_metrics_file_has_both_models_on_both_sets_with_intervals(evaluated):
     assert cm["rows"] == ["SNIa", "SNII"] and np.sum(cm["counts"]) == len(holdout)
 
 
+def test_ogle_quasars_and_cepheids_as_an_alert_stream_and_as_apparent_magnitudes(evaluated):
+    root = evaluated[0]
+    metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
+    report = json.loads((root / "metrics" / "report.json").read_text())
+    for model in ("tcn", "forest"):
+        stream, apparent = metrics[model]["ogle_alert_stream"], metrics[model]["ogle_apparent"]
+        for name, m in (("ogle_alert_stream", stream), ("ogle_apparent", apparent)):
+            assert set(m["per_class"]) == {"QSO", "CEP"} and m["n_in_file"] == 82
+            assert m["per_class"]["QSO"]["support"] + m["per_class"]["CEP"]["support"] == m["n"]
+            assert m["n"] + m["n_not_alerting"] <= 82 and m["n"] > 0
+            for pc in m["per_class"].values():
+                assert 0 <= pc["recall_low"] <= pc["recall"] <= pc["recall_high"] <= 1
+            # Predictions over all four classes: a class's recall is the fraction of its objects called that class.
+            cm = report[model][name]["confusion_matrix"]
+            assert cm["rows"] == ["QSO", "CEP"] and cm["columns"] == ["QSO", "CEP", "SNIa", "SNII"]
+            for i, c in enumerate(cm["rows"]):
+                assert m["per_class"][c]["recall"] == pytest.approx(cm["counts"][i][i] / sum(cm["counts"][i]))
+        # Every object has epochs in its last 200 days; fewer clear 5 sigma against the whole-curve median.
+        assert apparent["n_not_alerting"] == 0 and apparent["n"] == 82
+        assert stream["n"] + stream["n_not_alerting"] == 82 and stream["n"] < 82
+
+
 def test_plot_data_and_figures(evaluated):
     root = evaluated[0]
     plots = root / "metrics" / "plots"
@@ -137,11 +160,13 @@ def test_missing_real_set_is_skipped_and_said(evaluated, tmp_path):
     root, params, *_ = evaluated
     other = params.model_copy(deep=True)
     other.evaluate.real.detections = tmp_path / "absent.parquet"
+    other.evaluate.ogle.path = tmp_path / "absent.csv"
     other.evaluate.metrics_dir = tmp_path / "metrics"
     other.evaluate.baseline = False
     result = evaluate.run(other, evaluate.EvaluatePaths.from_params(other), log_to_mlflow=False)
     assert set(result.metrics) == {"tcn"} and set(result.metrics["tcn"]) == {"test"}
     assert "absent.parquet" in result.skipped["bts"]
+    assert "absent.csv" in result.skipped["ogle_alert_stream"] and "absent.csv" in result.skipped["ogle_apparent"]
     assert json.loads((tmp_path / "metrics" / "evaluate.json").read_text())["skipped"]["bts"]
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
-from deeprubin.cli.common import ParamsOption, SetOption, _load, _run_with_progress, app, console
+from deeprubin.cli.common import ParamsOption, SetOption, _load, _run_with_progress, app, console, err_console
 
 
 @app.command()
@@ -240,14 +240,33 @@ def evaluate(
     params_path: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Do not log to the training run.")] = False,
+    cv: Annotated[bool, typer.Option("--cv", help="Cross-validate instead: the TCN and the forest retrained on "
+                                                  "identical folds of the real set (evaluate.cv).")] = False,
+    folds: Annotated[Optional[int], typer.Option(help="With --cv: folds (default: evaluate.cv.folds).")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="With --cv: repeats (default: evaluate.cv.repeats).")] = None,
 ) -> None:
-    """Score the TCN and the forest on the test split and the held-out real set (evaluate.real).
+    """Score the TCN and the forest on the test split, the held-out real set (evaluate.real) and the OGLE quasars
+    and Cepheids presented as an alert stream (evaluate.ogle).
 
     Macro-F1 and per-class recall with bootstrap 95% intervals, calibration, and macro-F1 against days since
     first detection; writes metrics/evaluate.json, metrics/plots/*.csv and metrics/figures/*.png and logs them to
     the training run in MLflow.
+
+    --cv: repeated stratified k-fold on the real set (evaluation/crossval.py): per fold the train stage's recipe
+    (the TCN) and the forest train on the simulator plus the other folds' real objects and are scored on the fold,
+    whole curves and evaluate.cv.days; needs data/raw and data/processed with the real set mixed in
+    (ingest.mix_files). Writes metrics/real_cv.json, real_cv.md and real_cv_predictions.parquet and an MLflow run
+    in evaluate.cv.experiment. Compare recipes with --set, e.g.:
+
+      deeprubin evaluate --cv --set train.max_epochs=30 --set train.hidden=64
     """
     from rich.table import Table
+
+    if cv:
+        extra = list(overrides or [])
+        extra += [f"evaluate.cv.{k}={v}" for k, v in (("folds", folds), ("repeats", repeats)) if v is not None]
+        _crossvalidate(_load(params_path, extra), log_to_mlflow=not no_mlflow)
+        return
 
     from deeprubin.stages import evaluate as stage
 
@@ -277,6 +296,32 @@ def evaluate(
     console.print(f"metrics: {result.metrics_path}   report: {result.report_path}   figures: "
                   f"{result.metrics_path.parent / 'figures'}" + (f"   MLflow run {result.run_id}" if result.run_id
                                                                  else ""))
+
+
+def _crossvalidate(params, log_to_mlflow: bool) -> None:
+    from deeprubin.evaluation import crossval
+    from deeprubin.stages import train as train_stage
+
+    def fold_done(f: dict) -> None:
+        s = f["seconds"]
+        err_console.print(f"fold {f['fold'] + 1} of repeat {f['repeat'] + 1}: {s['total']:.0f} s (TCN {s['tcn']:.0f} s, "
+                          f"{f['tcn_epochs']} epochs; forest {s['forest']:.0f} s; scoring {s['scoring']:.0f} s)")
+
+    result = _run_with_progress("evaluate --cv", lambda r: crossval.run(params, train_stage, r, log_to_mlflow,
+                                                                         on_fold=fold_done), unit=" folds")
+    console.print(result.table, soft_wrap=True, markup=False, highlight=False)  # Markdown, lines unbroken
+    timings = Table(title="seconds per fold")
+    for column in ("repeat", "fold", "TCN", "epochs", "forest", "scoring", "total"):
+        timings.add_column(column, justify="right")
+    for f in result.folds:
+        s = f["seconds"]
+        timings.add_row(str(f["repeat"] + 1), str(f["fold"] + 1), f"{s['tcn']:.0f}", str(f["tcn_epochs"]),
+                        f"{s['forest']:.0f}", f"{s['scoring']:.0f}", f"{s['total']:.0f}")
+    console.print(timings)
+    console.print(f"inputs (GP of every object and age, forest features) {result.results['seconds']['inputs']:.0f} s; "
+                  f"total {result.seconds:.0f} s")
+    console.print("   ".join(f"{k}: {p}" for k, p in result.paths.items())
+                  + (f"   MLflow run {result.run_id} ({params.evaluate.cv.experiment})" if result.run_id else ""))
 
 
 @app.command()

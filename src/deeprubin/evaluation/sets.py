@@ -14,7 +14,7 @@ The same real objects are held out everywhere: :func:`holdout_oids` is a seeded,
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,16 @@ def holdout_oids(real: RealSetParams, base: BaseParams) -> np.ndarray:
     return holdout_by_hash(labels["oid"].astype(str), labels["label"], real.test_fraction, base.seed)
 
 
+def load_labelled(real: RealSetParams) -> RealSet | None:
+    """Every labelled object of the real set in its scored classes (held out or not: cross-validation folds them
+    all), or None when the set's files are absent."""
+    if not real.available:
+        return None
+    detections, labels, dropped = _labelled(real)
+    return RealSet(name=real.name, detections=detections.reset_index(drop=True), labels=labels.sort_index(),
+                   dropped=dropped)
+
+
 def load_heldout(real: RealSetParams, base: BaseParams) -> RealSet | None:
     """The held-out objects' detections and labels, or None when the set's files are absent."""
     if not real.available:
@@ -87,6 +97,7 @@ class EvalSet:
     scored_classes: list[str]
     restrict: bool
     note: str = ""
+    counts: dict[str, int] = field(default_factory=dict)  # numbers about the set, beside its scores in evaluate.json
 
 
 def objects_hash(oids: np.ndarray, labels: np.ndarray) -> str:

@@ -7,6 +7,11 @@ Data sets:
 - ``evaluate.real.name`` (``bts``): the real labelled set's held-out objects (:mod:`deeprubin.evaluation.sets`), read from
   its files and interpolated by the same code as inference; scored on ``evaluate.real.classes`` (SNIa vs SNII) with
   the prediction restricted to those classes, as the published baselines are. Skipped, and said so, when absent.
+- ``<evaluate.ogle.name>_alert_stream`` (``ogle_alert_stream``): real OGLE-II quasars and Cepheids presented as a ZTF
+  alert stream (:mod:`deeprubin.evaluation.ogle`: alternate epochs as g and r, difference flux against the
+  whole-curve median, 5 σ detections, the last ``evaluate.ogle.alert_days`` days); scored on QSO and CEP with
+  predictions over every class, so a class's recall is the fraction called that class. ``<name>_apparent``: the same
+  epochs as plain apparent fluxes (a diagnostic). Skipped, and said so, when the file is absent.
 
 Per model and data set: macro-F1 with a bootstrap 95% interval (objects resampled), per-class precision, recall
 (with interval) and F1, balanced accuracy, log loss, expected calibration error, the confusion matrix, and macro-F1
@@ -35,6 +40,7 @@ import pandas as pd
 from deeprubin.config import Params
 from deeprubin.evaluation import figures as figs
 from deeprubin.evaluation.metrics import write_metrics_json, write_plot_csv
+from deeprubin.evaluation.ogle import ogle_sets
 from deeprubin.evaluation.scoring import align, early_rows, score
 from deeprubin.evaluation.sets import EvalSet, holdout_oids, objects_hash, real_set, split_test_set
 from deeprubin.lightcurves.tensorize import curves_from_detections, cut_after_first, tensorize_curves
@@ -117,6 +123,10 @@ def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
         skipped[ev.real.name] = real
     else:
         sets.append(real)
+    step("reading the OGLE quasars and Cepheids as an alert stream")
+    ogle, why = ogle_sets(params, preprocessing)
+    sets += ogle
+    skipped.update(why)
 
     metrics: dict[str, Any] = {name: {} for name in models}
     report: dict[str, Any] = {name: {} for name in models}
@@ -151,6 +161,7 @@ def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
                              params.base.seed + 100 * k)
             if s.note:
                 m["note"] = s.note
+            m.update(s.counts)
             metrics[name][s.name] = m
             report[name][s.name] = {**extra["report"], "ece": m["ece"], "early": m.get("early", {}),
                                      "objects_hash": objects_hash(s.oids, s.labels)}
