@@ -63,10 +63,11 @@ class SimulatorParams(Section):
 class FilesParams(Section):
     """Light curves read from Parquet or CSV files in any contract-mapped format."""
 
-    detections: Path | None = Field(None, description="Detections table (Parquet or CSV).")
-    labels: Path | None = Field(None, description="Labels table: oid + label (optional).")
+    detections: Path | None = Field(Path("data/bts/detections.parquet"),
+                                    description="Detections table (Parquet or CSV); default: the embedded BTS set.")
+    labels: Path | None = Field(Path("data/bts/labels.csv"), description="Labels table: oid + label (optional).")
     non_detections: Path | None = Field(None, description="Upper limits table (optional).")
-    label_source: str = Field("files", description="Recorded in objects.label_source, e.g. bts:spectroscopic.")
+    label_source: str = Field("bts:spectroscopic", description="Recorded in objects.label_source.")
     keep_unlabelled: bool = Field(False, description="Keep objects whose label is missing or not a target class.")
 
 
@@ -118,8 +119,9 @@ class IngestParams(Section):
     files: FilesParams = Field(default_factory=FilesParams)
     alerce: AlerceParams = Field(default_factory=AlerceParams)
     mix_files: bool = Field(
-        False, description="Also ingest the labelled `files` beside `source` (e.g. the simulator plus the real BTS "
-                           "supernovae), so training mixes both; evaluate.real's held-out objects never train.")
+        True, description="Also ingest the labelled `files` beside `source` (the simulator plus the real BTS "
+                          "supernovae), so training mixes both; evaluate.real's held-out objects never train. "
+                          "Ignored when source is files.")
 
     @property
     def upsert(self) -> bool:
@@ -129,9 +131,12 @@ class IngestParams(Section):
     def _files_need_detections(self) -> "IngestParams":
         if (self.source == "files" or self.mix_files) and self.files.detections is None:
             raise ValueError("source 'files' (or mix_files) needs files.detections")
-        if self.mix_files and self.source == "files":
-            raise ValueError("mix_files adds the files to another source; with source 'files' it would read them twice")
         return self
+
+    @property
+    def mixes_files(self) -> bool:
+        """The files are ingested beside another source (with source 'files' they are the source: read once)."""
+        return self.mix_files and self.source != "files"
 
 
 class PreprocessParams(Section):
@@ -248,6 +253,39 @@ class RealSetParams(Section):
             and Path(self.labels).exists()
 
 
+class CrossValParams(Section):
+    """Repeated stratified k-fold on the real set (`deeprubin evaluate --cv`, evaluation/crossval.py): each fold's TCN
+    (the train stage's recipe) and forest train on the simulator plus the other folds' real objects."""
+
+    folds: int = Field(5, ge=2, description="Folds, stratified by object and class.")
+    repeats: int = Field(1, ge=1, description="Repeats of the k-fold split, seeded base.seed + repeat.")
+    days: list[float] = Field([5, 10, 20, 30, 50], description="Ages scored beside whole curves: curves cut this "
+                                                               "many days after the first detection.")
+    experiment: str = Field("deeprubin-cv", description="MLflow experiment of the cross-validation run and of its "
+                                                        "folds' training runs (its children).")
+
+
+class OgleSetParams(Section):
+    """Real quasars and Cepheids of OGLE-II (I band) presented as a ZTF alert stream (evaluation/ogle.py); scored
+    every evaluation, skipped when the file is absent."""
+
+    name: str = Field("ogle", description="Prefix of the sets: <name>_alert_stream and <name>_apparent.")
+    path: Path | None = Field(Path("../shared/data/other_surveys/ogle2_lmc_qso_cep_iband.csv"),
+                              description="OGLE-II light curves (oid, label, time, mag, mag_err); null or missing "
+                                          "file: not evaluated.")
+    classes: list[str] = Field(["QSO", "CEP"], description="Classes scored (recall = fraction called that class, "
+                                                           "predictions over all of base.classes).")
+    alert_days: float = Field(
+        200.0, gt=0, description="The alert stream carries the detections of the last this many days of each curve "
+                                 "(the reference is the median of the whole curve, as a deep reference image).")
+    apparent: bool = Field(True, description="Also score the same points as plain apparent magnitudes, no "
+                                             "subtraction (<name>_apparent): a diagnostic row.")
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None and Path(self.path).exists()
+
+
 class EvaluateParams(Section):
     """Evaluation of the TCN and the random-forest baseline (stages/evaluate.py, stages/baseline.py)."""
 
@@ -261,6 +299,8 @@ class EvaluateParams(Section):
     forest_trees: int = Field(300, ge=1, description="Trees of the balanced random forest.")
     forest_truncations: list[float] = Field(
         [10, 20, 30, 50], description="The forest also trains on copies cut this many days after first detection.")
+    ogle: OgleSetParams = Field(default_factory=OgleSetParams)
+    cv: CrossValParams = Field(default_factory=CrossValParams)
 
 
 class PromoteParams(Section):
@@ -292,6 +332,10 @@ class ClassifyParams(Section):
                                               "process).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the TCN runs (auto: cuda when "
                                                                        "available).")
+    photometry: Literal["auto", "difference", "apparent"] = Field(
+        "auto", description="What input brightness is when its rows do not say (a `photometry` column): difference "
+                            "flux, as the model learned; apparent magnitudes, turned into difference flux first; "
+                            "auto: recognised per object (lightcurves/presentation.py). Not for alert streams.")
 
 
 class KafkaParams(Section):
@@ -333,10 +377,6 @@ class ServeParams(Section):
 
 
 class ScheduleParams(Section):
-    photometry: Literal["auto", "difference", "apparent"] = Field(
-        "auto", description="What input brightness is when its rows do not say (a `photometry` column): difference "
-                            "flux, as the model learned; apparent magnitudes, turned into difference flux first; "
-                            "auto: recognised per object (lightcurves/presentation.py). Not for alert streams.")
     cron: str = Field(..., description="Cron expression.")
     timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
 

@@ -303,7 +303,8 @@ def test_replacing_the_store_drops_the_pull_state(server, tmp_path):
     pull(server, tmp_path / "raw")
     assert RawStore(tmp_path / "raw").read_state()["watermarks"]
     params = Params(ingest=IngestParams(source="simulator", raw_dir=tmp_path / "raw",
-                                        simulator=SimulatorParams(n_per_class=2, survey_days=365.0)))
+                                        simulator=SimulatorParams(n_per_class=2, survey_days=365.0),
+                                        mix_files=False))
     run(params, IngestPaths.from_params(params))
     assert RawStore(tmp_path / "raw").read_state() == {}
     assert set(RawStore(tmp_path / "raw").read().objects["source"]) == {"simulator"}

@@ -33,7 +33,7 @@ def read_raw(out: Path) -> dict[str, pd.DataFrame]:
 
 def test_ingest_simulator_end_to_end(tmp_path):
     out = tmp_path / "raw"
-    proc = deeprubin("ingest", "--n-per-class", "12", "--out", str(out))
+    proc = deeprubin("ingest", "--n-per-class", "12", "--out", str(out), "--set", "ingest.mix_files=false")
     assert proc.returncode == 0, proc.stderr
     assert "summary" in proc.stdout and "SNII" in proc.stdout
     tables = read_raw(out)
@@ -49,7 +49,26 @@ def test_ingest_simulator_end_to_end(tmp_path):
 
     # Deterministic: a rerun writes the same bytes (what `dvc repro` relies on).
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert deeprubin("ingest", "--n-per-class", "12", "--out", str(out)).returncode == 0
+    assert deeprubin("ingest", "--n-per-class", "12", "--out", str(out), "--set",
+                     "ingest.mix_files=false").returncode == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+
+
+def test_default_ingest_mixes_the_embedded_bts_supernovae(tmp_path):
+    """params.yaml: the simulator plus the BTS supernovae shipped in data/bts (spectroscopic labels, target classes
+    only), reproducibly."""
+    out = tmp_path / "raw"
+    assert deeprubin("ingest", "--n-per-class", "5", "--out", str(out)).returncode == 0
+    objects = read_raw(out)["objects"]
+    sources = objects.groupby("label_source")["label"].value_counts().to_dict()
+    labels = pd.read_csv(REPO / "data" / "bts" / "labels.csv")
+    real = labels[labels["label"].isin(["SNIa", "SNII"])]
+    assert sources[("bts:spectroscopic", "SNII")] >= 0.95 * (real["label"] == "SNII").sum()
+    assert sources[("bts:spectroscopic", "SNIa")] >= 0.95 * (real["label"] == "SNIa").sum()
+    assert {c for (s, c) in sources if s == "bts:spectroscopic"} == {"SNIa", "SNII"}
+    assert {c for (s, c) in sources if s == "simulated"} == {"QSO", "CEP", "SNIa", "SNII"}
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert deeprubin("ingest", "--n-per-class", "5", "--out", str(out)).returncode == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
 
 

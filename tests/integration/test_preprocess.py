@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def params_for(raw: Path, out: Path, *extra: str):
     return load_params(None, [f"ingest.raw_dir={raw}", f"preprocess.processed_dir={out}",
-                              "ingest.simulator.n_per_class=8", "preprocess.partitions=4",
+                              "ingest.simulator.n_per_class=8", "ingest.mix_files=false", "preprocess.partitions=4",
                               "preprocess.workers=1", *extra])
 
 

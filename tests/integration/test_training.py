@@ -23,7 +23,8 @@ from deeprubin.stages import ingest, preprocess
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    ingest.run(Params(ingest=IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=20))),
+    ingest.run(Params(ingest=IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=20),
+                                                  mix_files=False)),
                ingest.IngestPaths(raw_dir=root / "raw"))
     preprocess.run(Params(preprocess=PreprocessParams(processed_dir=root / "processed", workers=1)),
                    preprocess.PreprocessPaths(raw_dir=root / "raw", processed_dir=root / "processed"))

@@ -54,7 +54,7 @@ def test_out_of_range_and_unknown_class_are_errors(tmp_path):
 
 def test_files_source_needs_a_detections_file():
     with pytest.raises(ConfigError, match="files.detections"):
-        load_params(None, ["ingest.source=files"])
+        load_params(None, ["ingest.source=files", "ingest.files.detections=null"])
 
 
 def test_cli_overrides_beat_environment_which_beats_file(tmp_path):

@@ -57,7 +57,7 @@ def run(params: Params, paths: IngestPaths, progress: Progress | None = None) ->
     # Deterministic for deterministic sources, so that `dvc repro` reproduces the same bytes.
     ingested_at = pd.Timestamp(0, tz="UTC") if cfg.source == "simulator" else pd.Timestamp.now(tz="UTC")
     batch, reports, dropped = prepare_batch(mapped, cfg, base, ingested_at, step)
-    if cfg.mix_files:
+    if cfg.mixes_files:
         step(f"reading {cfg.files.detections}")
         extra, extra_reports, extra_dropped = prepare_batch(load(cfg.files), cfg, base, ingested_at, step)
         batch = concat_batches(batch, extra)
@@ -69,7 +69,7 @@ def run(params: Params, paths: IngestPaths, progress: Progress | None = None) ->
     if cfg.upsert:
         batch, counts = upsert(store.read(), batch)
     result = IngestResult(
-        source=cfg.source + ("+files" if cfg.mix_files else ""),
+        source=cfg.source + ("+files" if cfg.mixes_files else ""),
         raw_dir=paths.raw_dir,
         objects_per_class=class_counts(batch),
         detections=len(batch.detections),
