@@ -181,6 +181,9 @@ class TrainParams(Section):
     gp_draws: float = Field(
         0.0, ge=0, description="Augmentation: each training batch's GP means are redrawn as mean + gp_draws * std * "
                                "smoothed unit noise (0: off).")
+    flux_compression: float | None = Field(
+        None, gt=0, description="k: the network sees asinh(k x) of the GP means x (peak = 1; log-like below the "
+                                "peak, so a decline of a few magnitudes stays visible); null: linear flux.")
     readout: Literal["mean", "last", "mean_last"] = Field(
         "mean", description="Per-day features -> one vector: mean over observed days (the paper), the causal "
                               "feature at the last observed day, or both.")

@@ -158,3 +158,19 @@ def test_last_readout_reads_the_feature_of_the_last_observed_day():
 def test_unknown_readout_is_an_error():
     with pytest.raises(ValueError, match="readout"):
         TCN(readout="max")
+
+
+def test_flux_compression_is_asinh_of_the_means_with_propagated_errors():
+    model = TCN(flux_scale=10.0).eval()
+    x = young_object(n=2)
+    out = model.compress_flux(x)
+    assert torch.allclose(out[:, 0:2], torch.asinh(10 * x[:, 0:2]))
+    assert torch.allclose(out[:, 2:4], 10 * x[:, 2:4] / torch.sqrt(1 + (10 * x[:, 0:2]) ** 2))
+    assert torch.equal(out[:, 4:], x[:, 4:])
+    assert torch.equal(TCN().compress_flux(x), x)  # default: linear flux, the paper's input
+    # A decline from 1 to 0.1 and one from 1 to 0.01 (2.5 and 5 magnitudes) stay far apart after compression.
+    assert float(torch.asinh(torch.tensor(1.0)) - torch.asinh(torch.tensor(0.1))) > 0.7
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="flux_scale"):
+        TCN(flux_scale=0.0)

@@ -96,7 +96,7 @@ class TCN(nn.Module):
 
     def __init__(self, n_channels: int = 6, n_classes: int = 4, hidden: int = 32, kernel_size: int = 3,
                  levels: int = 5, dropout: float = 0.1, since_channels: Sequence[int] | None = SINCE_CHANNELS,
-                 readout: str = "mean"):
+                 readout: str = "mean", flux_scale: float | None = None):
         super().__init__()
         if hidden < 1 or levels < 1 or kernel_size < 2 or not 0 <= dropout < 1:
             raise ValueError(f"bad TCN shape: hidden={hidden}, levels={levels}, kernel_size={kernel_size}, "
@@ -104,6 +104,9 @@ class TCN(nn.Module):
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}; got {readout!r}")
         self.readout = readout
+        if flux_scale is not None and not flux_scale > 0:
+            raise ValueError(f"flux_scale must be positive or None; got {flux_scale}")
+        self.flux_scale = flux_scale
         self.n_channels, self.n_classes = n_channels, n_classes
         self.kernel_size, self.levels = kernel_size, levels
         self.since_channels = tuple(since_channels) if since_channels is not None else None
@@ -120,7 +123,17 @@ class TCN(nn.Module):
         """Per-day features before pooling, (N, hidden, T); day ``t`` depends on input days ``<= t`` only."""
         if x.ndim != 3 or x.shape[1] != self.n_channels:
             raise ValueError(f"expected input (N, {self.n_channels}, T), got {tuple(x.shape)}")
-        return self.blocks(x)
+        return self.blocks(self.compress_flux(x))
+
+    def compress_flux(self, x: torch.Tensor) -> torch.Tensor:
+        """With ``flux_scale`` k: GP means m -> asinh(k m) (linear near 0, logarithmic above 1/k, like a magnitude
+        but defined for the negative difference fluxes too) and their standard deviations s -> k s / sqrt(1 + (k m)^2)
+        (propagated through the derivative), so declines of a few magnitudes stay visible; other channels as given."""
+        if self.flux_scale is None:
+            return x
+        k = self.flux_scale
+        mean, std, rest = x[:, 0:2] * k, x[:, 2:4], x[:, 4:]
+        return torch.cat([torch.asinh(mean), std * k / torch.sqrt(1 + mean * mean), rest], dim=1)
 
     def pool_mask(self, x: torch.Tensor) -> torch.Tensor:
         if self.since_channels is None:
