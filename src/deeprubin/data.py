@@ -144,13 +144,19 @@ def truncated_views(detections: pd.DataFrame, oids: Sequence[str], n_views: int,
             curves.append(cut_after_first(full, float(cut), oid=f"{oid}#{k}"))
             owners.append(str(oid))
             days.append(float(cut))
+    x, ok = _view_tensors(curves, grid_days, fit_context_days)
+    return x, np.asarray(owners, dtype=str)[ok], np.asarray(days, dtype=np.float64)[ok]
+
+
+def _view_tensors(curves: Sequence, grid_days: int, fit_context_days: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(x of the views the GP could interpolate, in order; bool per view: made)`` via the inference path."""
     tensors = tensorize_curves(curves, grid_days, fit_context_days)
     made = {row["oid"]: i for i, row in enumerate(tensors.rows)}
     pick = [made.get(c.oid) for c in curves]
     ok = np.array([p is not None for p in pick], dtype=bool)
     rows = np.array([p for p in pick if p is not None], dtype=np.int64)
     x = tensors.x[rows] if len(rows) else np.zeros((0, tensors.x.shape[1], grid_days), dtype=np.float32)
-    return x, np.asarray(owners, dtype=str)[ok], np.asarray(days, dtype=np.float64)[ok]
+    return x, ok
 
 
 def redshifts_of(labels: Path | str | None) -> dict[str, float]:
@@ -176,12 +182,7 @@ def redshifted_views(detections: pd.DataFrame, oids: Sequence[str], redshifts: M
     det = detections.loc[detections["oid"].astype(str).isin(wanted)]
     curves, owners = redshifted_curves(curves_from_detections(det), redshifts, n_views,
                                        lambda oid: _oid_seed(f"z:{oid}", seed), max_peak_mag)
-    tensors = tensorize_curves(curves, grid_days, fit_context_days)
-    made = {row["oid"]: i for i, row in enumerate(tensors.rows)}
-    pick = [made.get(c.oid) for c in curves]
-    ok = np.array([p is not None for p in pick], dtype=bool)
-    rows = np.array([p for p in pick if p is not None], dtype=np.int64)
-    x = tensors.x[rows] if len(rows) else np.zeros((0, tensors.x.shape[1], grid_days), dtype=np.float32)
+    x, ok = _view_tensors(curves, grid_days, fit_context_days)
     return x, np.asarray(owners, dtype=str)[ok] if len(owners) else np.array([], dtype=str)
 
 

@@ -130,12 +130,10 @@ def ogle_sets(params: Params, preprocessing: Preprocessing) -> tuple[list[EvalSe
         if not len(oids):
             skipped[names[kind]] = f"no object to score: {note}"
             continue
-        det = pd.DataFrame({"oid": np.concatenate([np.full(len(c.mjd), c.oid) for c in curves]) if curves else [],
-                            "mjd": np.concatenate([c.mjd for c in curves]) if curves else [],
-                            "band": np.concatenate([np.where(c.band == 0, "g", "r") for c in curves]) if curves else [],
-                            "flux": np.concatenate([c.flux for c in curves]) if curves else [],
-                            "flux_err": np.concatenate([c.flux_err for c in curves]) if curves else []})
-        det = detections_with_magnitudes(det.loc[det["oid"].isin(set(oids))].reset_index(drop=True))
+        scored = set(oids)
+        det = detections_with_magnitudes(pd.concat(
+            [pd.DataFrame({"oid": c.oid, "mjd": c.mjd, "band": np.where(c.band == 0, "g", "r"), "flux": c.flux,
+                           "flux_err": c.flux_err}) for c in curves if c.oid in scored], ignore_index=True))
         sets.append(EvalSet(name=names[kind], oids=oids, labels=label_of.reindex(oids).to_numpy().astype(str),
                             x=t.x, detections=det, scored_classes=list(cfg.classes), restrict=False, note=note,
                             counts={"n_in_file": len(label_of), **extra}))
