@@ -15,6 +15,16 @@ def pull_table(pulled: dict[str, Any], night: str) -> None:
                                       f"{len(pulled['changed_oids'])} objects new or changed.")
 
 
+def incomplete_pull(source: str, missing: list[dict[str, Any]]) -> None:
+    lines = [f"# Incomplete pull from {source}", "",
+             f"{len(missing)} listing page(s), cap(s) or object(s) missing; what was fetched is stored and the next "
+             "pull (or the task's retry) picks these up.", "", "| class | missing | reason | attempts |",
+             "|---|---|---|---|"]
+    lines += [f"| {m.get('class', '')} | {m['what']} | {m['reason']} | {m.get('attempts', '')} |" for m in missing]
+    create_markdown_artifact(key=PULL_ARTIFACT, markdown="\n".join(lines),
+                             description=f"Pull from {source} incomplete: {len(missing)} missing")
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else ("–" if value is None else str(value))
 

@@ -31,15 +31,18 @@ def _fingerprints(raw_dir: Path) -> dict[str, str]:
 def ingest(params: Params) -> dict[str, Any]:
     """Pull (or simulate) into data/raw; returns per-class counts and the objects whose detections changed.
 
-    A class whose listing failed raises: TransientError for a server error (the task is retried and the pull resumes
-    from its watermarks, upserting, so nothing is duplicated), ClientError otherwise. Objects that failed alone are
-    reported, never fatal."""
+    An incomplete pull publishes what is missing (the ``nightly-pull`` artifact) and raises: a class whose listing
+    failed raises TransientError for a server error (the task is retried and the pull resumes from its watermarks,
+    upserting, so nothing is duplicated), ClientError otherwise; objects that failed for a transient reason raise
+    TransientError. Objects that failed for good (404) are reported, never fatal."""
     from deeprubin.stages import ingest as stage
 
     raw_dir = Path(params.ingest.raw_dir)
     before = _fingerprints(raw_dir)
     result = stage.run(params, stage.IngestPaths.from_params(params))
     per_class = result.per_class or {}
+    if not result.complete:
+        artifacts.incomplete_pull(result.source, result.missing or [])
     broken = {c: pc["failures"] for c, pc in per_class.items() if not pc.get("listing_complete", True)}
     if broken:
         reasons = "; ".join(f"{c}: {f[0]['reason'] if f else 'listing incomplete'}" for c, f in broken.items())
@@ -50,6 +53,11 @@ def ingest(params: Params) -> dict[str, Any]:
         transient = not pages or any(f.get("transient", True) for f in pages)
         raise (TransientError if transient else ClientError)(
             f"the {result.source} listing is incomplete for {sorted(broken)} ({reasons}); what was fetched is stored")
+    if not result.complete:
+        missing = result.missing or []
+        raise TransientError(f"the {result.source} pull is incomplete, {len(missing)} missing ("
+                             + "; ".join(f"{m['what']}: {m['reason']}" for m in missing[:5])
+                             + (" ..." if len(missing) > 5 else "") + "); what was fetched is stored")
     changed = _changed_oids(before, _fingerprints(raw_dir))
     rows = []
     for c in params.base.classes:

@@ -20,11 +20,13 @@ Behaviour copied from the real server, on purpose (a client that works here work
 * A single ``oid`` filter may use ``*`` as a wildcard; several oids without ``order_by`` come back in the order given.
 * Detection rows have no oid and drop null/NaN keys (skip_none); object-list items keep all 23 keys, nulls included.
 
-Faults (:class:`FaultRule`) are injected per route / object / page and heal after ``times`` matching requests. Every
-request is logged in :attr:`AlerceReplayServer.requests` with its status and fault.
+Faults (:class:`FaultRule`) are injected per route / object / page / class and heal after ``times`` matching
+requests; ``unsorted`` makes /objects ignore ``order_by`` (pages out of order). :class:`RandomFaults` fails a share of
+all requests at random (a high fault rate); :func:`unused_url` is a URL with nothing listening. Every request is
+logged in :attr:`AlerceReplayServer.requests` with its status and fault.
 
-Run ``python -m tests.alerce_server --n-per-class 50 --seed 1 --port 0 [--recorded]`` for a standalone server: it
-prints ``ALERCE_URL=http://127.0.0.1:PORT`` and serves until SIGTERM/SIGINT.
+Run ``python -m tests.alerce_server --n-per-class 50 --seed 1 --port 0 [--recorded] [--fault-rate 0.7]`` for a
+standalone server: it prints ``ALERCE_URL=http://127.0.0.1:PORT`` and serves until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import dataclasses
 import fnmatch
 import json
 import math
+import random
 import re
 import signal
 import socket
@@ -83,8 +86,10 @@ ORDER_BY: dict[str, str] = {c: c for c in ITEM_COLUMNS}
 ORDER_BY.update({"class_name": "class", "classifier_name": "classifier", "deltamjd": "deltajd", "ranking": "ranking"})
 ROUTES = ("objects", "object", "detections", "non_detections", "lightcurve", "probabilities")
 FAULT_KINDS = ("http_500", "http_503", "http_429", "slow", "truncated_json", "malformed_json", "reset", "not_found",
-               "empty_page", "repeat_page")
-PAGE_FAULTS = ("empty_page", "repeat_page")
+               "empty_page", "repeat_page", "unsorted")
+PAGE_FAULTS = ("empty_page", "repeat_page", "unsorted")
+# What RandomFaults draws from by default: failures a client should retry past.
+TRANSIENT_KINDS = ("http_500", "http_503", "http_429", "truncated_json", "malformed_json", "reset")
 MAX_COUNT = 50000  # the real server counts at most max_results + 1 rows
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,6 +105,7 @@ class FaultRule:
     kind: str  # one of FAULT_KINDS
     oid: str | None = None  # only requests for this object (None = any); never matches /objects
     page: int | None = None  # only this page of /objects (None = any); never matches per-object routes
+    class_name: str | None = None  # only /objects queries for this class (None = any)
     times: int = 1
     retry_after: float = 1.0  # seconds, sent as Retry-After with http_429
     delay: float = 5.0  # seconds slept before answering, for "slow"
@@ -110,7 +116,7 @@ class FaultRule:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}: expected one of {FAULT_KINDS}")
 
-    def matches(self, route: str, oid: str | None, page: int | None) -> bool:
+    def matches(self, route: str, oid: str | None, page: int | None, class_name: str | None = None) -> bool:
         if self.times == 0 or (self.route != "*" and self.route != route):
             return False
         if self.kind in PAGE_FAULTS and route != "objects":
@@ -121,7 +127,44 @@ class FaultRule:
             return False
         if self.page is not None and (route != "objects" or self.page != page):
             return False
+        if self.class_name is not None and (route != "objects" or self.class_name != class_name):
+            return False
         return True
+
+
+@dataclass
+class RandomFaults:
+    """Fail each request to ``routes`` with probability ``rate``, in a kind drawn from ``kinds`` (seeded: with one
+    request in flight at a time the same requests fail on every run)."""
+
+    rate: float
+    kinds: tuple[str, ...] = TRANSIENT_KINDS
+    routes: tuple[str, ...] = ROUTES
+    seed: int = 0
+    retry_after: float = 0.05
+    delay: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rate <= 1:
+            raise ValueError(f"rate must lie in [0, 1], got {self.rate}")
+        unknown = [k for k in self.kinds if k not in TRANSIENT_KINDS + ("slow",)]
+        if unknown:
+            raise ValueError(f"unknown random fault kind(s) {unknown}: expected some of {TRANSIENT_KINDS + ('slow',)}")
+        self._rng = random.Random(self.seed)
+
+    def draw(self, route: str) -> FaultRule | None:
+        if route not in self.routes or self._rng.random() >= self.rate:
+            return None
+        return FaultRule(route=route, kind=self._rng.choice(self.kinds), times=1, retry_after=self.retry_after,
+                         delay=self.delay)
+
+
+def unused_url(host: str = "127.0.0.1") -> str:
+    """An http URL on a free local port with nothing listening (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    return f"http://{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -573,6 +616,7 @@ class AlerceReplayServer:
         self.default_classifier_version = default_classifier_version
         self._now = now_mjd
         self._faults: list[FaultRule] = []
+        self._random: RandomFaults | None = None
         self._lock = threading.RLock()
         self.requests: list[RequestRecord] = []
         self._httpd: _HTTPServer | None = None
@@ -656,8 +700,15 @@ class AlerceReplayServer:
             return [dataclasses.replace(r) for r in self._faults]
 
     def clear_faults(self) -> None:
+        """Disarm every rule and the random faults."""
         with self._lock:
             self._faults.clear()
+            self._random = None
+
+    def set_random_faults(self, faults: RandomFaults | None) -> None:
+        """Fail a share of requests at random (None: stop); checked after the armed rules."""
+        with self._lock:
+            self._random = faults
 
     def clear_requests(self) -> None:
         with self._lock:
@@ -685,13 +736,16 @@ class AlerceReplayServer:
     _OBJECT_ROUTE = re.compile(r"^/ztf/v1/objects/([^/]+)(?:/(detections|non_detections|lightcurve|probabilities))?/?$")
     _CLASSES_ROUTE = re.compile(r"^/ztf/v1/classifiers/([^/]+)/([^/]+)/classes/?$")
 
-    def _take_fault(self, route: str, oid: str | None, page: int | None) -> FaultRule | None:
+    def _take_fault(self, route: str, oid: str | None, page: int | None,
+                    class_name: str | None = None) -> FaultRule | None:
         with self._lock:
             for rule in self._faults:
-                if rule.matches(route, oid, page):
+                if rule.matches(route, oid, page, class_name):
                     if rule.times > 0:
                         rule.times -= 1
                     return rule
+            if self._random is not None:
+                return self._random.draw(route)
         return None
 
     def _log(self, route, oid, page, query, status, fault) -> None:
@@ -725,7 +779,8 @@ class AlerceReplayServer:
             self._log(route, oid, page, query, 405, None)
             return self._send(h, 405, body)
 
-        fault = self._take_fault(route, oid, page) if route in ROUTES else None
+        class_name = (query.get("class") or [None])[-1] if route == "objects" else None
+        fault = self._take_fault(route, oid, page, class_name) if route in ROUTES else None
         kind = fault.kind if fault else None
         if kind in ("http_500", "http_503"):
             status = 500 if kind == "http_500" else 503
@@ -899,7 +954,7 @@ class AlerceReplayServer:
                 item["_ranking"] = p["ranking"] if p else None
                 items.append(item)
 
-        if order_by is not None:
+        if order_by is not None and kind != "unsorted":  # unsorted: order_by ignored, the catalogue order
             key = ORDER_BY[order_by]
             key = "_ranking" if key == "ranking" else key
             items.sort(key=lambda it: (it["oid"], it["classifier"] or "", it["_ranking"] or 0))
@@ -993,6 +1048,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--now", type=float, default=None, help="serve only data with mjd <= NOW")
     ap.add_argument("--recorded", action="store_true", help=f"also serve {RECORDED_OID} (recorded response)")
+    ap.add_argument("--fault-rate", type=float, default=0.0,
+                    help="fail this share of requests at random with transient faults (e.g. 0.7)")
+    ap.add_argument("--fault-seed", type=int, default=0)
     ap.add_argument("--fault", action="append", default=[], metavar="JSON",
                     help='a FaultRule as JSON, e.g. \'{"route": "lightcurve", "kind": "http_500", "times": 20}\' '
                          "(repeatable)")
@@ -1002,6 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
     server = AlerceReplayServer(cat, now_mjd=args.now, host=args.host, port=args.port).start()
     for text in args.fault:
         server.add_fault(FaultRule(**json.loads(text)))
+    if args.fault_rate > 0:
+        server.set_random_faults(RandomFaults(rate=args.fault_rate, seed=args.fault_seed))
     done = threading.Event()
 
     def _stop(signum, frame):

@@ -308,3 +308,145 @@ def test_replacing_the_store_drops_the_pull_state(server, tmp_path):
     run(params, IngestPaths.from_params(params))
     assert RawStore(tmp_path / "raw").read_state() == {}
     assert set(RawStore(tmp_path / "raw").read().objects["source"]) == {"simulator"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pulls that tell the truth (issue 15 B): no object is passed by a watermark unstored, an incomplete pull says so,
+# a wrong URL fails fast, a 404 is remembered.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def listed_in_order(server: AlerceReplayServer, class_name: str, threshold: float = 0.7) -> list[dict]:
+    """The class's /objects items in lastmjd order, as the fault-free server lists them."""
+    from deeprubin.sources.alerce import make_client
+
+    client = make_client(AlerceParams(base_url=server.url))
+    return client.query_objects(survey="ztf", format="json", classifier="lc_classifier", class_name=class_name,
+                                probability=threshold, page_size=1000, order_by="lastmjd", order_mode="ASC")["items"]
+
+
+def manifest(raw_dir: Path) -> dict:
+    return json.loads((raw_dir / "manifest.json").read_text())
+
+
+def test_a_failed_page_holds_the_watermark_even_when_a_later_object_fails(server, reference, tmp_path):
+    items = listed_in_order(server, "SNIa")
+    stored = set(tables(reference)["objects"]["oid"])
+    page2, victim = items[1], next(i for i in items[2:] if i["oid"] in stored)
+    raw = tmp_path / "raw"
+    server.add_fault(FaultRule(route="objects", kind="http_500", page=2, class_name="SNIa", times=-1))
+    server.add_fault(FaultRule(route="lightcurve", kind="http_500", oid=victim["oid"], times=-1))
+    first = pull(server, raw, page_size=1, max_attempts=1, overlap_days=0.0)
+    assert not first.complete
+    watermark = RawStore(raw).read_state()["watermarks"]["SNIa"]
+    assert watermark is None or watermark <= page2["lastmjd"]  # never past the object of the failed page
+    server.clear_faults()
+    again = pull(server, raw, page_size=1, overlap_days=0.0)
+    assert again.complete
+    assert_same(raw, reference)
+
+
+def test_a_server_that_ignores_the_order_never_moves_the_watermark_past_unlisted_objects(server, reference,
+                                                                                       tmp_path):
+    raw = tmp_path / "raw"
+    # The first rule that matches applies: page 2 fails, every other page comes out of lastmjd order.
+    server.add_fault(FaultRule(route="objects", kind="http_500", page=2, times=-1))
+    server.add_fault(FaultRule(route="objects", kind="unsorted", times=-1))
+    first = pull(server, raw, page_size=1, max_attempts=1, overlap_days=0.0)
+    assert not first.complete
+    assert any(r.fault == "unsorted" for r in server.requests)
+    server.clear_faults()
+    server.add_fault(FaultRule(route="objects", kind="unsorted", times=-1))  # still out of order, now complete
+    again = pull(server, raw, page_size=1, overlap_days=0.0)
+    assert again.complete
+    assert_same(raw, reference)
+
+
+def test_a_high_fault_rate_loses_nothing_and_every_short_pull_says_so(server, reference, tmp_path):
+    from tests.alerce_server import RandomFaults
+
+    raw = tmp_path / "raw"
+    want = set(tables(reference)["objects"]["oid"])
+    server.set_random_faults(RandomFaults(rate=0.7, seed=3))
+    settings = dict(page_size=2, max_attempts=2, concurrency=1, overlap_days=0.0)
+    for _ in range(3):  # a pull and two reruns, all at 70 % faults
+        result = pull(server, raw, **settings)
+        got = set(tables(raw)["objects"]["oid"]) if (raw / "objects.parquet").exists() else set()
+        if got != want:
+            assert not result.complete and not manifest(raw)["complete"]
+            assert manifest(raw)["missing"]
+    server.clear_faults()
+    final = pull(server, raw, **settings)
+    assert final.complete and manifest(raw)["complete"] is True and not manifest(raw)["missing"]
+    assert_same(raw, reference)
+
+
+def test_an_object_that_keeps_failing_makes_the_pull_incomplete_and_is_named(server, reference, tmp_path):
+    victim = sorted(tables(reference)["objects"]["oid"])[-1]
+    server.add_fault(FaultRule(route="lightcurve", kind="http_500", oid=victim, times=-1))
+    result = pull(server, tmp_path / "raw", max_attempts=2)
+    assert not result.complete
+    written = manifest(tmp_path / "raw")
+    assert written["complete"] is False
+    assert [m["what"] for m in written["missing"]] == [victim]
+    server.clear_faults()
+    assert pull(server, tmp_path / "raw").complete and manifest(tmp_path / "raw")["missing"] == []
+
+
+def test_a_page_that_keeps_failing_is_named_as_missing(server, tmp_path):
+    server.add_fault(FaultRule(route="objects", kind="http_500", page=2, class_name="QSO", times=-1))
+    result = pull(server, tmp_path / "raw", max_attempts=2)
+    assert not result.complete
+    missing = manifest(tmp_path / "raw")["missing"]
+    assert [m["what"] for m in missing] == ["objects page 2 of QSO"]
+    assert "HTTP 500" in missing[0]["reason"]
+
+
+@pytest.mark.timeout(60)  # retrying the connection page after page took minutes
+def test_nothing_listening_fails_within_seconds_naming_the_url(tmp_path):
+    from deeprubin.sources.alerce import ApiUnreachable
+    from tests.alerce_server import unused_url
+
+    url = unused_url()
+    params = Params(ingest=IngestParams(source="alerce", raw_dir=tmp_path / "raw",
+                                        alerce=AlerceParams(base_url=url, max_attempts=5, backoff_base_s=0.5)))
+    started = time.monotonic()
+    with pytest.raises(ApiUnreachable, match=url.replace(".", r"\.")):
+        run(params, IngestPaths.from_params(params))
+    assert time.monotonic() - started < 5
+    assert not (tmp_path / "raw" / "manifest.json").exists()  # nothing committed
+
+
+def test_a_wrong_path_stops_each_listing_at_its_first_page_and_fails(server, tmp_path):
+    from deeprubin.sources.alerce import ApiRefused
+
+    url = f"{server.url}/no-such-api"
+    with pytest.raises(ApiRefused, match="no-such-api") as err:
+        pull(server, tmp_path / "raw", base_url=url)
+    assert "HTTP 404" in str(err.value)
+    assert len(server.requests) <= len(Params().base.classes)  # one refused first page per class, no retries
+    assert not (tmp_path / "raw" / "manifest.json").exists()
+
+
+def test_a_404_object_is_remembered_until_it_changes(server, lightcurves, night, tmp_path):
+    t1, t2 = night
+    server.set_now(t1)
+    det = lightcurves.detections
+    spans = det.groupby("oid")["mjd"].agg(["min", "max"])
+    moving = spans[(spans["min"] <= t1) & (spans["max"] > t1)].index
+    listed = {i["oid"] for c in Params().base.classes for i in listed_in_order(server, c)}
+    victim = sorted(set(moving) & listed)[0]
+    server.add_fault(FaultRule(route="lightcurve", kind="not_found", oid=victim, times=-1))
+    raw = tmp_path / "raw"
+    window = 400.0  # every object stays inside the overlap window, so every pull lists the victim again
+    first = pull(server, raw, overlap_days=window)
+    assert first.complete  # a vanished object is reported, but a rerun could not fetch it either
+    assert len(server.requests_for("lightcurve", victim)) == 1
+    again = pull(server, raw, overlap_days=window)
+    assert len(server.requests_for("lightcurve", victim)) == 1  # not asked again while unchanged
+    assert sum(c["skipped_unavailable"] for c in again.per_class.values()) == 1
+    server.clear_faults()
+    server.set_now(t2)  # new detections move its lastmjd: it is tried again, and now arrives
+    pull(server, raw, overlap_days=window)
+    assert len(server.requests_for("lightcurve", victim)) == 2
+    assert victim in set(tables(raw)["objects"]["oid"])

@@ -338,6 +338,27 @@ def test_a_client_error_is_not_retried(alerce, tmp_path):
     assert run.run_count == 1, "a 404 must not be retried"
 
 
+def test_an_incomplete_pull_fails_the_task_after_retries_and_says_what_is_missing(alerce, tmp_path):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    victim = alerce.catalogue.oids[0]
+    alerce.add_fault(FaultRule(route="lightcurve", kind="http_500", oid=victim, times=-1))
+    overrides = ["ingest.source=alerce", f"ingest.raw_dir={tmp_path / 'raw'}", f"ingest.alerce.base_url={alerce.url}",
+                 "ingest.alerce.max_attempts=1", "flows.retries=1", "flows.retry_delay_s=0.05"]
+    state = _ingest_flow()(overrides, return_state=True)
+    assert state.is_failed()
+    (run,) = _task_runs(state.state_details.flow_run_id)
+    assert run.run_count == 2 and run.state.type.value == "FAILED"  # retried, then failed
+    assert victim in (run.state.message or ""), run.state.message
+    with _client() as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])))
+    pulled = [a for a in artifacts if a.key == "nightly-pull"]
+    assert pulled and all("incomplete" in a.data.lower() and victim in a.data for a in pulled)
+    stored = pd.read_parquet(tmp_path / "raw" / "objects.parquet")
+    assert len(stored) == len(alerce.catalogue) - 1 and victim not in set(stored["oid"])
+
+
 def test_served_deployments_have_their_cron_schedule(servers_env, tmp_path):
     project = make_project(tmp_path / "project")
     env = {**os.environ, "PREFECT_API_URL": servers_env["prefect"], "PATH": f"{BIN}:{os.environ['PATH']}"}

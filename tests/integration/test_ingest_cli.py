@@ -15,9 +15,9 @@ from deeprubin.schema import DETECTIONS_SCHEMA, NON_DETECTIONS_SCHEMA, OBJECTS_S
 REPO = Path(__file__).resolve().parents[2]
 
 
-def deeprubin(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def deeprubin(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deeprubin.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={"PATH": str(Path(sys.executable).parent), "HOME": str(cwd),
+                          timeout=timeout, env={"PATH": str(Path(sys.executable).parent), "HOME": str(cwd),
                                             "COLUMNS": "200", "DO_NOT_TRACK": "1"})
 
 
@@ -143,3 +143,69 @@ def test_help_is_complete():
     for option in ("--source", "--detections", "--labels", "--n-per-class", "--out", "--mode", "--set", "--params"):
         assert option in sub.stdout, option
     assert deeprubin("config", "show", "ingest").stdout.startswith("source: simulator")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALeRCE pulls: the exit status tells a complete pull (0) from an incomplete one (3) and a failed one (1).
+# ---------------------------------------------------------------------------------------------------------------
+
+ALERCE_FAST = ["--set", "ingest.alerce.backoff_base_s=0.01", "--set", "ingest.alerce.backoff_max_s=0.1",
+               "--set", "ingest.alerce.max_attempts=2", "--set", "ingest.alerce.requests_per_second=500"]
+
+
+def _alerce_server():
+    from deeprubin.config import SimulatorParams
+    from deeprubin.sources.simulate import simulate
+    from tests.alerce_server import AlerceReplayServer, Catalogue
+
+    lcs = simulate(SimulatorParams(n_per_class=3, survey_days=365.0), seed=5)
+    return AlerceReplayServer(Catalogue.from_lightcurves(lcs, probability=lambda oid, label: 0.9))
+
+
+def test_an_incomplete_alerce_pull_exits_3_and_names_what_is_missing(tmp_path):
+    from tests.alerce_server import FaultRule
+
+    out = tmp_path / "raw"
+    with _alerce_server() as server:
+        victim = server.catalogue.oids[0]
+        server.add_fault(FaultRule(route="lightcurve", kind="http_500", oid=victim, times=-1))
+        proc = deeprubin("ingest", "--source", "alerce", "--alerce-url", server.url, "--out", str(out),
+                         *ALERCE_FAST, cwd=tmp_path)
+        assert proc.returncode == 3, proc.stderr
+        assert "incomplete" in proc.stderr and victim in proc.stderr
+        assert "(incomplete)" in proc.stdout  # the summary's title
+        written = json.loads((out / "manifest.json").read_text())
+        assert written["complete"] is False and [m["what"] for m in written["missing"]] == [victim]
+        server.clear_faults()
+        rerun = deeprubin("ingest", "--source", "alerce", "--alerce-url", server.url, "--out", str(out),
+                          *ALERCE_FAST, cwd=tmp_path)
+        assert rerun.returncode == 0, rerun.stderr
+        assert json.loads((out / "manifest.json").read_text())["complete"] is True
+
+
+def test_an_alerce_url_with_nothing_listening_fails_in_seconds_with_one_line(tmp_path):
+    import time
+
+    from tests.alerce_server import unused_url
+
+    url = unused_url()
+    started = time.monotonic()
+    # The default retry settings (5 attempts, backoff from 0.5 s): connecting must not be retried for minutes.
+    proc = deeprubin("ingest", "--source", "alerce", "--alerce-url", url, "--out", str(tmp_path / "raw"),
+                     cwd=tmp_path, timeout=60)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and url in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert elapsed < 30  # mostly interpreter start-up; the pull itself gives up at the first refused connection
+    assert not (tmp_path / "raw" / "manifest.json").exists()
+
+
+def test_an_alerce_url_that_answers_404_fails_with_one_line(tmp_path):
+    with _alerce_server() as server:
+        url = f"{server.url}/no-such-api"
+        proc = deeprubin("ingest", "--source", "alerce", "--alerce-url", url, "--out", str(tmp_path / "raw"),
+                         *ALERCE_FAST, cwd=tmp_path, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert url in proc.stderr and "HTTP 404" in proc.stderr
+        assert len(server.requests) <= 4

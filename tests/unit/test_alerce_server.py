@@ -28,6 +28,8 @@ from tests.alerce_server import (
     AlerceReplayServer,
     Catalogue,
     FaultRule,
+    RandomFaults,
+    unused_url,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -394,6 +396,49 @@ def test_empty_and_repeated_pages(client, server, catalogue):
     assert client.query_detections(catalogue.oids[0], survey="ztf", format="json")
     assert [r.fault for r in server.requests if r.route == "objects"] == [None, None, "empty_page", None,
                                                                           "repeat_page", None]
+
+
+def test_unsorted_pages_ignore_order_by(client, server, catalogue):
+    kw = dict(classifier="lc_classifier", order_by="lastmjd", order_mode="ASC")
+    server.add_fault(FaultRule("objects", "unsorted", times=-1))
+    items = all_pages(client, 7, **kw)
+    assert [i["oid"] for i in items] == catalogue.oids  # every object once, in oid order
+    lastmjd = [i["lastmjd"] for i in items]
+    assert lastmjd != sorted(lastmjd)
+    assert {r.fault for r in server.requests} == {"unsorted"}
+
+
+def test_a_page_fault_can_target_one_class(client, server, catalogue):
+    server.add_fault(FaultRule("objects", "http_500", page=1, class_name="SNIa", times=-1))
+    kw = dict(survey="ztf", format="json", classifier="lc_classifier", page=1)
+    with pytest.raises(APIError):
+        client.query_objects(class_name="SNIa", **kw)
+    assert client.query_objects(class_name="QSO", **kw)["items"]
+    assert client.query_objects(class_name="SNIa", survey="ztf", format="json", classifier="lc_classifier",
+                                page=2)["items"] is not None
+
+
+def test_random_faults_fail_about_the_rate_asked_then_stop(client, server, catalogue):
+    server.set_random_faults(RandomFaults(rate=0.7, seed=1))
+    oid = sim_oids(catalogue)[0]
+    failed = 0
+    for _ in range(100):
+        try:
+            client.query_object(oid, survey="ztf", format="json")
+        except (APIError, requests.exceptions.RequestException):
+            failed += 1
+    assert 55 <= failed <= 85
+    assert {r.fault for r in server.requests} - {None} <= {"http_500", "http_503", "http_429", "truncated_json",
+                                                            "malformed_json", "reset"}
+    server.clear_faults()
+    assert client.query_object(oid, survey="ztf", format="json")["oid"] == oid
+    with pytest.raises(ValueError):
+        RandomFaults(rate=1.5)
+
+
+def test_unused_url_refuses_connections():
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(unused_url() + "/ztf/v1/objects", timeout=2)
 
 
 def test_add_fault_leaves_the_callers_rule_alone(client, server, catalogue):

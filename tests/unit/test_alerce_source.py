@@ -150,3 +150,16 @@ def test_watermark_advances_only_past_what_is_safely_stored():
     assert _new_watermark(5.0, lst, gone, lastmjd) == 30.0  # a vanished object does not hold it
     assert _new_watermark(7.0, listing([], safe=None), [], {}) == 7.0
     assert math.isclose(_new_watermark(None, listing([10.0], safe=10.0), [], {"o0": 10.0}), 10.0)
+
+
+def test_a_failed_page_holds_the_watermark_below_later_failed_objects():
+    # Listed without a gap up to 10.0, then a page failed; o2 (30.0), listed after the gap, failed to fetch.
+    lst = listing([5.0, 10.0, 30.0], safe=10.0, complete=False)
+    lastmjd = dict(zip(lst.rows["oid"], lst.rows["lastmjd"]))
+    held = [Failure("o2", "server error (HTTP 500)", 5, transient=True)]
+    assert _new_watermark(None, lst, held, lastmjd) == 10.0  # not 30.0: the failed page's objects lie between
+    assert _new_watermark(8.0, lst, held, lastmjd) == 10.0
+    assert _new_watermark(20.0, listing([25.0], safe=19.0, complete=False), [], {"o0": 25.0}) == 20.0
+    # The first page failed on a first pull: nothing is proven, whatever failed after it.
+    failed = [Failure("o0", "server error (HTTP 500)", 5, transient=True)]
+    assert _new_watermark(None, listing([30.0], safe=None, complete=False), failed, {"o0": 30.0}) is None

@@ -34,6 +34,9 @@ def ingest(
 
     Bad rows are dropped with a reason naming the object; the summary counts them. --source alerce pulls
     incrementally: only objects new or changed since the last pull, retried on server errors, committed as it goes.
+    Exit status: 0 done (an ALeRCE pull complete); 1 failed, nothing written (bad input, an API that cannot be
+    reached or refuses the listing); 2 bad configuration; 3 an ALeRCE pull stored what it could but is incomplete
+    (manifest.json lists what is missing; a rerun picks it up).
     Examples:
 
       deeprubin ingest
@@ -55,8 +58,21 @@ def ingest(
     params = _load(params_path, extra)
     paths = stage.IngestPaths.from_params(params)
 
-    result = _run_with_progress("ingest", lambda report: stage.run(params, paths, report))
+    try:
+        result = _run_with_progress("ingest", lambda report: stage.run(params, paths, report))
+    except ConnectionError as exc:  # the ALeRCE API could not be reached at all
+        err_console.print(f"[bold red]ingest failed:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
     _print_ingest_summary(result)
+    if not result.complete:
+        missing = result.missing or []
+        objects = [m for m in missing if not str(m["what"]).startswith("objects ")]
+        listing = [m for m in missing if str(m["what"]).startswith("objects ")]
+        examples = "; ".join(f"{m['what']}: {m['reason']}" for m in (listing + objects)[:3])
+        err_console.print(f"[bold yellow]ingest incomplete:[/] {len(objects)} object(s) and {len(listing)} listing "
+                          f"page(s) or cap(s) missing (e.g. {examples}); what was fetched is stored, rerun to finish "
+                          f"(all of it in {result.raw_dir / 'manifest.json'})", soft_wrap=True)
+        raise typer.Exit(3)
 
 
 def _print_ingest_summary(result) -> None:

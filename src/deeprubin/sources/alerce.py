@@ -5,7 +5,9 @@ The client does the HTTP; this module configures its session (a per-request time
 (one rate limit shared by all threads), retries what is worth retrying (5xx, 429 after its Retry-After, timeouts,
 dropped connections, truncated bodies) with exponential backoff and full jitter, and turns everything else (a 404,
 another 4xx, a body that stays malformed) into a recorded failure of that object or page. Nothing here raises for
-one bad object or page: callers get results plus failures.
+one bad object or page: callers get results plus failures. Two things do raise: :class:`ApiUnreachable` when the
+server has never answered and a connection cannot even be opened (not retried: a wrong URL fails in seconds), and
+:class:`ApiRefused` (raised by the pull) when the server refuses every class's first page.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ class Failure:
 
     def as_dict(self) -> dict[str, Any]:
         return {"what": self.what, "reason": self.reason, "attempts": self.attempts, "transient": self.transient}
+
+
+class ApiUnreachable(ConnectionError):
+    """No connection could be opened to the API, which has not answered once in this pull (wrong URL, or down)."""
+
+
+class ApiRefused(ValueError):
+    """The API answered the first page of every listing with a client error (4xx): a wrong URL or query."""
 
 
 class RequestFailed(Exception):
@@ -106,6 +116,19 @@ def _retry_after(response: requests.Response | None) -> float | None:
         return None  # an HTTP date: fall back to backoff
 
 
+def could_not_connect(exc: BaseException) -> bool:
+    """True when no connection was opened at all (refused, unresolvable host, connect timeout), as opposed to one
+    that broke during a request."""
+    from urllib3.exceptions import NewConnectionError
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        cause = exc.args[0] if exc.args else None
+        return isinstance(getattr(cause, "reason", cause), NewConnectionError)
+    return False
+
+
 def classify_error(exc: BaseException) -> tuple[str, bool, float | None]:
     """(reason, retry?, wait demanded by the server) for an exception from a client call."""
     from alerce.exceptions import APIError, ObjectNotFoundError
@@ -140,6 +163,7 @@ class Caller:
     rng: random.Random = field(default_factory=random.Random)
     requests_made: int = 0
     retries: int = 0
+    reached: bool = False  # the server has answered (or a connection was opened) at least once
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def backoff(self, attempt: int) -> float:
@@ -152,8 +176,15 @@ class Caller:
             with self._lock:
                 self.requests_made += 1
             try:
-                return fn()
+                result = fn()
+                self.reached = True
+                return result
             except Exception as exc:  # noqa: BLE001 - classify_error re-raises what it does not know
+                if could_not_connect(exc) and not self.reached:
+                    # Retrying a server that never answered turns a wrong URL into minutes of waiting.
+                    raise ApiUnreachable(f"cannot connect to the ALeRCE API at {self.params.base_url}: "
+                                         f"{_connect_reason(exc)}; check ingest.alerce.base_url") from exc
+                self.reached = True
                 reason, retry, wait = classify_error(exc)
                 if not retry or attempt == self.params.max_attempts:
                     raise RequestFailed(reason, attempt, transient=retry) from exc
@@ -161,6 +192,14 @@ class Caller:
                     self.retries += 1
                 self.sleep(min(wait, self.params.backoff_max_s) if wait is not None else self.backoff(attempt))
         raise AssertionError("unreachable")
+
+
+def _connect_reason(exc: BaseException) -> str:
+    cause = exc.args[0] if exc.args else None
+    cause = getattr(cause, "reason", cause)
+    text = str(cause) if cause is not None else type(exc).__name__
+    # urllib3 prefixes "HTTPConnection(host=..., port=...): "; the URL is named by the caller.
+    return text.split("): ", 1)[1] if text.startswith("HTTP") and "): " in text else text
 
 
 @dataclass
@@ -171,7 +210,10 @@ class Listing:
     rows: pd.DataFrame  # oid, class, probability, ndet, firstmjd, lastmjd
     failures: list[Failure]
     complete: bool  # every page was read (no failed page, cap not reached)
-    safe_lastmjd: float | None  # objects up to here were listed without a gap
+    safe_lastmjd: float | None  # every object with a lower lastmjd was listed (None: nothing proven)
+    ordered: bool = True  # the server's items came in non-decreasing lastmjd order
+    capped: bool = False  # stopped at max_objects_per_class
+    refused: Failure | None = None  # the first page got a client error (4xx), so the listing stopped there
 
 
 LISTING_COLUMNS = ["oid", "class", "probability", "ndet", "firstmjd", "lastmjd"]
@@ -196,6 +238,9 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str, last
     safe = lastmjd_from
     gap = False
     complete = False
+    ordered = True
+    latest = -math.inf  # the highest lastmjd received so far, to check the server's order
+    refused: Failure | None = None
     max_pages = -(-params.max_objects_per_class // params.page_size) + 10
     for page in range(1, max_pages + 1):
         what = f"objects page {page} of {class_name}"
@@ -204,6 +249,9 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str, last
         except RequestFailed as exc:
             failures.append(Failure(what, exc.reason, exc.attempts, exc.transient))
             gap = True
+            if not exc.transient and page == 1:
+                refused = failures[-1]  # a 4xx for the query itself: later pages would be refused too
+                break
             continue
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             failures.append(Failure(what, "unexpected response shape (no 'items' list)"))
@@ -224,6 +272,11 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str, last
             continue
         previous = oids
         for item in items:
+            lastmjd = _as_float(item.get("lastmjd"))
+            if not math.isnan(lastmjd):
+                ordered = ordered and lastmjd >= latest
+                latest = max(latest, lastmjd)
+        for item in items:
             oid = str(item["oid"])
             if oid in rows or (item.get("class") is not None and normalise_label(item.get("class")) != class_name):
                 continue
@@ -242,6 +295,10 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str, last
             break
     else:
         failures.append(Failure(f"objects of {class_name}", f"stopped after {max_pages} pages"))
+    capped = n_new >= params.max_objects_per_class
+    if not ordered and not complete:
+        # Out of order, the objects of a failed page or past the cap may lie anywhere: nothing is proven.
+        safe = lastmjd_from
     frame = pd.DataFrame(list(rows.values()))
     for col in LISTING_COLUMNS:
         if col not in frame.columns:
@@ -252,7 +309,8 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str, last
     for col in ("probability", "firstmjd", "lastmjd"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     frame["ndet"] = pd.to_numeric(frame["ndet"], errors="coerce")
-    return Listing(class_name=class_name, rows=frame, failures=failures, complete=complete, safe_lastmjd=safe)
+    return Listing(class_name=class_name, rows=frame, failures=failures, complete=complete, safe_lastmjd=safe,
+                   ordered=ordered, capped=capped, refused=refused)
 
 
 def _as_float(value: Any) -> float:

@@ -37,6 +37,7 @@ class IngestResult:
     seconds: float = 0.0
     per_class: dict[str, dict[str, Any]] | None = None  # alerce: listed, fetched, failures, watermarks, ...
     complete: bool = True
+    missing: list[dict[str, Any]] | None = None  # alerce: what a rerun should still store (empty when complete)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self) -> dict[str, Any]:
@@ -53,6 +54,7 @@ class IngestResult:
             "objects_dropped_by_reason": _count_reasons(self.objects_dropped),
             "upsert": self.counts.as_dict() if self.counts else None,
             "complete": self.complete,
+            **({"missing": self.missing} if self.missing is not None else {}),
             **({"classes": self.per_class} if self.per_class is not None else {}),
             **self.extra,
         }
