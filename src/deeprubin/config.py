@@ -187,6 +187,10 @@ class TrainParams(Section):
     readout: Literal["mean", "last", "mean_last"] = Field(
         "mean", description="Per-day features -> one vector: mean over observed days (the paper), the causal "
                               "feature at the last observed day, or both.")
+    shape_features: bool = Field(
+        False, description="The read-out also sees the curve's shape measured on the GP means at the last observed "
+                           "day (models/tcn.py SHAPE_FEATURES: age, days since peak, decline and rise in "
+                           "magnitudes, decline rate, colours), through a hidden layer.")
     imbalance: Literal["weights", "sampler", "both", "none", "source_sampler"] = Field(
         "weights", description="Class imbalance: class-weighted loss, balanced sampler, both, none, or "
                                "source_sampler: batches balanced over (label source, class), e.g. real SN II as "
@@ -210,6 +214,9 @@ class TrainParams(Section):
                              "(GP refitted on the detections before the cut); each epoch draws one view per object.")
     truncation_min_days: float = Field(
         3.0, gt=0, description="Earliest cut, days after the first detection (cuts are log-uniform up to the span).")
+    truncation_max_days: float | None = Field(
+        None, gt=0, description="Latest cut, days after the first detection (null: the object's span); a cap puts "
+                                "the cuts where classification is hard instead of on near-whole curves.")
     full_view_probability: float = Field(
         0.5, ge=0, le=1, description="With augmentation, the chance that an epoch shows an object's whole curve "
                                      "rather than one of its cuts.")

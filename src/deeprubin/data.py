@@ -123,11 +123,11 @@ def holdout_by_hash(oids: Sequence[str], labels: Sequence, fraction: float, seed
 
 
 def truncated_views(detections: pd.DataFrame, oids: Sequence[str], n_views: int, min_days: float = 3.0,
-                    seed: int = 42, grid_days: int = 100, fit_context_days: float = 100.0
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    seed: int = 42, grid_days: int = 100, fit_context_days: float = 100.0,
+                    max_days: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(x (M, C, G), owner oid (M,), cut days after first detection (M,))``: up to ``n_views`` cuts per object.
 
-    Cut days are drawn log-uniform in ``[min_days, span)`` (seeded per object, so the same object gets the same
+    Cut days are drawn log-uniform in ``[min_days, min(span, max_days))`` (seeded per object, so the same object gets the same
     cuts in every run and process); an object spanning less than ``min_days`` gets none, and a cut the GP cannot
     interpolate is left out. Tensors come from :func:`deeprubin.lightcurves.tensorize.tensorize_curves`, the path
     inference uses."""
@@ -140,7 +140,8 @@ def truncated_views(detections: pd.DataFrame, oids: Sequence[str], n_views: int,
         if n_views <= 0 or span <= min_days:
             continue
         rng = np.random.default_rng(_oid_seed(str(oid), seed))
-        for k, cut in enumerate(np.exp(rng.uniform(np.log(min_days), np.log(span), size=n_views))):
+        upper = span if max_days is None else min(span, max_days)
+        for k, cut in enumerate(np.exp(rng.uniform(np.log(min_days), np.log(upper), size=n_views))):
             curves.append(cut_after_first(full, float(cut), oid=f"{oid}#{k}"))
             owners.append(str(oid))
             days.append(float(cut))
@@ -283,6 +284,7 @@ class ProcessedDataModule(pl.LightningDataModule):
                  val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
                  imbalance: Imbalance = "weights", num_workers: int = 0, holdout: Sequence[str] = (),
                  raw_dir: Path | str | None = None, truncations: int = 0, truncation_min_days: float = 3.0,
+                 truncation_max_days: float | None = None,
                  full_view_probability: float | None = None, redshift_views: int = 0,
                  redshifts: Mapping[str, float] | None = None, redshift_max_peak_mag: float = 20.0,
                  shuffle_seed: int | None = None, simulated_classes: Sequence[str] | None = None,
@@ -300,6 +302,10 @@ class ProcessedDataModule(pl.LightningDataModule):
         self.holdout = frozenset(map(str, holdout))
         self.raw_dir = None if raw_dir is None else Path(raw_dir)
         self.truncations, self.truncation_min_days = truncations, truncation_min_days
+        if truncation_max_days is not None and not truncation_max_days > truncation_min_days:
+            raise ValueError(f"truncation_max_days ({truncation_max_days}) must exceed truncation_min_days "
+                             f"({truncation_min_days})")
+        self.truncation_max_days = truncation_max_days
         self.full_view_probability = full_view_probability
         self.train_views: pd.DataFrame | None = None  # owner oid and cut day of each augmented training row
         if imbalance not in ("none", "weights", "sampler", "both", "source_sampler"):
@@ -381,7 +387,7 @@ class ProcessedDataModule(pl.LightningDataModule):
         detections = RawStore(self.raw_dir).read().detections
         xv, owners, days = truncated_views(detections, train["oid"].astype(str), self.truncations,
                                            self.truncation_min_days, self.seed,
-                                           settings.grid_days, settings.fit_context_days)
+                                           settings.grid_days, settings.fit_context_days, self.truncation_max_days)
         if self.redshift_views > 0 and self.redshifts:
             xz, z_owners = redshifted_views(detections, train["oid"].astype(str), self.redshifts,
                                             self.redshift_views, self.seed, settings.grid_days,

@@ -73,6 +73,26 @@ def test_real_held_out_objects_never_train(evaluated):
     assert sum(forest["objects_per_class"].values()) == trained.split_sizes["train"]
 
 
+def test_forest_leaves_out_the_simulated_classes_the_tcn_leaves_out(evaluated, tmp_path):
+    root, params, holdout, trained, forest, _ = evaluated
+    real_only = params.model_copy(update={"train": params.train.model_copy(update={
+        "simulated_classes": ["QSO", "CEP"], "model_dir": str(tmp_path / "models")})})
+    report = baseline.run(real_only, baseline.BaselinePaths.from_params(real_only))
+    from deeprubin.data import ProcessedDataModule
+
+    dm = ProcessedDataModule(root / "processed", holdout=holdout, seed=params.base.seed)
+    dm.setup()
+    train_rows = dm.index.loc[dm.index["split"] == "train"]
+    simulated = train_rows["oid"].astype(str).str.startswith(params.ingest.simulator.oid_prefix)
+    counts, before = report["objects_per_class"], forest["objects_per_class"]
+    for cls in ("QSO", "CEP"):  # simulated and kept
+        assert counts[cls] == before[cls] > 0
+    for sn in ("SNIa", "SNII"):  # only the real training supernovae remain, as the TCN trains
+        n_simulated = int((simulated & (train_rows["label"] == sn)).sum())
+        assert n_simulated > 0
+        assert counts[sn] == before[sn] - n_simulated > 0
+
+
 def test_metrics_file_has_both_models_on_both_sets_with_intervals(evaluated):
     root, params, holdout, *_, result = evaluated
     metrics = json.loads((root / "metrics" / "evaluate.json").read_text())

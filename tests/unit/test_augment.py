@@ -50,6 +50,19 @@ def test_truncated_views_cut_after_first_detection_and_match_inference():
     assert len(truncated_views(det, ["X1"], n_views=0)[0]) == 0
 
 
+def test_truncated_views_stop_at_max_days():
+    det = pd.concat([_curve("X1", 59000.0, 30), _curve("X2", 59100.0, 25)])
+    _, owners, days = truncated_views(det, ["X1", "X2"], n_views=20, min_days=3.0, seed=1, max_days=15.0)
+    assert Counter(owners) == {"X1": 20, "X2": 20}
+    assert days.min() >= 3.0 and days.max() < 15.0
+    _, _, uncapped = truncated_views(det, ["X1", "X2"], n_views=20, min_days=3.0, seed=1)
+    assert uncapped.max() > 15.0  # without the cap the cuts reach the span
+    from deeprubin.data import ProcessedDataModule
+
+    with pytest.raises(ValueError, match="truncation_max_days"):
+        ProcessedDataModule("unused", truncations=2, truncation_min_days=5.0, truncation_max_days=5.0, raw_dir="raw")
+
+
 def test_view_sampler_gives_each_object_once_per_epoch_with_varying_views():
     groups = [np.array([0, 3, 4]), np.array([1]), np.array([2, 5])]
     sampler = ViewSampler(groups, seed=3)

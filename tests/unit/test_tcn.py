@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from deeprubin.models.tcn import TCN, observed_mask, receptive_field
+from deeprubin.models.tcn import SHAPE_FEATURES, TCN, observed_mask, receptive_field, shape_features
 
 
 def since_value(dt: float, grid_days: int = 100) -> float:
@@ -130,10 +130,10 @@ def test_explicit_mask_is_used():
         torch.testing.assert_close(model(x, mask), expected)
 
 
-@pytest.mark.parametrize("readout", ["mean", "last", "mean_last"])
+@pytest.mark.parametrize("readout", ["mean", "last", "mean_last", "shape"])
 def test_every_readout_ignores_days_after_the_last_detection_and_exports(readout):
     torch.manual_seed(0)
-    model = TCN(readout=readout).eval()
+    model = (TCN(shape=True) if readout == "shape" else TCN(readout=readout)).eval()
     x = young_object(last_day=40)
     changed = x.clone()
     changed[:, :4, 41:] += 5.0  # GP extrapolation after the last detection day
@@ -174,3 +174,31 @@ def test_flux_compression_is_asinh_of_the_means_with_propagated_errors():
     assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
     with pytest.raises(ValueError, match="flux_scale"):
         TCN(flux_scale=0.0)
+
+
+def test_shape_features_measure_rise_decline_and_colour_in_magnitudes():
+    """A curve built to known numbers: g peaks at day 10 (flux 1), r at day 14 (0.8); 40 days old, when g has
+    declined by 2.5 mag (flux 0.1) and r by 1 mag; day 0 at 0.5 of the peak in g."""
+    x = young_object(n=1, last_day=40)  # last detection at day 39.6: the last observed day is 40
+    days = torch.arange(100, dtype=torch.float32)
+    g = torch.where(days <= 10, 0.5 + 0.05 * days, 1.0 - 0.9 * (days - 10) / 30)
+    r = torch.where(days <= 14, 0.8 * (0.5 + days / 28), 0.8 - 0.8 * (1 - 10 ** -0.4) * (days - 14) / 26)
+    x[0, 0], x[0, 1] = g, r
+    f = dict(zip(SHAPE_FEATURES, shape_features(x, observed_mask(x))[0].tolist()))
+    assert f["age"] == pytest.approx(0.40)
+    assert f["since_peak_g"] == pytest.approx(0.30) and f["since_peak_r"] == pytest.approx(0.26)
+    assert f["decline_mag_g"] == pytest.approx(1.0, abs=1e-4)  # 2.5 mag, in units of 2.5 mag
+    assert f["decline_mag_r"] == pytest.approx(0.4, abs=1e-4)
+    assert f["decline_rate_g"] == pytest.approx(1.0 / 30 * 10, abs=1e-4)
+    assert f["rise_mag_g"] == pytest.approx(-math.log10(0.5), abs=1e-4)
+    assert f["colour_peak"] == pytest.approx(math.log10(0.8), abs=1e-4)  # g - r = -0.24 mag: blue at peak
+    assert f["colour_now"] == pytest.approx(-math.log10(0.1) + math.log10(0.8 * 10 ** -0.4), abs=1e-4)
+
+
+def test_shape_features_are_finite_for_negative_and_zero_flux():
+    x = young_object(n=2, last_day=30)
+    x[:, 0:2] = -0.5  # a difference flux below the reference
+    x[1, 0:2] = 0.0
+    f = shape_features(x, observed_mask(x))
+    assert torch.isfinite(f).all()
+    assert f.shape == (2, len(SHAPE_FEATURES))

@@ -38,7 +38,7 @@ class LitTCN(pl.LightningModule):
     def __init__(self, n_channels: int = 6, classes: Sequence[str] = CLASSES, hidden: int = 32,
                  kernel_size: int = 3, levels: int = 5, dropout: float = 0.1, lr: float = 1e-3,
                  class_weights: Sequence[float] | None = None, lr_plateau_patience: int = 0, readout: str = "mean",
-                 flux_scale: float | None = None):
+                 flux_scale: float | None = None, shape: bool = False):
         super().__init__()
         classes = [str(c) for c in classes]
         if class_weights is not None:
@@ -48,13 +48,13 @@ class LitTCN(pl.LightningModule):
         self.save_hyperparameters({"n_channels": n_channels, "classes": classes, "hidden": hidden,
                                    "kernel_size": kernel_size, "levels": levels, "dropout": dropout, "lr": lr,
                                    "class_weights": class_weights, "lr_plateau_patience": lr_plateau_patience,
-                                   "readout": readout, "flux_scale": flux_scale})
+                                   "readout": readout, "flux_scale": flux_scale, "shape": shape})
         self.classes = tuple(classes)
         self.lr = lr
         self.lr_plateau_patience = lr_plateau_patience
         self.calibration: dict | None = None  # fitted after training (store_calibration), restored on load
         self.model = TCN(n_channels, len(classes), hidden, kernel_size, levels, dropout, readout=readout,
-                         flux_scale=flux_scale)
+                         flux_scale=flux_scale, shape=shape)
         self.register_buffer("class_weights",
                              None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32))
         k = len(classes)

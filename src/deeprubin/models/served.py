@@ -62,7 +62,7 @@ def untrained_served_model(params: TrainParams | None = None, seed: int = 0, n_c
     torch.manual_seed(seed)
     return ProbabilityTCN(TCN(n_channels=len(CHANNELS), n_classes=n_classes, hidden=p.hidden,
                               kernel_size=p.kernel_size, levels=p.levels, dropout=p.dropout, readout=p.readout,
-                              flux_scale=p.flux_compression)).eval()
+                              flux_scale=p.flux_compression, shape=p.shape_features)).eval()
 
 
 def pip_requirements() -> list[str]:

@@ -40,6 +40,41 @@ READOUTS: tuple[str, ...] = ("mean", "last", "mean_last")
 SINCE_CHANNELS: tuple[int, int] = (4, 5)
 
 
+#: The light-curve shape the optional read-out adds (``shape_features=True``), measured on the input itself at the last
+#: observed day: the age, per band the days since the GP mean's peak, the decline from the peak and the rise from day 0
+#: in magnitudes, the decline rate, and the g - r colour at the peak and now. A feature forest's decisive features
+#: (rise and decline times and rates, colours: :mod:`deeprubin.models.forest`) are magnitude differences; the pooled
+#: features of flux normalised to the peak express them only indirectly.
+SHAPE_FEATURES: tuple[str, ...] = (
+    "age", "since_peak_g", "since_peak_r", "decline_mag_g", "decline_mag_r", "rise_mag_g", "rise_mag_r",
+    "decline_rate_g", "decline_rate_r", "colour_peak", "colour_now")
+SHAPE_FLOOR = 0.01  # GP means (peak = 1) below this count as 5 magnitudes below the peak: noise and negative flux
+
+
+def shape_features(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, len(SHAPE_FEATURES)) from the GP mean channels of ``x`` (N, C, T) over the observed days ``mask``
+    (N, T); magnitudes in units of 2.5 mag, days in units of the window, so that every feature is of order 1."""
+    t = x.shape[2]
+    days = torch.arange(t, device=x.device, dtype=x.dtype)
+    m = mask.to(torch.bool)
+    mean = x[:, 0:2]
+
+    def mag(f: torch.Tensor) -> torch.Tensor:  # in units of 2.5 mag, relative to flux 1 (the object's peak)
+        return -torch.log10(f.clamp_min(SHAPE_FLOOR))
+
+    peak, peak_day = mean.masked_fill(~m.unsqueeze(1), float("-inf")).max(dim=2)  # (N, 2)
+    last_day = torch.where(m, days, torch.zeros_like(days)).amax(dim=1)  # (N,)
+    now = mean.gather(2, last_day.long().view(-1, 1, 1).expand(-1, 2, 1)).squeeze(2)
+    since_peak = last_day.unsqueeze(1) - peak_day.to(x.dtype)  # days, >= 0
+    decline = mag(now) - mag(peak)
+    rise = mag(mean[:, :, 0]) - mag(peak)
+    rate = decline / since_peak.clamp_min(1.0) * 10.0  # 2.5 mag per 10 days
+    colour_peak = (mag(peak[:, 0]) - mag(peak[:, 1])).unsqueeze(1)
+    colour_now = (mag(now[:, 0]) - mag(now[:, 1])).unsqueeze(1)
+    return torch.cat([(last_day / t).unsqueeze(1), since_peak / t, decline, rise, rate, colour_peak, colour_now],
+                     dim=1)
+
+
 def receptive_field(kernel_size: int, levels: int, convs_per_block: int = 2) -> int:
     """Days of input that one output day depends on: ``1 + convs_per_block * (kernel_size - 1) * (2**levels - 1)``."""
     if kernel_size < 1 or levels < 0 or convs_per_block < 1:
@@ -96,7 +131,7 @@ class TCN(nn.Module):
 
     def __init__(self, n_channels: int = 6, n_classes: int = 4, hidden: int = 32, kernel_size: int = 3,
                  levels: int = 5, dropout: float = 0.1, since_channels: Sequence[int] | None = SINCE_CHANNELS,
-                 readout: str = "mean", flux_scale: float | None = None):
+                 readout: str = "mean", flux_scale: float | None = None, shape: bool = False):
         super().__init__()
         if hidden < 1 or levels < 1 or kernel_size < 2 or not 0 <= dropout < 1:
             raise ValueError(f"bad TCN shape: hidden={hidden}, levels={levels}, kernel_size={kernel_size}, "
@@ -113,7 +148,13 @@ class TCN(nn.Module):
         self.blocks = nn.Sequential(*[
             TemporalBlock(n_channels if k == 0 else hidden, hidden, kernel_size, 2 ** k, dropout)
             for k in range(levels)])
-        self.head = nn.Linear(hidden * (2 if readout == "mean_last" else 1), n_classes)
+        pooled = hidden * (2 if readout == "mean_last" else 1)
+        self.shape = bool(shape)
+        if self.shape:  # pooled features and the shape of the curve, combined non-linearly
+            self.head = nn.Sequential(nn.Linear(pooled + len(SHAPE_FEATURES), hidden), nn.ReLU(), nn.Dropout(dropout),
+                                      nn.Linear(hidden, n_classes))
+        else:
+            self.head = nn.Linear(pooled, n_classes)
 
     @property
     def receptive_field(self) -> int:
@@ -145,11 +186,15 @@ class TCN(nn.Module):
         m = (self.pool_mask(x) if mask is None else mask.bool()).to(h.dtype).unsqueeze(1)
         mean = (h * m).sum(dim=2) / m.sum(dim=2).clamp_min(1.0)
         if self.readout == "mean":
-            return self.head(mean)
-        # The causal feature at the last observed day has seen the whole curve, in order: it knows the object's age.
-        last_day = (m.squeeze(1) * torch.arange(h.shape[2], device=h.device, dtype=h.dtype)).amax(dim=1).long()
-        last = h.gather(2, last_day.view(-1, 1, 1).expand(-1, h.shape[1], 1)).squeeze(2)
-        return self.head(last if self.readout == "last" else torch.cat([mean, last], dim=1))
+            pooled = mean
+        else:
+            # The causal feature at the last observed day has seen the whole curve, in order: it knows the age.
+            last_day = (m.squeeze(1) * torch.arange(h.shape[2], device=h.device, dtype=h.dtype)).amax(dim=1).long()
+            last = h.gather(2, last_day.view(-1, 1, 1).expand(-1, h.shape[1], 1)).squeeze(2)
+            pooled = last if self.readout == "last" else torch.cat([mean, last], dim=1)
+        if self.shape:
+            pooled = torch.cat([pooled, shape_features(x, m.squeeze(1) > 0)], dim=1)
+        return self.head(pooled)
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Stage ``baseline``: the balanced random forest (:mod:`deeprubin.models.forest`) trained on the TCN's training split.
 
-The split is the TCN's own (:class:`deeprubin.data.ProcessedDataModule` with the same fractions, seed and held-out
-real objects), so the two models are compared on exactly the same test objects. The forest reads the light curves
+The split is the TCN's own (:class:`deeprubin.data.ProcessedDataModule` with the same fractions, seed, held-out
+real objects and ``train.simulated_classes``), so the two models are compared on exactly the same test objects. The forest reads the light curves
 from ``data/raw`` (its features are computed on the detections, not on the GP grid) and also trains on copies cut
 ``evaluate.forest_truncations`` days after the first detection. Output: ``<train.model_dir>/forest.joblib`` and
 ``forest.json`` (objects per class, features, seconds).
@@ -44,9 +44,12 @@ def run(params: Params, paths: BaselinePaths, progress: Progress | None = None) 
     if not (paths.processed_dir / INDEX).exists():
         raise FileNotFoundError(f"no processed tensors in {paths.processed_dir}: run `deeprubin preprocess` first")
     step("splitting objects as the TCN does")
+    # The same training objects as the TCN: simulated objects that train.simulated_classes leaves out stay out here too.
+    keep = params.train.simulated_classes
     dm = ProcessedDataModule(paths.processed_dir, classes=params.base.classes,
                              val_fraction=params.train.val_fraction, test_fraction=params.train.test_fraction,
-                             seed=params.base.seed, holdout=holdout_oids(params.evaluate.real, params.base))
+                             seed=params.base.seed, holdout=holdout_oids(params.evaluate.real, params.base),
+                             simulated_classes=keep, raw_dir=paths.raw_dir if keep is not None else None)
     dm.setup("fit")
     train = dm.index.loc[dm.index["split"] == "train"]
     labels = train.set_index(train["oid"].astype(str))["label"]

@@ -205,6 +205,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                              or cfg.imbalance == "source_sampler" or cfg.simulated_classes is not None else None,
                              truncations=cfg.truncations if paths.raw_dir is not None else 0,
                              truncation_min_days=cfg.truncation_min_days,
+                             truncation_max_days=cfg.truncation_max_days,
                              full_view_probability=cfg.full_view_probability,
                              redshift_views=cfg.redshift_views if paths.raw_dir is not None else 0,
                              redshifts=redshifts_of(paths.redshift_labels) if cfg.redshift_views else None,
@@ -236,7 +237,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
 
     model = LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=cfg.hidden,
                    kernel_size=cfg.kernel_size, levels=cfg.levels, dropout=cfg.dropout, readout=cfg.readout,
-                   flux_scale=cfg.flux_compression,
+                   flux_scale=cfg.flux_compression, shape=cfg.shape_features,
                    lr=cfg.lr, lr_plateau_patience=cfg.lr_plateau_patience,
                    class_weights=None if dm.class_weights is None else dm.class_weights.tolist())
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri, tags=tags,
