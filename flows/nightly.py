@@ -1,5 +1,8 @@
 """The nightly flow: pull -> preprocess -> version the data -> (retrain -> evaluate -> register -> promote) -> classify.
 
+The pull is ``ingest.source`` and then, when ``ingest.bts.enabled``, the BTS catalogue's spectroscopic types into the
+same store.
+
 Runs embedded (ephemeral Prefect, sqlite MLflow) or against servers chosen by PREFECT_API_URL and
 MLFLOW_TRACKING_URI. The whole run holds the data lock (``flows.concurrency_limit``), so two nightly runs never
 overlap on the same data. Artifacts (stable keys): ``nightly-pull``, ``nightly-evaluation``, ``promotion-decision``,
@@ -27,10 +30,11 @@ def nightly(params_path: str = "params.yaml", overrides: list[str] | None = None
     night = night or dt.datetime.now(dt.timezone.utc).date().isoformat()
     out: dict[str, Any] = {"night": night}
     with data_lock(params):
-        pulled = configured(tasks.ingest, params)(params)
+        pulled = tasks.pull_sources(params)  # ingest.source, then BTS when ingest.bts.enabled
         artifacts.pull_table(pulled, night)
         out["pulled"] = {k: pulled[k] for k in ("source", "per_class", "detections")}
         out["changed_objects"] = len(pulled["changed_oids"])
+        out["label_changes"] = len(pulled["label_changes"])
         out["preprocess"] = configured(tasks.preprocess, params)(params)
         out["data_version"] = configured(tasks.version_data, params)(params, ["ingest", "preprocess"])
 

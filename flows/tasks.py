@@ -68,7 +68,8 @@ def ingest(params: Params) -> dict[str, Any]:
                      "failures": len(pc.get("failures", []))})
     get_run_logger().info("ingest (%s): %d objects changed", result.source, len(changed))
     return {"source": result.source, "per_class": rows, "changed_oids": changed, "detections": result.detections,
-            "objects_dropped": len(result.objects_dropped)}
+            "objects_dropped": len(result.objects_dropped),
+            "label_changes": list(result.extra.get("changed_labels", []))}
 
 
 @task(name="preprocess")
@@ -166,6 +167,24 @@ def train_and_evaluate(params: Params) -> tuple[dict[str, Any], dict[str, Any], 
     stages.append("evaluate")
     artifacts.evaluation(evaluated, trained)
     return trained, evaluated, stages
+
+
+def pull_sources(params: Params) -> dict[str, Any]:
+    """ingest from ``ingest.source``, then from the BTS catalogue when ``ingest.bts.enabled`` (into the same store:
+    its spectroscopic labels win over the classifier's). One summary: per-class rows of each source (with a
+    ``source`` column when there are two), the objects whose detections changed, the labels that changed."""
+    pulled = configured(ingest, params)(params)
+    if not params.ingest.bts.enabled or params.ingest.source == "bts":
+        return pulled
+    bts_params = params.model_copy(update={"ingest": params.ingest.model_copy(update={"source": "bts"})})
+    spectro = configured(ingest, bts_params).with_options(task_run_name="ingest-bts")(bts_params)
+    rows = [{"source": pulled["source"], **r} for r in pulled["per_class"]]
+    rows += [{"source": "bts", **r} for r in spectro["per_class"] if r["class"] in ("SNIa", "SNII")]
+    return {"source": f"{pulled['source']}+bts", "per_class": rows,
+            "changed_oids": sorted(set(pulled["changed_oids"]) | set(spectro["changed_oids"])),
+            "detections": spectro["detections"],
+            "objects_dropped": pulled["objects_dropped"] + spectro["objects_dropped"],
+            "label_changes": sorted(set(pulled["label_changes"]) | set(spectro["label_changes"]))}
 
 
 def promote_version(params: Params, version: str | None) -> dict[str, Any]:

@@ -107,17 +107,46 @@ class AlerceParams(Section):
         return self.class_min_probability.get(class_name, self.min_probability)
 
 
+class BtsParams(Section):
+    """The ZTF Bright Transient Survey catalogue (spectroscopic types); light curves come from ingest.alerce."""
+
+    enabled: bool = Field(False, description="The nightly flow also pulls BTS after ingest.source (which must "
+                                             "upsert: alerce, or mode upsert).")
+    url: str = Field("https://sites.astro.caltech.edu/ztf/bts/explorer.php",
+                     description="The BTS sample explorer (its CSV export).")
+    query: dict[str, str] = Field(
+        default_factory=lambda: {"f": "s", "format": "csv", "subsample": "trans", "classstring": "",
+                                 "quality": "y", "purity": "y"},
+        description="Query string of the explorer's CSV export (f=s, format=csv, sample cuts); configurable, as "
+                    "the explorer's parameters may change.")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of the catalogue download (connect and read).")
+    max_attempts: int = Field(5, ge=1, description="Attempts of the catalogue download (5xx, 429, timeouts, "
+                                                   "truncated bodies are retried).")
+    max_objects_per_pull: int = Field(5000, ge=1, description="Light curves fetched in one pull at most; the "
+                                                              "next pull continues.")
+
+    @field_validator("query")
+    @classmethod
+    def _csv_export(cls, value: dict[str, str]) -> dict[str, str]:
+        if str(value.get("format", "csv")).lower() != "csv":
+            raise ValueError(f"the BTS source reads the CSV export: format must be csv, not {value['format']!r}")
+        return value
+
+
 class IngestParams(Section):
-    source: Literal["simulator", "files", "alerce"] = Field("simulator", description="Where light curves come from.")
+    source: Literal["simulator", "files", "alerce", "bts"] = Field(
+        "simulator", description="Where light curves come from (bts: spectroscopic types from the BTS catalogue, "
+                                 "light curves from ingest.alerce).")
     mode: Literal["auto", "replace", "upsert"] = Field(
         "auto", description="replace: data/raw becomes this ingest's output; upsert: merge into it by key; "
-                            "auto: upsert for alerce (incremental), replace otherwise.")
+                            "auto: upsert for alerce and bts (incremental), replace otherwise.")
     raw_dir: Path = Field(Path("data/raw"), description="Where the contract Parquet tables are written.")
     on_unsorted: Literal["sort", "reject"] = Field("sort", description="Objects whose times run backwards.")
     min_detections: int = Field(3, ge=1, description="Objects with fewer detections (after validation) are dropped.")
     simulator: SimulatorParams = Field(default_factory=SimulatorParams)
     files: FilesParams = Field(default_factory=FilesParams)
     alerce: AlerceParams = Field(default_factory=AlerceParams)
+    bts: BtsParams = Field(default_factory=BtsParams)
     mix_files: bool = Field(
         True, description="Also ingest the labelled `files` beside `source` (the simulator plus the real BTS "
                           "supernovae), so training mixes both; evaluate.real's held-out objects never train. "
@@ -125,12 +154,17 @@ class IngestParams(Section):
 
     @property
     def upsert(self) -> bool:
-        return self.mode == "upsert" or (self.mode == "auto" and self.source == "alerce")
+        return self.mode == "upsert" or (self.mode == "auto" and self.source in ("alerce", "bts"))
 
     @model_validator(mode="after")
     def _files_need_detections(self) -> "IngestParams":
         if (self.source == "files" or self.mix_files) and self.files.detections is None:
             raise ValueError("source 'files' (or mix_files) needs files.detections")
+        if self.source == "bts" and self.mode == "replace":
+            raise ValueError("source 'bts' is an incremental pull: mode must be auto or upsert, not replace")
+        if self.bts.enabled and self.source != "bts" and not self.upsert:
+            raise ValueError(f"bts.enabled pulls BTS into the store after source {self.source!r}, which replaces "
+                             "it: use source alerce (or mode upsert)")
         return self
 
     @property

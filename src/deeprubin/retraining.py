@@ -11,11 +11,17 @@ from deeprubin.config import Params
 from deeprubin.outputs import TRAIN_REPORT
 from deeprubin.processed import INDEX
 from deeprubin.registry import CHAMPION, Registry
+from deeprubin.sources.bts import label_changes_since
 
 
 def should_retrain(params: Params, force: bool = False) -> tuple[bool, str]:
     """Retrain when forced, when no model was trained yet, when the registry has no champion, or when at least
-    ``flows.retrain_min_new_labelled`` labelled objects arrived since the last training."""
+    ``flows.retrain_min_new_labelled`` labelled objects arrived, or changed label, since the last training.
+
+    New spectroscopic labels of new objects count as new labelled objects; a spectroscopic label that changed a
+    stored object's label (a re-typed object, or a BTS type replacing the classifier's guess) counts as a change,
+    as recorded by the BTS pull (:func:`deeprubin.sources.bts.label_changes_since`) after the time ``train.json``
+    was written."""
     if force:
         return True, "retraining forced"
     report_path = Path(params.train.model_dir) / TRAIN_REPORT
@@ -28,7 +34,10 @@ def should_retrain(params: Params, force: bool = False) -> tuple[bool, str]:
                or sum(report.get("split_sizes", {}).values()))
     index = pd.read_parquet(Path(params.preprocess.processed_dir) / INDEX, columns=["oid", "label"])
     now = int(index.loc[index["label"].isin(params.base.classes), "oid"].nunique())
+    trained_at = pd.Timestamp(report_path.stat().st_mtime, unit="s", tz="UTC")
+    changed = label_changes_since(Path(params.ingest.raw_dir), trained_at)
     new, need = now - then, params.flows.retrain_min_new_labelled
-    if new >= need:
-        return True, f"{new} labelled objects arrived since the last training (threshold {need})"
-    return False, f"only {new} new labelled objects since the last training (threshold {need})"
+    changes = f" and {changed} labels changed (spectroscopic types)" if changed else ""
+    if new + changed >= need:
+        return True, f"{new} labelled objects arrived{changes} since the last training (threshold {need})"
+    return False, f"only {new} new labelled objects{changes} since the last training (threshold {need})"

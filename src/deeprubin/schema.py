@@ -22,6 +22,13 @@ BAND_INDEX: dict[str, int] = {b: i for i, b in enumerate(BANDS)}
 # Older ALeRCE files and taxonomies spell some classes differently.
 CLASS_ALIASES: dict[str, str] = {"Ceph": "CEP", "SNII": "SNII", "SNIa": "SNIa", "QSO": "QSO", "CEP": "CEP"}
 
+# Label provenance (objects.label_source). A spectroscopic type outranks a classifier's guess: see
+# :func:`deeprubin.store.upsert`; evaluation scores supernovae on spectroscopic labels (evaluation/sets.py).
+SPECTROSCOPIC = "bts:spectroscopic"
+SIMULATED_LABELS = "simulated"
+# Label sources that are ground truth (the simulator's labels are true by construction).
+TRUE_LABEL_SOURCES: tuple[str, ...] = (SPECTROSCOPIC, SIMULATED_LABELS)
+
 AB_ZERO_POINT_UJY = 23.9  # m_AB = 23.9 - 2.5 log10(F / µJy)
 MJD_FROM_JD = 2400000.5
 # ZTF filter ids as used by ALeRCE and ANTARES; fid 3 (i) is outside the contract.

@@ -26,6 +26,7 @@ from deeprubin.schema import (
     NON_DETECTION_KEY,
     NON_DETECTIONS_SCHEMA,
     OBJECTS_SCHEMA,
+    SPECTROSCOPIC,
     LightCurves,
     empty_frame,
 )
@@ -69,10 +70,13 @@ def upsert(existing: LightCurves, incoming: LightCurves) -> tuple[LightCurves, U
     old_objects = existing.objects.set_index("oid")
     new_objects = incoming.objects.set_index("oid")
     is_new = ~new_objects.index.isin(old_objects.index)
-    # A newer row without a label keeps the label it had.
+    # A newer row without a label keeps the label it had, and so does an object labelled spectroscopically that
+    # another source (a classifier) labels again: a spectroscopic label is replaced only by a spectroscopic one.
     known = new_objects.index[~is_new]
     if len(known):
-        carry = new_objects.loc[known, "label"].isna()
+        spectroscopic = (old_objects.loc[known, "label_source"].to_numpy() == SPECTROSCOPIC) \
+            & (new_objects.loc[known, "label_source"].to_numpy() != SPECTROSCOPIC)
+        carry = new_objects.loc[known, "label"].isna() | spectroscopic
         for col in ("label", "label_source", "label_probability"):
             new_objects.loc[known[carry], col] = old_objects.loc[known[carry], col]
     parts = [f for f in (old_objects.loc[~old_objects.index.isin(new_objects.index)], new_objects) if not f.empty]

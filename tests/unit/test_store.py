@@ -92,3 +92,18 @@ def test_recovery_after_a_crash_before_cleanup(tmp_path):
     assert store.read_manifest() == {"night": 2}
     store.recover()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_a_spectroscopic_label_is_replaced_only_by_a_spectroscopic_one():
+    def labelled(label: str, source: str) -> LightCurves:
+        lcs = batch([("A", 1.0, 1, 18.0), ("A", 2.0, 2, 18.1)], {"A": label})
+        return LightCurves(objects=lcs.objects.assign(label_source=source), detections=lcs.detections,
+                           non_detections=lcs.non_detections)
+
+    spectro, guess = labelled("SNIa", "bts:spectroscopic"), labelled("SNII", "alerce:lc_classifier")
+    kept, _ = upsert(spectro, guess)  # the classifier lists it later: the spectroscopic label stays
+    assert kept.objects[["label", "label_source"]].values.tolist() == [["SNIa", "bts:spectroscopic"]]
+    replaced, _ = upsert(guess, spectro)  # a spectroscopic type arrives: it replaces the classifier's
+    assert replaced.objects[["label", "label_source"]].values.tolist() == [["SNIa", "bts:spectroscopic"]]
+    retyped, _ = upsert(spectro, labelled("SNIbc", "bts:spectroscopic"))  # re-typed by the BTS
+    assert retyped.objects[["label", "label_source"]].values.tolist() == [["SNIbc", "bts:spectroscopic"]]

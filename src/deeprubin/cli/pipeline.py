@@ -16,7 +16,8 @@ from deeprubin.cli.common import ParamsOption, SetOption, _load, _run_with_progr
 def ingest(
     params_path: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
-    source: Annotated[Optional[str], typer.Option(help="simulator, files or alerce (default: ingest.source).")] = None,
+    source: Annotated[Optional[str], typer.Option(
+        help="simulator, files, alerce or bts (default: ingest.source).")] = None,
     detections: Annotated[
         Optional[Path], typer.Option(help="Detections file (Parquet/CSV) for --source files.")
     ] = None,
@@ -27,21 +28,31 @@ def ingest(
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: ingest.raw_dir).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="auto, replace or upsert (default: ingest.mode).")] = None,
     alerce_url: Annotated[
-        Optional[str], typer.Option(help="ALeRCE API base URL for --source alerce (default: ingest.alerce.base_url).")
+        Optional[str], typer.Option(help="ALeRCE API base URL for --source alerce and bts (default: "
+                                         "ingest.alerce.base_url).")
+    ] = None,
+    bts_url: Annotated[
+        Optional[str], typer.Option(help="BTS explorer URL for --source bts (default: ingest.bts.url).")
     ] = None,
 ) -> None:
-    """Ingest light curves (simulator, files or the ALeRCE API) into validated contract tables under data/raw.
+    """Ingest light curves (simulator, files, the ALeRCE API or the BTS catalogue) into validated contract tables
+    under data/raw.
 
     Bad rows are dropped with a reason naming the object; the summary counts them. --source alerce pulls
     incrementally: only objects new or changed since the last pull, retried on server errors, committed as it goes.
-    Exit status: 0 done (an ALeRCE pull complete); 1 failed, nothing written (bad input, an API that cannot be
-    reached or refuses the listing); 2 bad configuration; 3 an ALeRCE pull stored what it could but is incomplete
+    --source bts downloads the Bright Transient Survey catalogue, keeps the entries new or re-typed since the last
+    pull, labels them with their spectroscopic type (bts:spectroscopic) and fetches their light curves from the
+    ALeRCE API the same way.
+    Exit status: 0 done (a pull complete); 1 failed, nothing written (bad input, an API or catalogue that cannot be
+    reached or refuses the request); 2 bad configuration; 3 a pull stored what it could but is incomplete
     (manifest.json lists what is missing; a rerun picks it up).
     Examples:
 
       deeprubin ingest
 
       deeprubin ingest --source alerce --set ingest.alerce.since_mjd=60600
+
+      deeprubin ingest --source bts
 
       deeprubin ingest --source files --detections data/bts/detections.parquet
       --labels data/bts/labels.csv --label-source bts:spectroscopic --out data/bts_raw
@@ -52,7 +63,7 @@ def ingest(
     for key, value in (("source", source), ("files.detections", detections), ("files.labels", labels),
                        ("files.non_detections", non_detections), ("files.label_source", label_source),
                        ("simulator.n_per_class", n_per_class), ("raw_dir", out), ("mode", mode),
-                       ("alerce.base_url", alerce_url)):
+                       ("alerce.base_url", alerce_url), ("bts.url", bts_url)):
         if value is not None:
             extra.append(f"ingest.{key}={value}")
     params = _load(params_path, extra)
@@ -60,7 +71,7 @@ def ingest(
 
     try:
         result = _run_with_progress("ingest", lambda report: stage.run(params, paths, report))
-    except ConnectionError as exc:  # the ALeRCE API could not be reached at all
+    except ConnectionError as exc:  # the ALeRCE API (or the BTS catalogue) could not be reached at all
         err_console.print(f"[bold red]ingest failed:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     _print_ingest_summary(result)
@@ -84,7 +95,9 @@ def _print_ingest_summary(result) -> None:
         table.add_row(label, str(n))
     table.add_row("[bold]total", f"[bold]{sum(result.objects_per_class.values())}")
     console.print(table)
-    if result.per_class is not None:
+    if result.source == "bts":
+        _print_bts_pull(result)
+    elif result.per_class is not None:
         pulled = Table(title="ALeRCE pull" + ("" if result.complete else " (incomplete)"),
                        caption="same: listed but unchanged since the last pull; upd: updated objects; "
                                "+det: detections added")
@@ -120,6 +133,25 @@ def _print_ingest_summary(result) -> None:
     lines.append(f"manifest: {result.raw_dir / 'manifest.json'}   every dropped object and row, with its reason: "
                  f"{result.raw_dir / 'rejections.csv'}")
     console.print(Panel("\n".join(lines), title="summary", expand=False))
+
+
+def _print_bts_pull(result) -> None:
+    x = result.extra
+    pulled = Table(title="BTS pull" + ("" if result.complete else " (incomplete)"),
+                   caption=f"catalogue: {x['catalogue_rows']} rows, {x['typed']} typed ({x['untyped']} untyped), "
+                           f"{x['unchanged']} unchanged since the last pull; label_source bts:spectroscopic; "
+                           "chg: stored objects whose label changed")
+    for col in ("label", "typed", "new", "re-typed", "fetched", "stored new", "upd", "chg", "fail"):
+        pulled.add_column(col, justify="left" if col == "label" else "right", no_wrap=True)
+    for name, c in result.per_class.items():
+        pulled.add_row(name, str(c["listed"]), str(c["new"]), str(c["retyped"]), str(c["fetched"]),
+                       str(c["objects_new"]), str(c["objects_updated"]), str(c["label_changes"]),
+                       str(len(c["failures"])))
+    console.print(pulled)
+    failures = [f for c in result.per_class.values() for f in c["failures"]]
+    if failures:
+        console.print("failures (also in manifest.json): " + "; ".join(
+            f"{f['what']}: {f['reason']}" for f in failures[:5]) + (" ..." if len(failures) > 5 else ""))
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """Evaluation sets: the objects a model is scored on, with their labels, model input and detections.
 
-- :func:`split_test_set`: the test split of ``data/processed`` (the training split's own, by object), all classes.
+- :func:`split_test_set`: the test split of ``data/processed`` (the training split's own, by object), all classes;
+  supernovae labelled by a classifier are left out when spectroscopic ones exist (:func:`classifier_supernovae`).
 - :func:`real_set`: a real labelled set evaluated held out (``evaluate.real``; by default the BTS supernovae),
   read from its files and interpolated by the model-input path, scored on its own classes.
 - :func:`frozen_set`: the set promotion scores champion and challenger on (``promote.evaluation_set``).
@@ -24,10 +25,12 @@ from deeprubin.config import BaseParams, FilesParams, IngestParams, Params, Real
 from deeprubin.data import ProcessedDataModule, holdout_by_hash
 from deeprubin.lightcurves.tensorize import tensorize
 from deeprubin.processed import Preprocessing, preprocessing_of
-from deeprubin.schema import CLASS_ALIASES, map_labels, validate_detections
+from deeprubin.schema import CLASS_ALIASES, SPECTROSCOPIC, TRUE_LABEL_SOURCES, map_labels, validate_detections
 from deeprubin.sources.batch import select_objects
 from deeprubin.sources.files import load, read_table
 from deeprubin.store import RawStore
+
+SUPERNOVAE = ("SNIa", "SNII")
 
 
 @dataclass
@@ -115,12 +118,35 @@ def split_test_set(params: Params, raw_dir: Path, processed_dir: Path, holdout: 
     dm.setup("test")
     test = dm.index.loc[dm.index["split"] == "test"]
     keep = ~test["oid"].astype(str).isin(set(map(str, holdout))).to_numpy()
+    stored = RawStore(raw_dir).read()
+    guessed = classifier_supernovae(stored.objects, test["oid"].astype(str).to_numpy(),
+                                    test["label"].to_numpy().astype(str))
+    keep &= ~guessed
     oids = test["oid"].astype(str).to_numpy()[keep]
     x = dm.dataset("test").tensors[0].numpy()[keep]
-    det = RawStore(raw_dir).read().detections
+    det = stored.detections
     det = det.loc[det["oid"].astype(str).isin(set(oids))].reset_index(drop=True)
+    n_guessed = int(guessed.sum())
     return EvalSet(name="test", oids=oids, labels=test["label"].to_numpy()[keep].astype(str), x=x, detections=det,
-                   scored_classes=list(params.base.classes), restrict=False)
+                   scored_classes=list(params.base.classes), restrict=False,
+                   note=(f"{n_guessed} supernovae labelled by a classifier left out (spectroscopic labels only)"
+                         if n_guessed else ""),
+                   counts={"supernovae_classifier_labelled_left_out": n_guessed} if n_guessed else {})
+
+
+def classifier_supernovae(objects: pd.DataFrame, oids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Which of ``oids`` are left out of scoring: supernovae (SNIa, SNII) whose label is another classifier's guess
+    (``label_source`` not in :data:`~deeprubin.schema.TRUE_LABEL_SOURCES`, e.g. ``alerce:lc_classifier``), when
+    the store holds spectroscopically labelled supernovae to score instead. Evaluation and the promotion gate then
+    measure supernovae against spectroscopic types only, never against the classifier a model may have imitated;
+    a store with no spectroscopic supernova (an ALeRCE-only pull) keeps them, as the only supernovae it has."""
+    source_of = objects.set_index(objects["oid"].astype(str))["label_source"]
+    label_of = objects.set_index(objects["oid"].astype(str))["label"]
+    spectroscopic_sn = ((source_of == SPECTROSCOPIC) & label_of.isin(SUPERNOVAE)).any()
+    if not spectroscopic_sn:
+        return np.zeros(len(oids), dtype=bool)
+    source = pd.Series(oids).map(source_of).to_numpy()
+    return np.isin(labels, SUPERNOVAE) & ~pd.Series(source).isin(TRUE_LABEL_SOURCES).to_numpy()
 
 
 def real_set(params: Params, preprocessing: Preprocessing) -> EvalSet | str:

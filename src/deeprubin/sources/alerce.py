@@ -133,6 +133,9 @@ def classify_error(exc: BaseException) -> tuple[str, bool, float | None]:
     """(reason, retry?, wait demanded by the server) for an exception from a client call."""
     from alerce.exceptions import APIError, ObjectNotFoundError
 
+    retry_reason = getattr(exc, "retry_reason", None)  # a body found incomplete by its reader (e.g. a cut CSV)
+    if isinstance(retry_reason, str):
+        return retry_reason, True, None
     if isinstance(exc, ObjectNotFoundError):
         return "not found (HTTP 404)", False, None
     if isinstance(exc, APIError):
@@ -142,6 +145,13 @@ def classify_error(exc: BaseException) -> tuple[str, bool, float | None]:
         if code >= 500:
             return f"server error (HTTP {code})", True, None
         return f"client error (HTTP {code}): {exc.message}", False, None
+    if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:  # raise_for_status()
+        code = exc.response.status_code
+        if code == 429:
+            return "rate limited (HTTP 429)", True, _retry_after(exc.response)
+        if code >= 500:
+            return f"server error (HTTP {code})", True, None
+        return f"client error (HTTP {code})", False, None
     if isinstance(exc, requests.exceptions.JSONDecodeError):
         return "malformed or truncated JSON body", True, None
     if isinstance(exc, requests.exceptions.Timeout):
@@ -164,6 +174,8 @@ class Caller:
     requests_made: int = 0
     retries: int = 0
     reached: bool = False  # the server has answered (or a connection was opened) at least once
+    service: str = "the ALeRCE API"  # named, with its URL and setting, when it cannot be reached
+    url_setting: str = "ingest.alerce.base_url"
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def backoff(self, attempt: int) -> float:
@@ -182,8 +194,8 @@ class Caller:
             except Exception as exc:  # noqa: BLE001 - classify_error re-raises what it does not know
                 if could_not_connect(exc) and not self.reached:
                     # Retrying a server that never answered turns a wrong URL into minutes of waiting.
-                    raise ApiUnreachable(f"cannot connect to the ALeRCE API at {self.params.base_url}: "
-                                         f"{_connect_reason(exc)}; check ingest.alerce.base_url") from exc
+                    raise ApiUnreachable(f"cannot connect to {self.service} at {self.params.base_url}: "
+                                         f"{_connect_reason(exc)}; check {self.url_setting}") from exc
                 self.reached = True
                 reason, retry, wait = classify_error(exc)
                 if not retry or attempt == self.params.max_attempts:

@@ -219,7 +219,7 @@ def pull(params: IngestParams, raw_dir: Path, base: BaseParams, step: Progress) 
             fetched_ok.append(f.oid)
         interim = result(complete=False)
         store.commit(current, interim.manifest(), rejections=interim.rejections_frame(),
-                     state={"version": STATE_VERSION, "watermarks": watermarks, "seen": seen,
+                     state={**state, "version": STATE_VERSION, "watermarks": watermarks, "seen": seen,
                             "unavailable": unavailable})
 
     for class_name, lst in listings.items():
@@ -228,6 +228,6 @@ def pull(params: IngestParams, raw_dir: Path, base: BaseParams, step: Progress) 
     final = result(complete=not _missing(listings, fetch_failures, class_of))
     step(f"writing {raw_dir}")
     store.commit(current, final.manifest(), rejections=final.rejections_frame(),
-                 state={"version": STATE_VERSION, "watermarks": {**watermarks, **new_watermarks}, "seen": seen,
-                        "unavailable": unavailable})
+                 state={**state, "version": STATE_VERSION, "watermarks": {**watermarks, **new_watermarks},
+                        "seen": seen, "unavailable": unavailable})
     return final

@@ -95,12 +95,18 @@ def select_objects(detections: pd.DataFrame, labels: pd.DataFrame | None, classe
 
 
 def prepare_batch(mapped: MappedTables, params: IngestParams, base: BaseParams, ingested_at: pd.Timestamp,
-                  step: Progress) -> tuple[LightCurves, list[ValidationReport], list[Rejection]]:
-    """Validate mapped tables, keep the target objects with enough detections, build the objects table."""
+                  step: Progress, keep_unlabelled: bool | None = None
+                  ) -> tuple[LightCurves, list[ValidationReport], list[Rejection]]:
+    """Validate mapped tables, keep the target objects with enough detections, build the objects table.
+
+    ``keep_unlabelled`` (default: ``files.keep_unlabelled`` for the files source) keeps objects whose label is
+    missing or outside the target classes (the BTS source stores its other spectroscopic types)."""
     step("validating detections")
     detections, det_report = validate_detections(mapped.detections, on_unsorted=params.on_unsorted)
+    if keep_unlabelled is None:
+        keep_unlabelled = params.source == "files" and params.files.keep_unlabelled
     detections, dropped = select_objects(detections, mapped.labels, base.classes, params.min_detections,
-                                         keep_unlabelled=params.source == "files" and params.files.keep_unlabelled)
+                                         keep_unlabelled=keep_unlabelled)
     step("validating non-detections")
     non_det, nd_report = validate_non_detections(mapped.non_detections)
     non_det = non_det.loc[non_det["oid"].isin(detections["oid"].unique())].reset_index(drop=True)

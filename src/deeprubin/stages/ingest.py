@@ -1,8 +1,11 @@
 """Stage ``ingest``: light curves from a source -> validated contract tables in ``data/raw``.
 
-Every source goes through the same checks: rows are mapped onto the contract, bad rows are dropped with a reason
-naming the object, objects outside the configured classes or with too few detections are dropped and counted, and
-the result is committed atomically to the raw store (replacing it, or upserted into it by key).
+Sources: the simulator, files, the ALeRCE API (``alerce``, incremental) and the BTS catalogue (``bts``,
+incremental: spectroscopic types, light curves from the ALeRCE API). Every source goes through the same checks: rows
+are mapped onto the contract, bad rows are dropped with a reason naming the object, objects outside the configured
+classes or with too few detections are dropped and counted (the BTS source keeps its other types, labelled outside
+the four classes), and the result is committed atomically to the raw store (replacing it, or upserted into it by
+key).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pandas as pd
 
 from deeprubin.config import BaseParams, IngestParams, Params
 from deeprubin.progress import Progress, or_silent
+from deeprubin.sources import bts
 from deeprubin.sources.alerce_pull import pull
 from deeprubin.sources.batch import IngestResult, class_counts, concat_batches, prepare_batch
 from deeprubin.sources.files import MappedTables, load
@@ -47,8 +51,8 @@ def run(params: Params, paths: IngestPaths, progress: Progress | None = None) ->
     base, cfg = params.base, params.ingest  # the stage reads its own section (and base) from here on
     step = or_silent(progress)
     started = time.perf_counter()
-    if cfg.source == "alerce":
-        result = pull(cfg, paths.raw_dir, base, step)
+    if cfg.source in ("alerce", "bts"):
+        result = (pull if cfg.source == "alerce" else bts.pull)(cfg, paths.raw_dir, base, step)
         result.seconds = time.perf_counter() - started
         return result
 
