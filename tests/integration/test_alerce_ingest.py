@@ -402,6 +402,55 @@ def test_a_page_that_keeps_failing_is_named_as_missing(server, tmp_path):
     assert "HTTP 500" in missing[0]["reason"]
 
 
+@pytest.mark.timeout(120)
+def test_a_server_failing_every_page_stops_each_listing_after_a_run_of_failed_pages_and_exits_3(server, tmp_path):
+    from deeprubin.sources.alerce import MAX_CONSECUTIVE_FAILED_PAGES as RUN
+    from tests.integration.test_ingest_cli import ALERCE_FAST, deeprubin
+
+    classes = Params().base.classes
+    server.add_fault(FaultRule(route="objects", kind="http_500", times=-1))
+    out = tmp_path / "raw"
+    proc = deeprubin("ingest", "--source", "alerce", "--alerce-url", server.url, "--out", str(out), *ALERCE_FAST,
+                     "--set", "ingest.alerce.page_size=4", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "incomplete" in proc.stderr
+    asked = server.requests_for("objects")
+    for c in classes:
+        pages = sorted({r.page for r in asked if r.query.get("class") == [c]})
+        assert pages == list(range(1, RUN + 1)), (c, pages)  # not max_pages (here 135) pages of 500s
+    assert len(asked) == len(classes) * RUN * 2  # each failed page was retried (max_attempts=2), then no more
+    written = manifest(out)
+    assert written["complete"] is False
+    for c in classes:
+        what = [m["what"] for m in written["missing"] if m["class"] == c]
+        assert what == [f"objects page {p} of {c}" for p in range(1, RUN + 1)] + [f"objects of {c} after page {RUN}"]
+        rest = next(m for m in written["missing"] if m["what"] == f"objects of {c} after page {RUN}")
+        assert rest["transient"] is True and f"{RUN} consecutive failed pages" in rest["reason"]
+    # The server heals: the rerun lists every class from where it was (no watermark moved) and completes.
+    server.clear_faults()
+    rerun = deeprubin("ingest", "--source", "alerce", "--alerce-url", server.url, "--out", str(out), *ALERCE_FAST,
+                      "--set", "ingest.alerce.page_size=4", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert manifest(out)["complete"] is True and manifest(out)["missing"] == []
+
+
+def test_a_failed_page_between_good_ones_does_not_stop_the_listing(server, reference, tmp_path):
+    from deeprubin.sources.alerce import MAX_CONSECUTIVE_FAILED_PAGES as RUN
+
+    # RUN - 1 failed pages in a row, then good pages: the listing goes on past them (only a run of RUN stops it).
+    for page in range(2, RUN + 1):
+        server.add_fault(FaultRule(route="objects", kind="http_500", page=page, class_name="QSO", times=-1))
+    result = pull(server, tmp_path / "raw", max_attempts=1, page_size=1)
+    missing = manifest(tmp_path / "raw")["missing"]
+    assert [m["what"] for m in missing] == [f"objects page {p} of QSO" for p in range(2, RUN + 1)]
+    assert not result.complete
+    qso_pages = {r.page for r in server.requests_for("objects") if r.query.get("class") == ["QSO"]}
+    assert max(qso_pages) > RUN + 1
+    server.clear_faults()
+    pull(server, tmp_path / "raw")
+    assert_same(tmp_path / "raw", reference)
+
+
 @pytest.mark.timeout(60)  # retrying the connection page after page took minutes
 def test_nothing_listening_fails_within_seconds_naming_the_url(tmp_path):
     from deeprubin.sources.alerce import ApiUnreachable

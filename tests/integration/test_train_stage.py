@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,10 @@ def test_dvc_outputs(trained):
     report = json.loads((root / "models" / TRAIN_REPORT).read_text())
     assert report["run_id"] == result.run_id and report["model_uri"] == result.model_uri
     assert report["split_sizes"] == {"train": 32, "val": 8, "test": 8}
+    # When it trained (UTC): the retraining policy counts label changes from it, not from the file's mtime.
+    trained_at = datetime.fromisoformat(report["trained_at"])
+    assert trained_at.utcoffset() == timedelta(0)
+    assert trained_at.timestamp() <= (root / "models" / TRAIN_REPORT).stat().st_mtime
     assert {CHECKPOINT, TRAIN_REPORT} <= {p.name for p in (root / "models").iterdir()}
     assert not list((root / "models").glob("best*.ckpt"))
     from deeprubin.models.lit import LitTCN

@@ -228,6 +228,10 @@ class Listing:
     refused: Failure | None = None  # the first page got a client error (4xx), so the listing stopped there
 
 
+#: A class listing stops after this many failed pages in a row (each already retried with backoff): a server that
+#: fails every request is not asked for every page up to max_pages; the rest of the listing is reported missing.
+MAX_CONSECUTIVE_FAILED_PAGES = 3
+
 LISTING_COLUMNS = ["oid", "class", "probability", "ndet", "firstmjd", "lastmjd"]
 
 
@@ -235,7 +239,9 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str, last
                is_new: Callable[[str, float], bool] = lambda _oid, _lastmjd: True) -> Listing:
     """Page through /objects for one class (top-class probability >= its threshold, lastmjd >= ``lastmjd_from``),
     oldest lastmjd first, until the pages run out or ``max_objects_per_class`` objects for which
-    ``is_new(oid, lastmjd)`` holds have been listed (objects already up to date do not use up the cap)."""
+    ``is_new(oid, lastmjd)`` holds have been listed (objects already up to date do not use up the cap).
+    A failed page is recorded and skipped; after :data:`MAX_CONSECUTIVE_FAILED_PAGES` failed pages in a row the
+    listing stops and records the rest of the class as one failure (transient: a rerun lists it again)."""
     query: dict[str, Any] = dict(survey=SURVEY, format="json", classifier=params.classifier, class_name=class_name,
                                  probability=params.threshold(class_name), page_size=params.page_size,
                                  order_by="lastmjd", order_mode="ASC")
@@ -254,8 +260,15 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str, last
     latest = -math.inf  # the highest lastmjd received so far, to check the server's order
     refused: Failure | None = None
     max_pages = -(-params.max_objects_per_class // params.page_size) + 10
+    failed_run = 0  # failed pages in a row
     for page in range(1, max_pages + 1):
+        if failed_run >= MAX_CONSECUTIVE_FAILED_PAGES:
+            failures.append(Failure(f"objects of {class_name} after page {page - 1}",
+                                    f"listing stopped after {failed_run} consecutive failed pages; the next pull "
+                                    "lists them again", 0, True))
+            break
         what = f"objects page {page} of {class_name}"
+        failed_run += 1  # until the page is read
         try:
             body = call(lambda: client.query_objects(page=page, **query))
         except RequestFailed as exc:
@@ -283,6 +296,7 @@ def list_class(client, call: Caller, params: AlerceParams, class_name: str, last
             gap = True
             continue
         previous = oids
+        failed_run = 0
         for item in items:
             lastmjd = _as_float(item.get("lastmjd"))
             if not math.isnan(lastmjd):

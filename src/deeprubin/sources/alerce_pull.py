@@ -10,7 +10,8 @@ A pull killed at any point therefore leaves the last commit intact, and a rerun 
 was committed and finishes the job.
 
 A pull is ``complete`` when every listing was read to its end and no object failed for a transient reason;
-otherwise the manifest's ``missing`` names each failed page, object or cap, and a rerun picks them up. A server
+otherwise the manifest's ``missing`` names each failed page, object or cap (and, for a listing stopped by a run of
+failed pages, the rest of that class), and a rerun picks them up. A server
 that cannot be reached, or that refuses every class's first page, fails the pull before anything is committed.
 """
 

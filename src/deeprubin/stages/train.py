@@ -25,7 +25,8 @@
   validation NLL and expected calibration error (ECE) before and after, per age bin, and cross-fitted (fitted on one
   half of the validation objects, scored on the other) for each mode and fit set, on all and on real objects.
 - DVC outputs in ``train.model_dir``: ``tcn.ckpt`` (the best Lightning checkpoint, for evaluation) and
-  ``train.json`` (run id, model version, best validation macro-F1, split sizes, hashes). MLflow's own files
+  ``train.json`` (run id, model version, best validation macro-F1, split sizes, hashes, ``trained_at``: the UTC
+  ISO time training started, from which the retraining policy counts label changes). MLflow's own files
   (``mlflow.db``, artifacts) are never DVC outputs.
 """
 
@@ -37,6 +38,7 @@ import subprocess
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,7 @@ class TrainResult:
     params_hash: str
     accelerator: str
     seconds: float = 0.0
+    trained_at: str = ""  # UTC ISO time the stage started training (read the data): retraining counts from it
     calibration: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -193,6 +196,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     cfg = params.train  # the stage reads its own section from here on
     step = or_silent(progress)
     started = time.perf_counter()
+    trained_at = datetime.now(timezone.utc).isoformat()
     if not (paths.processed_dir / INDEX).exists():
         raise FileNotFoundError(f"no processed tensors in {paths.processed_dir}: run `deeprubin preprocess` first")
 
@@ -284,7 +288,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
         model_uri=info.model_uri, registered_model=base.model_name, best_val_macro_f1=best_f1, epochs=trainer.current_epoch, checkpoint=target,
         split_sizes=split_sizes, class_counts=class_counts, git_commit=commit, data_hash=dhash,
         data_hash_source=dsource, params_hash=phash, accelerator=str(trainer.accelerator.__class__.__name__),
-        seconds=time.perf_counter() - started, calibration=calibration_report, extra={"logged_model_uri": info.model_uri, "tags": tags})
+        seconds=time.perf_counter() - started, trained_at=trained_at, calibration=calibration_report, extra={"logged_model_uri": info.model_uri, "tags": tags})
     (model_dir / TRAIN_REPORT).write_text(json.dumps(result.report(), indent=2, sort_keys=True) + "\n")
     return result
 
