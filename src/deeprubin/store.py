@@ -48,6 +48,10 @@ class UpsertCounts:
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
+    def __add__(self, other: "UpsertCounts") -> "UpsertCounts":
+        """The counts of two upserts in a row (a pull's chunks)."""
+        return UpsertCounts(**{k: getattr(self, k) + getattr(other, k) for k in self.as_dict()})
+
 
 def _upsert_rows(old: pd.DataFrame, new: pd.DataFrame, key: tuple[str, ...]) -> tuple[pd.DataFrame, int, int]:
     """Rows of ``new`` replace rows of ``old`` with the same key. Returns (merged, added, replaced)."""

@@ -18,14 +18,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 import requests
 from requests.adapters import HTTPAdapter
 
 from deeprubin.config import AlerceParams
-from deeprubin.schema import map_detections, map_non_detections, normalise_label
+from deeprubin.schema import DETECTIONS_SCHEMA, NON_DETECTIONS_SCHEMA, empty_frame, map_detections, \
+    map_non_detections, normalise_label
+from deeprubin.sources.files import MappedTables
 
 SURVEY = "ztf"
 
@@ -386,6 +388,28 @@ class ThreadLocalClients:
         if client is None:
             client = self._local.client = self._factory(self._params)
         return client
+
+
+def fetch_chunk(clients: ThreadLocalClients, call: Caller, oids: Iterable[str], concurrency: int,
+                tick: Callable[[], None]) -> tuple[list[FetchedLightCurve], list[Failure]]:
+    """:func:`fetch_many` collected: (light curves fetched, failures), calling ``tick`` after each object."""
+    fetched: list[FetchedLightCurve] = []
+    failed: list[Failure] = []
+    for item in fetch_many(clients, call, oids, concurrency):
+        (failed if isinstance(item, Failure) else fetched).append(item)
+        tick()
+    return fetched, failed
+
+
+def light_curve_tables(fetched: Sequence[FetchedLightCurve], labels: pd.DataFrame, source: str,
+                       label_source: str) -> MappedTables:
+    """The fetched light curves of a chunk as the contract tables a batch is prepared from."""
+    return MappedTables(
+        detections=(pd.concat([f.detections for f in fetched], ignore_index=True) if fetched
+                    else empty_frame(DETECTIONS_SCHEMA)),
+        non_detections=(pd.concat([f.non_detections for f in fetched], ignore_index=True) if fetched
+                        else empty_frame(NON_DETECTIONS_SCHEMA)),
+        labels=labels, source=source, label_source=label_source)
 
 
 def fetch_many(clients: ThreadLocalClients, call: Caller, oids: Iterable[str], concurrency: int

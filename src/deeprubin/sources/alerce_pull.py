@@ -24,20 +24,18 @@ from typing import Any
 import pandas as pd
 
 from deeprubin.config import BaseParams, IngestParams
-from deeprubin.schema import DETECTIONS_SCHEMA, NON_DETECTIONS_SCHEMA, LightCurves, Rejection, ValidationReport, \
-    empty_frame
+from deeprubin.schema import LightCurves, Rejection, ValidationReport
 from deeprubin.sources.alerce import (
     ApiRefused,
     Caller,
-    FetchedLightCurve,
     Failure,
     Listing,
     RateLimiter,
     ThreadLocalClients,
-    fetch_many,
+    fetch_chunk,
+    light_curve_tables,
     list_class,
 )
-from deeprubin.sources.files import MappedTables
 from deeprubin.progress import Progress, silent
 from deeprubin.sources.batch import IngestResult, prepare_batch
 from deeprubin.store import RawStore, UpsertCounts, upsert
@@ -94,12 +92,6 @@ def _missing(listings: dict[str, Listing], fetch_failures: list[Failure], class_
                         "transient": True})
     out += [{"class": class_of.get(f.what, "(unknown)"), **f.as_dict()} for f in fetch_failures if f.transient]
     return out
-
-
-def _sum_counts(a: UpsertCounts | None, b: UpsertCounts) -> UpsertCounts:
-    if a is None:
-        return b
-    return UpsertCounts(**{k: getattr(a, k) + getattr(b, k) for k in a.as_dict()})
 
 
 def pull(params: IngestParams, raw_dir: Path, base: BaseParams, step: Progress) -> IngestResult:
@@ -189,28 +181,21 @@ def pull(params: IngestParams, raw_dir: Path, base: BaseParams, step: Progress) 
     oids = list(todo["oid"])
     done = 0
     step("fetching light curves", completed=0, total=len(oids))
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        step("fetching light curves", completed=done, total=len(oids))
+
     for start in range(0, len(oids), ap.commit_every):
         chunk = oids[start:start + ap.commit_every]
-        fetched: list[FetchedLightCurve] = []
-        for item in fetch_many(clients, call, chunk, ap.concurrency):
-            if isinstance(item, Failure):
-                fetch_failures.append(item)
-                if not item.transient:
-                    unavailable[item.what] = lastmjd_of.get(item.what, math.nan)
-            else:
-                fetched.append(item)
-            done += 1
-            step("fetching light curves", completed=done, total=len(oids))
-        mapped = MappedTables(
-            detections=(pd.concat([f.detections for f in fetched], ignore_index=True) if fetched
-                        else empty_frame(DETECTIONS_SCHEMA)),
-            non_detections=(pd.concat([f.non_detections for f in fetched], ignore_index=True) if fetched
-                            else empty_frame(NON_DETECTIONS_SCHEMA)),
-            labels=labels, source="alerce", label_source=f"alerce:{ap.classifier}")
+        fetched, failed = fetch_chunk(clients, call, chunk, ap.concurrency, tick)
+        fetch_failures += failed
+        unavailable.update({f.what: lastmjd_of.get(f.what, math.nan) for f in failed if not f.transient})
+        mapped = light_curve_tables(fetched, labels, "alerce", f"alerce:{ap.classifier}")
         batch, chunk_reports, chunk_dropped = prepare_batch(mapped, params, base, pd.Timestamp.now(tz="UTC"),
                                                             silent)
         current, chunk_counts = upsert(current, batch)
-        counts = _sum_counts(counts, chunk_counts)
+        counts = chunk_counts if counts is None else counts + chunk_counts
         reports = [r.merge(c) for r, c in zip(reports, chunk_reports)]
         dropped += chunk_dropped
         stored = set(current.objects["oid"])

@@ -36,12 +36,10 @@ import requests
 
 from deeprubin.config import BaseParams, BtsParams, IngestParams
 from deeprubin.progress import Progress, silent
-from deeprubin.schema import DETECTIONS_SCHEMA, NON_DETECTIONS_SCHEMA, SPECTROSCOPIC, LightCurves, Rejection, \
-    ValidationReport, empty_frame
-from deeprubin.sources.alerce import Caller, FetchedLightCurve, Failure, RateLimiter, RequestFailed, \
-    ThreadLocalClients, fetch_many
+from deeprubin.schema import SPECTROSCOPIC, Rejection, ValidationReport
+from deeprubin.sources.alerce import Caller, Failure, RateLimiter, RequestFailed, ThreadLocalClients, fetch_chunk, \
+    light_curve_tables
 from deeprubin.sources.batch import IngestResult, prepare_batch
-from deeprubin.sources.files import MappedTables
 from deeprubin.store import RawStore, UpsertCounts, upsert
 
 STATE_KEY = "bts"
@@ -226,12 +224,6 @@ def read_types(raw_dir: Path) -> dict[str, str]:
     return dict(RawStore(raw_dir).read_state().get(STATE_KEY, {}).get("types", {}))
 
 
-def _sum_counts(a: UpsertCounts | None, b: UpsertCounts) -> UpsertCounts:
-    if a is None:
-        return b
-    return UpsertCounts(**{k: getattr(a, k) + getattr(b, k) for k in a.as_dict()})
-
-
 def pull(params: IngestParams, raw_dir: Path, base: BaseParams, step: Progress = silent,
          call: Caller | None = None, clients_factory: Callable[[Any], Any] | None = None) -> IngestResult:
     """One incremental BTS pull into the raw store at ``raw_dir``; see the module docstring."""
@@ -332,29 +324,22 @@ def pull(params: IngestParams, raw_dir: Path, base: BaseParams, step: Progress =
     oids = list(todo["oid"])
     done = 0
     step("fetching light curves", completed=0, total=len(oids))
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        step("fetching light curves", completed=done, total=len(oids))
+
     for start in range(0, len(oids), ap.commit_every):
         chunk = oids[start:start + ap.commit_every]
-        fetched: list[FetchedLightCurve] = []
-        for item in fetch_many(clients, call, chunk, ap.concurrency):
-            if isinstance(item, Failure):
-                failures.append(item)
-                if not item.transient:
-                    unavailable[item.what] = type_of[item.what]
-            else:
-                fetched.append(item)
-            done += 1
-            step("fetching light curves", completed=done, total=len(oids))
-        mapped = MappedTables(
-            detections=(pd.concat([f.detections for f in fetched], ignore_index=True) if fetched
-                        else empty_frame(DETECTIONS_SCHEMA)),
-            non_detections=(pd.concat([f.non_detections for f in fetched], ignore_index=True) if fetched
-                            else empty_frame(NON_DETECTIONS_SCHEMA)),
-            labels=labels, source="bts", label_source=SPECTROSCOPIC)
+        fetched, failed = fetch_chunk(clients, call, chunk, ap.concurrency, tick)
+        failures += failed
+        unavailable.update({f.what: type_of[f.what] for f in failed if not f.transient})
+        mapped = light_curve_tables(fetched, labels, "bts", SPECTROSCOPIC)
         batch, chunk_reports, chunk_dropped = prepare_batch(mapped, params, base, pd.Timestamp.now(tz="UTC"),
                                                             silent, keep_unlabelled=True)
         old = current.objects.set_index("oid")[["label", "label_source"]]
         current, chunk_counts = upsert(current, batch)
-        counts = _sum_counts(counts, chunk_counts)
+        counts = chunk_counts if counts is None else counts + chunk_counts
         reports = [r.merge(c) for r, c in zip(reports, chunk_reports)]
         dropped += chunk_dropped
         now = str(pd.Timestamp.now(tz="UTC"))
