@@ -170,3 +170,22 @@ def test_the_checkpoint_carries_the_same_temperatures(tmp_path):
     store_calibration(path, None)
     assert load_checkpoint(path).calibration is None
     assert math.isclose(float(want.sum(axis=1).mean()), 1.0, rel_tol=1e-6)
+
+
+def test_supernovae_are_calibrated_against_each_other_not_against_classes_they_never_are():
+    """Two classes calibrated by construction (label drawn from the softmax of the two logits), plus two classes
+    the network gives a little mass: over all four the NLL sharpens (drains that mass), over the two it does not."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    z = rng.normal(0.0, 2.0, n)
+    y = np.where(rng.random(n) < 1 / (1 + np.exp(-z)), 3, 2)  # SNII (3) with probability sigmoid(z), else SNIa (2)
+    logits = np.column_stack([np.full(n, -3.0), np.full(n, -3.0), np.zeros(n), z])
+    ages = np.full(n, 30.0)
+    over_all = fit_age_temperatures(logits, y, ages, "global").as_dict()["temperatures"][0]
+    over_two = fit_age_temperatures(logits, y, ages, "global", among=[2, 3]).as_dict()["temperatures"][0]
+    assert over_all < 0.85  # sharpened: over-confident SN Ia vs SN II
+    assert over_two == pytest.approx(1.0, abs=0.08)
+    per_age = fit_age_temperatures(logits, y, ages, "per_age", among=[3, 2]).as_dict()["temperatures"]
+    assert per_age[3] == pytest.approx(over_two, abs=1e-3)  # the 20-50 d bin holds every row
+    with pytest.raises(ValueError, match="among"):
+        fit_age_temperatures(logits, y, ages, "global", among=[0, 3])

@@ -123,15 +123,26 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, floa
 
 
 def fit_age_temperatures(logits: np.ndarray, y: np.ndarray, ages: np.ndarray, mode: str = "per_age",
-                         edges: Sequence[float] = AGE_EDGES, min_count: int = 30) -> AgeTemperature | None:
+                         edges: Sequence[float] = AGE_EDGES, min_count: int = 30,
+                         among: Sequence[int] | None = None) -> AgeTemperature | None:
     """The calibration of ``mode`` fitted on ``(logits, y)`` with each row's age (days since first detection):
     ``per_age`` one temperature per bin of ``edges`` (a bin with fewer than ``min_count`` rows gets the global
-    temperature), ``global`` one temperature, ``none`` None."""
+    temperature), ``global`` one temperature, ``none`` None.
+
+    ``among``: fit the likelihood of the softmax over these classes only (the rows' labels must be among them). Real
+    supernovae are told apart from each other, not from the quasars and Cepheids the network rarely gives them:
+    over all classes, the NLL would reward draining that small mass by sharpening, which makes the SN Ia vs SN II
+    probabilities over-confident."""
     if mode not in MODES:
         raise ValueError(f"calibration must be one of {MODES}; got {mode!r}")
     if mode == "none":
         return None
     logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y, dtype=np.int64)
+    if among is not None:
+        among = np.asarray(sorted(set(int(c) for c in among)), dtype=np.int64)
+        if not np.isin(y, among).all():
+            raise ValueError(f"calibration among classes {among.tolist()}, but rows are labelled {np.unique(y)}")
+        logits, y = logits[:, among], np.searchsorted(among, y)
     overall = fit_temperature(logits, y)
     if mode == "global":
         return AgeTemperature([0.0], [overall])

@@ -347,12 +347,20 @@ def ece_by_age(y: np.ndarray, proba: np.ndarray, ages: np.ndarray, classes, edge
     return out
 
 
+def _fit_classes(y: np.ndarray, n_classes: int) -> np.ndarray | None:
+    """The classes the temperatures' likelihood is taken over: those of the fitting rows when they are fewer than all
+    (real validation objects are supernovae: SN Ia vs SN II confidence is what is calibrated), else all (None)."""
+    present = np.unique(y)
+    return present if 1 < len(present) < n_classes else None
+
+
 def _crossfit(logits, y, ages, fold, fit_rows, mode) -> np.ndarray:
     """Per-row temperatures of each fold fitted on the other fold's ``fit_rows``."""
     temps = np.ones(len(y))
     for f in (False, True):
         train_rows = fit_rows & (fold != f)
-        calibration = fit_age_temperatures(logits[train_rows], y[train_rows], ages[train_rows], mode)
+        calibration = fit_age_temperatures(logits[train_rows], y[train_rows], ages[train_rows], mode,
+                                           among=_fit_classes(y[train_rows], logits.shape[1]))
         temps[fold == f] = row_temperatures(calibration, ages[fold == f])
     return temps
 
@@ -375,7 +383,8 @@ def calibrate(net, dm: ProcessedDataModule, cfg: TrainParams, base: BaseParams, 
         warnings.warn("train.calibration_objects is 'real' but the validation split has no real objects: the "
                       "temperatures are fitted on all validation objects", stacklevel=2)
     fit_rows = real if fitted_on == "real" else np.ones(len(y), dtype=bool)
-    calibration = fit_age_temperatures(logits[fit_rows], y[fit_rows], ages[fit_rows], cfg.calibration)
+    among = _fit_classes(y[fit_rows], logits.shape[1])
+    calibration = fit_age_temperatures(logits[fit_rows], y[fit_rows], ages[fit_rows], cfg.calibration, among=among)
     temps = row_temperatures(calibration, ages)
     before, after = softmax(logits), softmax(logits, temps)
     classes = list(base.classes)
@@ -400,6 +409,7 @@ def calibrate(net, dm: ProcessedDataModule, cfg: TrainParams, base: BaseParams, 
     k = age_bin(ages, AGE_EDGES)
     report = {
         "mode": cfg.calibration, "objects": cfg.calibration_objects, "fitted_on": fitted_on,
+        "fitted_among": None if among is None else [classes[int(c)] for c in among],
         **(calibration.as_dict() if calibration is not None else {}),
         "bins": bin_labels(AGE_EDGES),
         "rows": {name: {"all": int((k == b).sum()), "real": int((real & (k == b)).sum())}
