@@ -5,7 +5,9 @@ padding on the left only, so the feature at day ``t`` depends on days ``<= t`` a
 (:func:`torch.nn.utils.parametrizations.weight_norm`) and followed by ReLU and dropout; a 1x1 convolution carries the
 residual when the number of channels changes. The features are averaged over the *observed days* (below), and a
 linear head gives one logit per class (QSO, CEP, SNIa, SNII in :data:`deeprubin.schema.CLASSES` order);
-:meth:`TCN.predict_proba` is their softmax.
+:meth:`TCN.predict_proba` is their softmax. With ``shape=True`` (the project's default, ``train.shape_features``) the
+head also sees :data:`SHAPE_FEATURES`, the curve's rise, decline and colour in magnitudes measured on the GP means up
+to the last observed day, through one hidden layer (measured in docs/model.md).
 
 Receptive field: ``1 + convs_per_block * (kernel_size - 1) * (2**levels - 1)`` days (:func:`receptive_field`); the
 default (kernel 3, 5 levels) sees 125 days, so the feature at the last observed day sees the whole 100-day window.
