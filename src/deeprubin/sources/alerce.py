@@ -390,15 +390,21 @@ class ThreadLocalClients:
         return client
 
 
-def fetch_chunk(clients: ThreadLocalClients, call: Caller, oids: Iterable[str], concurrency: int,
-                tick: Callable[[], None]) -> tuple[list[FetchedLightCurve], list[Failure]]:
-    """:func:`fetch_many` collected: (light curves fetched, failures), calling ``tick`` after each object."""
-    fetched: list[FetchedLightCurve] = []
-    failed: list[Failure] = []
-    for item in fetch_many(clients, call, oids, concurrency):
-        (failed if isinstance(item, Failure) else fetched).append(item)
-        tick()
-    return fetched, failed
+def fetch_in_chunks(clients: ThreadLocalClients, call: Caller, oids: Sequence[str], concurrency: int,
+                    chunk_size: int, step: Callable[..., None]
+                    ) -> Iterator[tuple[list[FetchedLightCurve], list[Failure]]]:
+    """:func:`fetch_many` in chunks of ``chunk_size`` objects (a pull commits after each): yields (light curves
+    fetched, failures) per chunk and reports the progress over all ``oids`` to ``step``."""
+    done = 0
+    step("fetching light curves", completed=0, total=len(oids))
+    for start in range(0, len(oids), chunk_size):
+        fetched: list[FetchedLightCurve] = []
+        failed: list[Failure] = []
+        for item in fetch_many(clients, call, oids[start:start + chunk_size], concurrency):
+            (failed if isinstance(item, Failure) else fetched).append(item)
+            done += 1
+            step("fetching light curves", completed=done, total=len(oids))
+        yield fetched, failed
 
 
 def light_curve_tables(fetched: Sequence[FetchedLightCurve], labels: pd.DataFrame, source: str,

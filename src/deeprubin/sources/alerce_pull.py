@@ -32,7 +32,7 @@ from deeprubin.sources.alerce import (
     Listing,
     RateLimiter,
     ThreadLocalClients,
-    fetch_chunk,
+    fetch_in_chunks,
     light_curve_tables,
     list_class,
 )
@@ -179,16 +179,7 @@ def pull(params: IngestParams, raw_dir: Path, base: BaseParams, step: Progress) 
     new_watermarks: dict[str, float | None] = {}
     stored: set[str] = before_objects
     oids = list(todo["oid"])
-    done = 0
-    step("fetching light curves", completed=0, total=len(oids))
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        step("fetching light curves", completed=done, total=len(oids))
-
-    for start in range(0, len(oids), ap.commit_every):
-        chunk = oids[start:start + ap.commit_every]
-        fetched, failed = fetch_chunk(clients, call, chunk, ap.concurrency, tick)
+    for fetched, failed in fetch_in_chunks(clients, call, oids, ap.concurrency, ap.commit_every, step):
         fetch_failures += failed
         unavailable.update({f.what: lastmjd_of.get(f.what, math.nan) for f in failed if not f.transient})
         mapped = light_curve_tables(fetched, labels, "alerce", f"alerce:{ap.classifier}")

@@ -37,8 +37,8 @@ import requests
 from deeprubin.config import BaseParams, BtsParams, IngestParams
 from deeprubin.progress import Progress, silent
 from deeprubin.schema import SPECTROSCOPIC, Rejection, ValidationReport
-from deeprubin.sources.alerce import Caller, Failure, RateLimiter, RequestFailed, ThreadLocalClients, fetch_chunk, \
-    light_curve_tables
+from deeprubin.sources.alerce import Caller, Failure, RateLimiter, RequestFailed, ThreadLocalClients, \
+    fetch_in_chunks, light_curve_tables
 from deeprubin.sources.batch import IngestResult, prepare_batch
 from deeprubin.store import RawStore, UpsertCounts, upsert
 
@@ -322,16 +322,7 @@ def pull(params: IngestParams, raw_dir: Path, base: BaseParams, step: Progress =
         return res
 
     oids = list(todo["oid"])
-    done = 0
-    step("fetching light curves", completed=0, total=len(oids))
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        step("fetching light curves", completed=done, total=len(oids))
-
-    for start in range(0, len(oids), ap.commit_every):
-        chunk = oids[start:start + ap.commit_every]
-        fetched, failed = fetch_chunk(clients, call, chunk, ap.concurrency, tick)
+    for fetched, failed in fetch_in_chunks(clients, call, oids, ap.concurrency, ap.commit_every, step):
         failures += failed
         unavailable.update({f.what: type_of[f.what] for f in failed if not f.transient})
         mapped = light_curve_tables(fetched, labels, "bts", SPECTROSCOPIC)
