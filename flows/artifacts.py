@@ -9,10 +9,23 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from deeprubin_flows.common import CLASSIFICATION_ARTIFACT, EVALUATION_ARTIFACT, PROMOTION_ARTIFACT, PULL_ARTIFACT
 
 
+def pull_counts(pulled: dict[str, Any]) -> str:
+    """'N objects new, M changed, K removed' (removed only when some were), with why when the simulator redrew."""
+    counts = pulled["counts"]
+    text = f"{counts['new']} objects new, {counts['changed']} changed"
+    if counts.get("removed"):
+        text += f", {counts['removed']} removed"
+    if counts["changed"] and str(pulled["source"]).startswith("simulator"):
+        # The simulator draws its whole sample anew from (seed, n_per_class, ...): another n_per_class gives every
+        # oid another light curve, so a stored object can only be unchanged or redrawn, never kept and added to.
+        text += " (redrawn: the simulator draws its whole sample anew when its parameters change)"
+    return text
+
+
 def pull_table(pulled: dict[str, Any], night: str) -> None:
     create_table_artifact(key=PULL_ARTIFACT, table=pulled["per_class"],
-                          description=f"Objects pulled per class from {pulled['source']} on {night}; "
-                                      f"{len(pulled['changed_oids'])} objects new or changed.")
+                          description=f"Objects stored per class after the pull from {pulled['source']} on {night}: "
+                                      f"{pull_counts(pulled)}.")
 
 
 def incomplete_pull(source: str, missing: list[dict[str, Any]]) -> None:
@@ -75,7 +88,10 @@ def rollback(done: dict[str, Any]) -> None:
 
 
 def classifications(done: dict[str, Any], night: str) -> None:
+    """Objects per predicted class in the night's file (earlier runs of the night included: it is upserted)."""
     table = [{"class": c, "objects": n} for c, n in sorted(done["per_class"].items())]
+    now, in_file = done.get("classified_now", done["n_classified"]), done.get("objects_in_file", done["n_classified"])
     create_table_artifact(key=CLASSIFICATION_ARTIFACT, table=table or [{"class": "(none)", "objects": 0}],
-                          description=f"{night}: {done['n_classified']} objects classified with "
-                                      f"{done['model_uri']}, {done['n_rejected']} rejected ({done['output']}).")
+                          description=f"{night}: {now} objects classified now with {done['model_uri']}, "
+                                      f"{done['n_rejected']} rejected; the night's file {done['output']} holds "
+                                      f"{in_file} objects (per predicted class below).")

@@ -1,4 +1,5 @@
-"""What every flow shares: configuration, task options, the retry condition, the data lock and artifacts."""
+"""What every flow shares: configuration, task options, the retry condition, the order of the tasks (:class:`Chain`),
+the data lock and artifacts."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from prefect import get_run_logger
+from prefect.futures import PrefectTaskRunFuture
 from prefect.tasks import Task
+from prefect.utilities.annotations import quote
 
 from deeprubin.config import Params, load_project_params
 
@@ -100,6 +103,57 @@ def configured(task: Task, params: Params, retries: int | None = None) -> Task:
     n = params.flows.retries if retries is None else retries
     return task.with_options(retries=n, retry_delay_seconds=backoff(params) if n else 0, retry_jitter_factor=0.5,
                              retry_condition_fn=retry_on_transient, timeout_seconds=params.flows.task_timeout_s)
+
+
+class _Finished(PrefectTaskRunFuture):
+    """A task run that has finished, as a future: what ``wait_for`` records as the upstream of the next task run.
+
+    Given the run's State (or a list holding it) instead, Prefect would also search the State's fields, its result
+    included, and link to the next run every task whose result holds an object found there (by ``id``)."""
+
+    def __init__(self, state: Any):
+        super().__init__(state.state_details.task_run_id)
+        self._final_state = state
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
+        return self._final_state.result(raise_on_failure=raise_on_failure)
+
+    def add_done_callback(self, fn: Any) -> None:
+        fn(self)
+
+
+class Chain:
+    """Runs a flow's tasks one after the other, and tells Prefect so: each task run waits for (and, in the flow-run
+    graph, hangs from) the task run before it, and from nothing else.
+
+    The tasks read and write files (data/raw, data/processed, models/, the registry), not each other's return values,
+    so Prefect cannot see their order by itself; worse, it links a task to any earlier task whose result holds an
+    object found in its arguments (even an interned string such as ``"simulator"`` in both the ingest summary and
+    the configuration), which drew edges from ``ingest`` to almost every task. So every argument is passed quoted
+    (never searched for upstream results) and the order is stated with ``wait_for``: the graph is the pipeline.
+    """
+
+    def __init__(self, params: Params):
+        self.params = params
+        self.last: _Finished | None = None  # the task run the next one waits for
+
+    def __call__(self, task: Task, *args: Any, params: Params | None = None, name: str | None = None) -> Any:
+        """Run ``task(params, *args)`` (configured by ``params.flows``) after the previous task; its result, or its
+        exception once the retries are spent."""
+        params = self.params if params is None else params
+        runnable = configured(task, params)
+        if name is not None:
+            runnable = runnable.with_options(task_run_name=name)
+        state = runnable(quote(params), *(quote(a) for a in args), wait_for=self.last, return_state=True)
+        self.last = _Finished(state)
+        return state.result()
+
+
+def chain_of(params: Params | Chain) -> Chain:
+    return params if isinstance(params, Chain) else Chain(params)
 
 
 @contextmanager

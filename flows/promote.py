@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from deeprubin_flows import artifacts, tasks
-from deeprubin_flows.common import configured, load
+from deeprubin_flows.common import Chain, load
 
 
 @flow(name="promote", log_prints=True)
@@ -22,7 +22,7 @@ def promote(params_path: str = "params.yaml", overrides: list[str] | None = None
 def rollback(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Make the previous champion the champion again."""
     params = load(params_path, overrides)
-    done = configured(tasks.rollback, params)(params)
+    done = Chain(params)(tasks.rollback)
     artifacts.rollback(done)
     return done
 

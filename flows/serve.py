@@ -4,6 +4,10 @@
 or UI-triggered run here; stopping the process leaves the schedules active (``pause_on_shutdown=False``), so a
 restarted server picks up where it left. ``--work-pool NAME`` instead registers them on a work pool, for the
 Prefect worker of infra/docker-compose.yml. ``prefect deployment ls`` lists them either way.
+
+Every deployment allows one run at a time (``concurrency_limit=1``): each writes the data, the registry or the night's
+classification file. (Different flows that write the same data wait for each other on the data lock,
+``flows.concurrency_limit``: nightly, train and classify.)
 """
 
 from __future__ import annotations
@@ -24,26 +28,26 @@ def _schedules(schedule: ScheduleParams | None) -> list[Any] | None:
 
 
 def _specs(params: Params, params_path: str) -> list[dict[str, Any]]:
-    """(flow, deployment options) for every deployment; only one nightly or train run at a time."""
+    """(flow, deployment options) for every deployment; one run at a time of each."""
     from deeprubin_flows.classify import classify
     from deeprubin_flows.nightly import nightly
     from deeprubin_flows.promote import promote, rollback
     from deeprubin_flows.train import train
 
-    common = {"parameters": {"params_path": params_path}, "tags": TAGS}
+    common = {"parameters": {"params_path": params_path}, "tags": TAGS, "concurrency_limit": 1}
     return [
         {"flow": nightly, "entrypoint": "flows/nightly.py:nightly", "name": "nightly",
-         "schedules": _schedules(params.flows.nightly), "concurrency_limit": 1,
+         "schedules": _schedules(params.flows.nightly),
          "description": "Pull, preprocess, version, retrain when enough new labels, promote, classify.", **common},
         {"flow": train, "entrypoint": "flows/train.py:train", "name": "train",
-         "schedules": _schedules(params.flows.train), "concurrency_limit": 1,
+         "schedules": _schedules(params.flows.train),
          "description": "Retrain, evaluate, register and promote on demand.", **common},
         {"flow": promote, "entrypoint": "flows/promote.py:promote", "name": "promote",
          "description": "Promote a registered version if it beats the champion.", **common},
         {"flow": rollback, "entrypoint": "flows/promote.py:rollback", "name": "rollback",
          "description": "Make the previous champion the champion again.", **common},
         {"flow": classify, "entrypoint": "flows/classify.py:classify", "name": "classify",
-         "description": "Classify stored objects with the champion.", **common},
+         "description": "Classify stored objects with the champion into the day's file.", **common},
     ]
 
 

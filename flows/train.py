@@ -7,22 +7,23 @@ from typing import Any
 from prefect import flow
 
 from deeprubin_flows import tasks
-from deeprubin_flows.common import configured, data_lock, load
+from deeprubin_flows.common import Chain, data_lock, load
 
 
 @flow(name="train", log_prints=True)
 def train(params_path: str = "params.yaml", overrides: list[str] | None = None,
           promote: bool = True) -> dict[str, Any]:
     params = load(params_path, overrides)
+    chain = Chain(params)
     out: dict[str, Any] = {}
     with data_lock(params):
-        out["preprocess"] = configured(tasks.preprocess, params)(params)
-        out["train"], evaluated, stages = tasks.train_and_evaluate(params)
+        out["preprocess"] = chain(tasks.preprocess)
+        out["train"], evaluated, stages = tasks.train_and_evaluate(chain)
         out["evaluate"] = evaluated["metrics"]
-        out["data_version"] = configured(tasks.version_data, params)(params, ["preprocess", *stages])
-        out["registered"] = configured(tasks.register, params)(params)
+        out["data_version"] = chain(tasks.version_data, ["preprocess", *stages])
+        out["registered"] = chain(tasks.register)
     if promote:
-        out["promotion"] = tasks.promote_version(params, out["registered"]["version"])
+        out["promotion"] = tasks.promote_version(chain, out["registered"]["version"])
     return out
 
 

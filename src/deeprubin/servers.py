@@ -2,7 +2,9 @@
 
 Each server runs detached in its own session, logs to ``<state_dir>/logs/<name>.log`` and is recorded in
 ``<state_dir>/run/<name>.json``; the record is what ``stop``/``status`` and a later ``up`` use to find it again.
-Clients are pointed at the servers by configuration alone: see :func:`client_env`.
+Clients are pointed at the servers by configuration alone: see :func:`client_env`. Without servers (no
+PREFECT_API_URL), Prefect runs embedded, on an ephemeral API whose database :func:`use_embedded_prefect` keeps in the
+project (``.prefect/``), not in the user-wide ``~/.prefect``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ MLFLOW_PORT = 5000
 HOST = "127.0.0.1"
 STATE_DIR = Path(".deeprubin")
 NAMES = ("prefect", "mlflow")
+EMBEDDED_PREFECT_DIR = Path(".prefect")  # per project: the embedded (ephemeral) Prefect API's database
+_DATABASE_URL_VARS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
 # Telemetry off for every server we start: the machines this runs on are often offline, and it is not ours to send.
 _QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -439,3 +443,36 @@ def running(spec: ServerSpec, state_dir: Path | str = STATE_DIR, timeout_s: floa
     finally:
         if not record.get("reused"):
             stop(spec.name, state_dir)
+
+
+# --- embedded Prefect ----------------------------------------------------------------------------------------------
+
+def embedded_prefect_env(project_dir: Path | str = ".", environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables that keep an embedded run's Prefect state in the project: the ephemeral API's sqlite database in
+    ``<project_dir>/.prefect/prefect.db`` instead of the user-wide ``~/.prefect/prefect.db``, so runs in two checkouts
+    at once never share (and lock) one database; and the ephemeral API a start-up time that a fresh database's
+    migrations fit in.
+
+    Empty in servers mode (PREFECT_API_URL set: no ephemeral API starts) and when a database is chosen already."""
+    environ = os.environ if environ is None else environ
+    if environ.get("PREFECT_API_URL") or any(environ.get(k) for k in _DATABASE_URL_VARS):
+        return {}
+    database = Path(project_dir).absolute() / EMBEDDED_PREFECT_DIR / "prefect.db"
+    env = {"PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{database.as_posix()}"}
+    if not environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # default 20 s; migrations take ~10 s
+    return env
+
+
+def use_embedded_prefect(project_dir: Path | str = ".") -> Path | None:
+    """Apply :func:`embedded_prefect_env` to this process; returns the embedded database (None in servers mode).
+
+    Call it before Prefect is imported: Prefect reads its settings once, at import (the ephemeral API, a subprocess
+    started on first use, inherits the environment either way)."""
+    env = embedded_prefect_env(project_dir)
+    if not env:
+        return None
+    database = Path(env["PREFECT_SERVER_DATABASE_CONNECTION_URL"].split("///", 1)[1])
+    database.parent.mkdir(parents=True, exist_ok=True)  # sqlite will not create it
+    os.environ.update(env)
+    return database

@@ -206,6 +206,60 @@ def test_a_worse_model_is_not_promoted_and_the_reason_is_recorded(night, servers
     assert any(a.key == "promotion-decision" and "rejected" in a.data for a in artifacts)
 
 
+NIGHTLY_CHAIN = ["ingest", "preprocess", "version-data", "train", "baseline", "evaluate", "version-data", "register",
+                 "promote", "classify"]
+
+
+def _chain(flow_run_id) -> list[str]:
+    """The task runs of a flow run in the order their inputs in the Prefect API link them (what the UI's flow-run graph
+    draws). Fails unless they form one chain: one task run without upstream, every other one with exactly one
+    upstream task run, none with two downstream ones, none left out."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client() as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    name = {r.id: r.name.rsplit("-", 1)[0] for r in runs}
+    upstream = {r.id: {i.id for inputs in r.task_inputs.values() for i in inputs
+                       if getattr(i, "input_type", None) == "task_run"} for r in runs}
+    edges = sorted((name[u], name[r]) for r, ups in upstream.items() for u in ups)
+    roots = [r for r, ups in upstream.items() if not ups]
+    assert len(roots) == 1 and all(len(ups) <= 1 for ups in upstream.values()), edges
+    order = roots
+    while True:
+        after = [r for r, ups in upstream.items() if ups == {order[-1]}]
+        assert len(after) <= 1, edges
+        if not after:
+            break
+        order += after
+    assert len(order) == len(runs), edges
+    return [name[r] for r in order]
+
+
+def test_the_flow_run_graph_is_the_pipeline(night):
+    """Prefect draws what runs: ingest -> preprocess -> version-data -> train -> baseline -> evaluate -> version-data
+    -> register -> promote -> classify, and no edge from ingest (or the shared configuration) to anything else."""
+    _, _, flow_run_id = night
+    assert _chain(flow_run_id) == NIGHTLY_CHAIN
+
+
+def _pull_table(flow_run_id) -> list[dict]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _client() as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    (pulled,) = [a for a in artifacts if a.key == "nightly-pull"]
+    return yaml.safe_load(pulled.data) if isinstance(pulled.data, str) else pulled.data
+
+
+def test_the_simulators_pull_table_has_no_empty_columns(night):
+    _, result, flow_run_id = night
+    rows = _pull_table(flow_run_id)
+    assert [list(r) for r in rows] == [["class", "stored", "new", "changed", "removed"]] * 4
+    assert {r["class"]: r["new"] for r in rows} == {"QSO": 16, "CEP": 16, "SNIa": 16, "SNII": 16}
+    assert result["objects"] == {"new": 64, "changed": 0, "removed": 0}
+
+
 def _fake_scores(table: dict[str, float]):
     from deeprubin.registry import Scores
 
@@ -279,6 +333,48 @@ def test_two_promotions_at_once_leave_exactly_one_champion(night, servers_env):
     befores = sorted(d.champion_before for d in decisions.values())
     assert befores in ([v1, v2], [v1, v3]), befores  # the second compared against the first one's outcome
     assert registry.history()[-1] == v3 and len(set(registry.history())) == len(registry.history())
+
+
+def test_rerunning_the_night_counts_nothing_new_and_says_what_the_file_holds(night):
+    """The night again (last of the tests on the night's project): nothing new or changed, so no retraining and
+    nothing classified now, while the night's file keeps its objects; the summary says exactly that, and the graph is
+    the chain without training."""
+    from deeprubin.cli.ops import nightly_lines
+    from deeprubin_flows.nightly import nightly
+
+    project, first, _ = night
+    in_file = len(pd.read_parquet(project / "data" / "classifications" / f"{NIGHT}.parquet"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        state = nightly(params_path="params.yaml", night=NIGHT, return_state=True)
+        again = state.result()
+    assert again["retrain"]["retrain"] is False, again["retrain"]
+    assert again["objects"] == {"new": 0, "changed": 0, "removed": 0} and again["changed_objects"] == 0
+    assert again["classify"]["classified_now"] == 0
+    assert again["classify"]["objects_in_file"] == again["classify"]["n_classified"] == in_file > 0
+    lines = nightly_lines(again)
+    assert lines[0] == f"night {NIGHT}: pulled from simulator: 0 objects new, 0 changed"
+    assert any(line.startswith("classified 0 objects (none new or changed) with models:/") for line in lines), lines
+    assert f"the night's file {again['classify']['output']} holds {in_file} objects" in lines
+    assert _chain(state.state_details.flow_run_id) == ["ingest", "preprocess", "version-data", "classify"]
+    assert [r["new"] + r["changed"] for r in _pull_table(state.state_details.flow_run_id)] == [0] * 4
+
+
+def test_more_simulated_objects_are_counted_new_and_the_redrawn_ones_changed(servers_env, tmp_path):
+    """6 -> 10 objects per class: 16 new; the simulator draws its sample anew, so the 24 stored ones are redrawn
+    (changed), which the pull says, instead of calling all 40 new or changed without a word."""
+    overrides = ["ingest.source=simulator", "ingest.mix_files=false", f"ingest.raw_dir={tmp_path / 'raw'}",
+                 "ingest.simulator.survey_days=365"]
+    flow = _ingest_flow()
+    first = flow([*overrides, "ingest.simulator.n_per_class=6"])
+    assert first["counts"] == {"new": 24, "changed": 0, "removed": 0} and len(first["changed_oids"]) == 24
+    second = flow([*overrides, "ingest.simulator.n_per_class=10"])
+    assert second["counts"] == {"new": 16, "changed": 24, "removed": 0} and len(second["changed_oids"]) == 40
+    assert [list(r) for r in second["per_class"]] == [["class", "stored", "new", "changed", "removed"]] * 4
+    assert sum(r["new"] for r in second["per_class"]) == 16 and sum(r["stored"] for r in second["per_class"]) == 40
+    from deeprubin_flows.artifacts import pull_counts
+
+    assert pull_counts(second).startswith("16 objects new, 24 changed (redrawn: the simulator draws its whole sample")
 
 
 @pytest.fixture
@@ -380,8 +476,11 @@ def test_served_deployments_have_their_cron_schedule(servers_env, tmp_path):
         (schedule,) = deployment.schedules
         assert schedule.schedule.cron == "0 9 * * *"
         assert schedule.schedule.timezone == "America/Los_Angeles"
-        limit = getattr(deployment, "global_concurrency_limit", None)
-        assert (limit is not None and limit.limit == 1) or deployment.concurrency_limit == 1
+        for name in ("nightly/nightly", "train/train", "promote/promote", "rollback/rollback", "classify/classify"):
+            with _client() as client:
+                served = client.read_deployment_by_name(name)
+            limit = getattr(served, "global_concurrency_limit", None)
+            assert (limit is not None and limit.limit == 1) or served.concurrency_limit == 1, name
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -1,15 +1,67 @@
-"""Orchestration: the nightly flow, serving the flows' schedules, and the local Prefect and MLflow servers."""
+"""Orchestration: the nightly flow, serving the flows' schedules, and the local Prefect and MLflow servers.
+
+What is meant to be copied (the export line, URLs, log and output paths) is printed whole on one line whatever the
+width of the output: rich wraps at 80 columns when stdout is not a terminal, which would put half a path, or a variable
+without its ``export``, on the next line."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import Console
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 
 from deeprubin.cli.common import ParamsOption, SetOption, _load, app, console, err_console
+
+
+def _print_line(text: str, markup: bool = True) -> None:
+    """One line, never wrapped nor cut (a terminal may still fold it on screen; copied, it is one line)."""
+    console.print(text, soft_wrap=True, markup=markup, highlight=False)
+
+
+def _print_whole(renderable: Any) -> None:
+    """A table or panel at its natural width when the console is narrower, so that no cell is wrapped or cut."""
+    needed = Measurement.get(console, console.options.update_width(100_000), renderable).maximum
+    if needed <= console.width:
+        console.print(renderable)
+        return
+    Console(file=console.file, width=needed, force_terminal=console.is_terminal,
+            color_system=console.color_system or None, highlight=False).print(renderable, crop=False)
+
+
+def _embedded_prefect() -> None:
+    """Without PREFECT_API_URL (embedded), keep the ephemeral Prefect API's database in this project (.prefect/),
+    before Prefect is imported: two checkouts running at once then never share, and lock, ~/.prefect/prefect.db."""
+    from deeprubin import servers
+
+    servers.use_embedded_prefect(Path.cwd())
+
+
+def nightly_lines(out: dict[str, Any]) -> list[str]:
+    """The nightly summary: what the pull did, the retraining decision, the promotion, what was classified now and
+    what the night's file holds (a rerun of the night classifies only what changed since, and keeps the rest)."""
+    from deeprubin_flows.artifacts import pull_counts
+
+    pulled = out["pulled"]
+    counts = out.get("objects") or {"new": out["changed_objects"], "changed": 0}
+    lines = [f"night {out['night']}: pulled from {pulled['source']}: "
+             f"{pull_counts({'source': pulled['source'], 'counts': counts})}",
+             f"retraining: {out['retrain']['reason']}"]
+    promotion = out.get("promotion")
+    if promotion:
+        lines.append(f"promotion: version {promotion['version']} {promotion['outcome']} ({promotion['reason']})")
+    c = out["classify"]
+    now = c.get("classified_now", c["n_classified"])
+    what = "the new or changed ones" if out["changed_objects"] else "none new or changed"
+    if c.get("n_rejected"):
+        what += f"; {c['n_rejected']} rejected, reasons in {c.get('rejections')}"
+    lines.append(f"classified {now} objects ({what}) with {c['model_uri']}")
+    lines.append(f"the night's file {c['output']} holds {c.get('objects_in_file', c['n_classified'])} objects")
+    return lines
 
 
 @app.command()
@@ -22,19 +74,13 @@ def nightly(
     """Run the nightly Prefect flow now: pull, preprocess, version with DVC, retrain when enough new labels arrived,
     evaluate, register, promote, classify. Embedded by default; set PREFECT_API_URL and MLFLOW_TRACKING_URI to use
     servers (`deeprubin up`)."""
+    _load(params_path, overrides)  # a bad configuration fails here, with every bad key named
+    _embedded_prefect()
     from deeprubin_flows.nightly import nightly as nightly_flow
 
-    _load(params_path, overrides)  # a bad configuration fails here, with every bad key named
     out = nightly_flow(params_path=str(params_path), overrides=list(overrides or []), force_retrain=force_retrain,
                        night=night)
-    promotion = out.get("promotion")
-    lines = [f"night {out['night']}: {out['changed_objects']} objects new or changed",
-             f"retraining: {out['retrain']['reason']}"]
-    if promotion:
-        lines.append(f"promotion: version {promotion['version']} {promotion['outcome']} ({promotion['reason']})")
-    c = out["classify"]
-    lines.append(f"classified {c['n_classified']} objects with {c['model_uri']} -> {c['output']}")
-    console.print(Panel("\n".join(lines), title="nightly", expand=False))
+    _print_whole(Panel("\n".join(nightly_lines(out)), title="nightly", expand=False))
 
 
 @app.command("serve-flows")
@@ -45,15 +91,16 @@ def serve_flows(
                                                           "Prefect worker) instead of serving them here.")] = None,
 ) -> None:
     """Serve the flows' deployments with their cron schedules (flows.nightly, flows.train) until interrupted."""
+    params = _load(params_path, overrides)
+    _embedded_prefect()
     from deeprubin_flows.serve import deploy_to_pool, serve_flows as serve
 
-    params = _load(params_path, overrides)
     if work_pool:
         ids = deploy_to_pool(work_pool, str(params_path), list(overrides or []))
-        console.print(f"registered {len(ids)} deployments on work pool {work_pool}")
+        _print_line(f"registered {len(ids)} deployments on work pool {work_pool}", markup=False)
         return
-    console.print(f"serving nightly at '{params.flows.nightly.cron}' ({params.flows.nightly.timezone}); "
-                  "Ctrl-C stops serving, the schedules stay active")
+    _print_line(f"serving nightly at '{params.flows.nightly.cron}' ({params.flows.nightly.timezone}); "
+                "Ctrl-C stops serving, the schedules stay active", markup=False)
     serve(str(params_path), list(overrides or []))
 
 
@@ -80,13 +127,14 @@ def up(
     try:
         records = servers.up(state_dir, prefect_port=prefect_port, mlflow_port=mlflow_port, which=which)
     except servers.ServerError as exc:
-        err_console.print(f"[bold red]up failed:[/] {exc}")
+        err_console.print(f"[bold red]up failed:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     for name, r in records.items():
         verb = "already running" if r.get("reused") else "started"
-        console.print(f"[bold]{name}[/] {verb} (pid {r['pid']}): UI {r['ui_url']}, log {r['log']}")
+        _print_line(f"{name} {verb} (pid {r['pid']}): UI {r['ui_url']}, log {r['log']}", markup=False)
     exports = " ".join(f"{k}={v}" for k, v in servers.client_env(records).items())
-    console.print(f"point the flows and the CLI at them:\n  export {exports}")
+    _print_line("point the flows and the CLI at them:")
+    _print_line(f"  export {exports}", markup=False)  # one line: pasted, every variable is exported
 
 
 @app.command()
@@ -95,7 +143,7 @@ def down(state_dir: StateDirOption = Path(".deeprubin")) -> None:
     from deeprubin import servers
 
     for name, was_running in servers.down(state_dir).items():
-        console.print(f"[bold]{name}[/] {'stopped' if was_running else 'was not running'}")
+        _print_line(f"{name} {'stopped' if was_running else 'was not running'}", markup=False)
 
 
 @app.command("servers")
@@ -105,8 +153,8 @@ def servers_status(state_dir: StateDirOption = Path(".deeprubin")) -> None:
 
     table = Table(title="local servers")
     for column in ("server", "pid", "alive", "healthy", "url", "log"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for r in servers.status(state_dir):
         table.add_row(r["name"], str(r.get("pid") or "-"), str(r.get("alive")), str(r.get("healthy")),
                       str(r.get("url") or "-"), str(r.get("log") or "-"))
-    console.print(table)
+    _print_whole(table)  # URLs and log paths whole, however narrow the output
