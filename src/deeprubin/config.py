@@ -419,6 +419,19 @@ class ServeParams(Section):
     max_detections_per_curve: int = Field(10_000, ge=1, description="Detections in one light curve at most.")
     reload_interval_s: float = Field(30.0, gt=0, description="How often the registry alias is checked for a new "
                                                              "champion.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection that has not sent a whole request head (request line and headers) "
+                                "this many seconds after it opened, or after the first byte of its next request, is "
+                                "closed (with a 408 when it had sent part of one).")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request whose body has not wholly arrived this many seconds after its head gets "
+                                "408 and its connection is closed.")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle kept-alive connection is closed after this "
+                                                               "many seconds (uvicorn's timeout_keep_alive).")
+    max_concurrency: int = Field(
+        100, ge=1, description="Open connections (and requests in progress) at most: past it a new request gets 503 "
+                               "at once (uvicorn's limit_concurrency). Bounds the memory held by bodies being read "
+                               "to about max_concurrency x max_request_bytes.")
 
 
 class ScheduleParams(Section):

@@ -31,6 +31,19 @@ TRUE_LABEL_SOURCES: tuple[str, ...] = (SPECTROSCOPIC, SIMULATED_LABELS)
 
 AB_ZERO_POINT_UJY = 23.9  # m_AB = 23.9 - 2.5 log10(F / µJy)
 MJD_FROM_JD = 2400000.5
+# Plausibility of ZTF-like photometry (README "The light-curve contract"). A point brighter than magnitude 5 or
+# fainter than 30 is no ZTF-like measurement (ZTF saturates near 12.5 and reaches about 21; a 99 or -99 is a
+# sentinel); a time outside 1990-2050 is no MJD of such a survey, and one near 2,4xx,xxx is a Julian Date.
+PLAUSIBLE_MAG = (5.0, 30.0)            # brightest, faintest AB magnitude
+PLAUSIBLE_MJD = (47892.0, 69807.0)     # 1990-01-01, 2050-01-01
+JD_LIKE = (2_400_000.0, 2_500_000.0)   # a JD (years 1858-2132) where an MJD belongs
+MAG_TOO_BRIGHT = f"magnitude brighter than {PLAUSIBLE_MAG[0]:g} (implausible for ZTF-like photometry)"
+MAG_TOO_FAINT = f"magnitude fainter than {PLAUSIBLE_MAG[1]:g} (implausible for ZTF-like photometry: a sentinel " \
+                f"such as 99?)"
+TIME_LOOKS_LIKE_JD = "time looks like a Julian Date, not an MJD: subtract 2400000.5"
+TIME_NOT_PLAUSIBLE_MJD = "time is not a plausible MJD (before 1990 or after 2050)"
+# Point reasons (the point is dropped), then object reasons (every row of the object is dropped).
+PLAUSIBILITY_REASONS: tuple[str, ...] = (MAG_TOO_BRIGHT, MAG_TOO_FAINT, TIME_LOOKS_LIKE_JD, TIME_NOT_PLAUSIBLE_MJD)
 # ZTF filter ids as used by ALeRCE and ANTARES; fid 3 (i) is outside the contract.
 ZTF_FID_TO_BAND: dict[int, str] = {1: "g", 2: "r", 3: "i"}
 
@@ -152,7 +165,9 @@ class ValidationReport:
         """Record the rows under ``mask`` as rejected for ``reason``, per object, and return the rest."""
         mask = np.asarray(mask, dtype=bool)
         if mask.any():
-            for oid, n in frame.loc[mask, "oid"].astype(str).value_counts(sort=False).items():
+            oids = frame.loc[mask, "oid"]
+            oids = oids.astype(object).where(oids.notna(), "").astype(str)  # rows without an oid count too, as ""
+            for oid, n in oids.value_counts(sort=False, dropna=False).items():
                 self.rejections.append(Rejection(oid=str(oid), reason=reason, rows=int(n)))
         return frame.loc[~mask]
 
@@ -225,6 +240,43 @@ def flux_to_mag(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray, np.
         mag = AB_ZERO_POINT_UJY - 2.5 * np.log10(flux)
         mag_err = 2.5 / np.log(10.0) * np.asarray(flux_err, dtype=float) / flux
     return mag, mag_err
+
+
+def _ujy(mag: float) -> float:
+    return float(10.0 ** (-0.4 * (mag - AB_ZERO_POINT_UJY)))
+
+
+def implausible_brightness(flux: np.ndarray, flux_err: np.ndarray) -> list[tuple[np.ndarray, str]]:
+    """``[(mask, reason), ...]``: points whose brightness no ZTF-like photometry gives (:data:`PLAUSIBLE_MAG`).
+
+    Judged on the flux (µJy), so a magnitude given and one derived from a flux are judged alike: brighter than
+    magnitude 5 is ``|flux|`` above 3.6e7 µJy; fainter than 30 is ``|flux|`` *and* ``flux_err`` below 0.0036 µJy,
+    what a given magnitude over 30 (a 99 sentinel) becomes, while a difference flux near 0 with a real error (ZTF's
+    are microjanskys) is a plausible measurement of nothing and is kept."""
+    flux = np.abs(np.asarray(flux, dtype=float))
+    err = np.asarray(flux_err, dtype=float)
+    faintest = _ujy(PLAUSIBLE_MAG[1])
+    finite = np.isfinite(flux) & np.isfinite(err)  # a NaN or infinity is another rule's ("not finite")
+    with np.errstate(invalid="ignore"):
+        return [(finite & (flux > _ujy(PLAUSIBLE_MAG[0])), MAG_TOO_BRIGHT),
+                (finite & (flux < faintest) & (err < faintest), MAG_TOO_FAINT)]
+
+
+def implausible_time(mjd: np.ndarray) -> tuple[str, str] | None:
+    """``(reason, detail)`` when any finite time of one object is not a plausible MJD (:data:`PLAUSIBLE_MJD`; a JD,
+    :data:`JD_LIKE`, says so and how to fix it), else None. The whole object is then rejected: its time column is
+    wrong, not one point."""
+    mjd = np.asarray(mjd, dtype=float)
+    mjd = mjd[np.isfinite(mjd)]
+    jd = (mjd >= JD_LIKE[0]) & (mjd <= JD_LIKE[1])
+    if jd.any():
+        return TIME_LOOKS_LIKE_JD, f"{int(jd.sum())} of {len(mjd)} time(s) from {mjd[jd].min():.5f} to " \
+                                   f"{mjd[jd].max():.5f}; as MJD: {mjd[jd].min() - MJD_FROM_JD:.5f}"
+    out = (mjd < PLAUSIBLE_MJD[0]) | (mjd > PLAUSIBLE_MJD[1])
+    if out.any():
+        return TIME_NOT_PLAUSIBLE_MJD, f"{int(out.sum())} of {len(mjd)} time(s) from {mjd[out].min():.5f} to " \
+                                       f"{mjd[out].max():.5f}, outside MJD {PLAUSIBLE_MJD[0]:g}-{PLAUSIBLE_MJD[1]:g}"
+    return None
 
 
 def normalise_label(label: object) -> str | None:
@@ -374,6 +426,27 @@ def _drop_bad_points(frame: pd.DataFrame, report: ValidationReport, value_cols: 
     return frame
 
 
+def _drop_implausible(frame: pd.DataFrame, report: ValidationReport) -> pd.DataFrame:
+    """Objects whose times are no plausible MJD (all their rows, :func:`implausible_time`), then points whose
+    brightness is implausible (:func:`implausible_brightness`)."""
+    mjd = frame["mjd"].to_numpy(dtype=float)
+    jd = (mjd >= JD_LIKE[0]) & (mjd <= JD_LIKE[1])
+    outside = ~jd & ((mjd < PLAUSIBLE_MJD[0]) | (mjd > PLAUSIBLE_MJD[1]))
+    oid = frame["oid"].astype(str)
+    jd_objects = oid.isin(set(oid[jd])).to_numpy()
+    outside_objects = ~jd_objects & oid.isin(set(oid[outside])).to_numpy()
+    frame = report.reject(frame, jd_objects, TIME_LOOKS_LIKE_JD)
+    frame = report.reject(frame, outside_objects[~jd_objects], TIME_NOT_PLAUSIBLE_MJD)
+    flags = np.zeros(len(frame), dtype=np.int64)  # 0: plausible, k: the k-th reason (the masks are disjoint)
+    masks = implausible_brightness(frame["flux"].to_numpy(dtype=float), frame["flux_err"].to_numpy(dtype=float))
+    for k, (mask, _) in enumerate(masks, start=1):
+        flags[mask & (flags == 0)] = k
+    for k, (_, reason) in enumerate(masks, start=1):
+        hit = flags == k
+        frame, flags = report.reject(frame, hit, reason), flags[~hit]
+    return frame
+
+
 def _drop_unsorted_and_duplicates(frame: pd.DataFrame, report: ValidationReport, key: tuple[str, ...],
                                   on_unsorted: str) -> pd.DataFrame:
     # Rows of an object whose times run backwards are reported; then sorted (policy "sort") or dropped ("reject").
@@ -396,14 +469,16 @@ def validate_detections(frame: pd.DataFrame, on_unsorted: str = "sort") -> tuple
     """Drop detections that break the contract, naming each object and reason in the report.
 
     Rules: missing oid; NaN/inf time; band not g or r; NaN/inf mag, mag_err, flux or flux_err; mag_err or flux_err
-    not positive; a ``photometry`` value (when given) not in :data:`PHOTOMETRIES`; duplicate (oid, mjd, band) (the
-    first is kept). Objects whose rows are not in time order are re-sorted (``on_unsorted="sort"``, reported with 0
+    not positive; a time that is no plausible MJD (every row of that object: a JD, or outside 1990-2050); a
+    brightness no ZTF-like photometry gives (:func:`implausible_brightness`); a ``photometry`` value (when given) not
+    in :data:`PHOTOMETRIES`; duplicate (oid, mjd, band) (the first is kept). Objects whose rows are not in time order are re-sorted (``on_unsorted="sort"``, reported with 0
     rows dropped) or dropped whole (``"reject"``).
     """
     if on_unsorted not in ("sort", "reject"):
         raise ValueError(f"on_unsorted must be 'sort' or 'reject', not {on_unsorted!r}")
     report = ValidationReport(table="detections", rows_in=len(frame))
     frame = _drop_bad_points(frame, report, ("mag", "mag_err", "flux", "flux_err"), ("mag_err", "flux_err"))
+    frame = _drop_implausible(frame, report)
     if "photometry" in frame.columns:  # optional: rows that declare their photometry
         unknown = frame["photometry"].notna() & ~frame["photometry"].isin(PHOTOMETRIES)
         frame = report.reject(frame, unknown, f"photometry not in {list(PHOTOMETRIES)}")

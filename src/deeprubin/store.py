@@ -3,15 +3,19 @@
 Layout of ``data/raw``: ``objects.parquet``, ``detections.parquet``, ``non_detections.parquet`` and
 ``manifest.json`` (what the last ingest did). A commit writes the whole new state into a sibling temporary
 directory and swaps it in with two renames; a crash at any point leaves either the old or the new state, and
-:meth:`RawStore.recover` (run on every open) finishes or rolls back an interrupted swap. Rows are upserted by key,
-so a rerun never duplicates them.
+:meth:`RawStore.recover` (run by the next commit, never by a read) finishes or rolls back an interrupted swap,
+touching only the folders the store made itself (they bear :data:`MARKER`). Rows are upserted by key, so a rerun
+never duplicates them.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,9 @@ TABLES = {"objects": OBJECTS_SCHEMA, "detections": DETECTIONS_SCHEMA, "non_detec
 MANIFEST = "manifest.json"
 REJECTIONS = "rejections.csv"
 STATE = "state.json"  # incremental-pull state (watermarks), committed with the data it describes
+# In every folder a commit makes beside the store (and in the store while it is being set aside): recovery touches
+# only folders that bear it.
+MARKER = ".deeprubin-raw-store-commit"
 
 
 @dataclass(frozen=True)
@@ -103,45 +110,98 @@ def upsert(existing: LightCurves, incoming: LightCurves) -> tuple[LightCurves, U
 
 
 class RawStore:
-    """The contract tables under one directory (``data/raw``), read whole and committed atomically."""
+    """The contract tables under one directory (``data/raw``), read whole and committed atomically.
+
+    A commit works in folders of its own beside the store, named ``.<root>.deeprubin-commit-*`` (the new state) and
+    ``.<root>.deeprubin-previous-*`` (the state it replaces, until the swap is done), each with a :data:`MARKER`
+    file written when the folder is made. Only a writer (:meth:`commit`) recovers an interrupted commit
+    (:meth:`recover`), and only folders bearing the marker are ever removed or restored: a user's own ``raw.old``
+    or ``.raw.tmp-x`` is never touched, and reading changes nothing."""
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
-        self._old = self.root.with_name(self.root.name + ".old")
+
+    # --- the folders a commit makes -------------------------------------------------------------------------------
+
+    @property
+    def _commit_prefix(self) -> str:
+        return f".{self.root.name}.deeprubin-commit-"
+
+    @property
+    def _previous_prefix(self) -> str:
+        return f".{self.root.name}.deeprubin-previous-"
+
+    def _ours(self, prefix: str) -> list[Path]:
+        """This store's own folders named ``prefix*`` (bearing the marker), oldest first."""
+        parent = self.root.parent
+        if not parent.is_dir():
+            return []
+        found = [p for p in parent.glob(f"{glob.escape(prefix)}*")
+                 if p.is_dir() and not p.is_symlink() and _marked(p)]
+        return sorted(found, key=lambda p: p.stat().st_mtime)
+
+    def _make_commit_dir(self) -> Path:
+        """A new folder for the next state, marked as this store's from the start."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=self._commit_prefix, dir=self.root.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the store is a normal data directory
+        _mark(tmp)
+        return tmp
+
+    def _previous_name(self) -> Path:
+        while True:
+            candidate = self.root.with_name(f"{self._previous_prefix}{secrets.token_hex(4)}")
+            if not candidate.exists() and not candidate.is_symlink():
+                return candidate
+
+    def _current(self) -> Path:
+        """Where the stored state is: the store itself, or, while a commit is between its two renames (or was
+        interrupted there), the previous state it set aside. Read only: nothing is moved."""
+        if self.root.exists():
+            return self.root
+        previous = self._ours(self._previous_prefix)
+        return previous[-1] if previous else self.root
+
+    # --- recovery (writers only) ----------------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Finish an interrupted commit: keep whichever complete state exists, drop temporaries."""
-        if not self.root.exists() and self._old.exists():
-            self._old.rename(self.root)  # crashed between the two renames: roll back
-        elif self._old.exists():
-            shutil.rmtree(self._old)  # crashed after the swap, before cleanup
-        parent = self.root.parent
-        if parent.exists():
-            for stale in parent.glob(f".{self.root.name}.tmp-*"):
+        """Finish an interrupted commit: keep whichever complete state exists, drop this store's temporaries.
+
+        Run by :meth:`commit` before it writes, never by a read. Only folders bearing this store's marker are
+        restored or removed; a commit still in progress in another live process on this machine is left alone."""
+        previous = [p for p in self._ours(self._previous_prefix) if not _writer_alive(p)]
+        if not self.root.exists() and previous:
+            previous.pop().rename(self.root)  # crashed between the two renames: roll back
+        for stale in previous:
+            shutil.rmtree(stale, ignore_errors=True)  # crashed after the swap, before cleanup
+        for stale in self._ours(self._commit_prefix):
+            if not _writer_alive(stale):
                 shutil.rmtree(stale, ignore_errors=True)
+        (self.root / MARKER).unlink(missing_ok=True)  # the new state's marker, left by a crash before cleanup
+
+    # --- reading (changes nothing) --------------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        self.recover()
-        return (self.root / "detections.parquet").exists()
+        return (self._current() / "detections.parquet").exists()
 
     def read(self) -> LightCurves:
         """The stored tables, or empty contract tables when nothing has been stored yet."""
-        self.recover()
+        root = self._current()
         frames = {}
         for name, schema in TABLES.items():
-            path = self.root / f"{name}.parquet"
+            path = root / f"{name}.parquet"
             frames[name] = pq.read_table(path, schema=schema).to_pandas() if path.exists() else empty_frame(schema)
         return LightCurves(**frames)
 
     def read_manifest(self) -> dict[str, Any] | None:
-        self.recover()
-        path = self.root / MANIFEST
+        path = self._current() / MANIFEST
         return json.loads(path.read_text()) if path.exists() else None
 
     def read_state(self) -> dict[str, Any]:
-        self.recover()
-        path = self.root / STATE
+        path = self._current() / STATE
         return json.loads(path.read_text()) if path.exists() else {}
+
+    # --- writing --------------------------------------------------------------------------------------------------
 
     def commit(self, lcs: LightCurves, manifest: dict[str, Any], rejections: pd.DataFrame | None = None,
                state: dict[str, Any] | None = None) -> None:
@@ -152,9 +212,8 @@ class RawStore:
         state already stored.
         """
         self.recover()
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.root.name}.tmp-", dir=self.root.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the store is a normal data directory
+        tmp = self._make_commit_dir()
+        previous: Path | None = None
         try:
             for name, table in lcs.to_arrow().items():
                 pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
@@ -169,9 +228,45 @@ class RawStore:
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
             if self.root.exists():
-                self.root.rename(self._old)
+                _mark(self.root)  # set aside, it is this store's previous state: the next writer may remove it
+                previous = self._previous_name()
+                self.root.rename(previous)
             tmp.rename(self.root)
         except BaseException:
+            if previous is not None and not self.root.exists() and previous.exists():
+                previous.rename(self.root)  # the swap failed half way: the previous state goes back
+                previous = None
             shutil.rmtree(tmp, ignore_errors=True)
+            (self.root / MARKER).unlink(missing_ok=True)
             raise
-        shutil.rmtree(self._old, ignore_errors=True)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        (self.root / MARKER).unlink(missing_ok=True)
+
+
+def _mark(folder: Path) -> None:
+    (folder / MARKER).write_text(json.dumps({"written_by": "deeprubin raw store commit", "pid": os.getpid(),
+                                             "host": socket.gethostname()}) + "\n")
+
+
+def _marked(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def _writer_alive(folder: Path) -> bool:
+    """Whether the process that made this commit folder is still running on this machine (its commit is then in
+    progress, not interrupted)."""
+    try:
+        made = json.loads((folder / MARKER).read_text())
+        pid, host = int(made["pid"]), str(made["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

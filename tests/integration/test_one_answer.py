@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +42,7 @@ from deeprubin import servers
 from deeprubin.schema import CLASSES, NON_DETECTIONS_SCHEMA, LightCurves, build_objects, empty_frame, mag_to_flux
 from tests.alert_packets import ztf_alert_record, ztf_ocf, ztf_point
 from tests.model_fixtures import register_tcn, sqlite_uri
+from tests.service_process import start_service, stop, wait_healthy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -200,22 +198,10 @@ def _consume(world) -> pd.DataFrame:
 def _serve_api(world) -> dict[str, pd.DataFrame]:
     port = servers.free_port()
     log = world["root"] / "serve-api.log"
-    cmd = [sys.executable, "-m", "deeprubin.cli", "serve-api", "--params", str(world["params"]), "--port", str(port)]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=world["root"], stdin=subprocess.DEVNULL, stdout=fh,
-                                stderr=subprocess.STDOUT, env=_env())
+    proc = start_service(world["params"], world["root"], log, port, _env())
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"serve-api exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"serve-api not healthy in 180 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
+        wait_healthy(proc, url, log)
         curves = [{"oid": oid, "detections": [{"mjd": float(r.mjd), "band": r.band, "flux": float(r.flux),
                                                "flux_err": float(r.flux_err)} for r in rows.itertuples()]}
                   for oid, rows in world["det"].groupby("oid", sort=True)]
@@ -231,13 +217,7 @@ def _serve_api(world) -> dict[str, pd.DataFrame]:
                     rows += reply.json()["classifications"]
                 got[name] = _frame([c["oid"] for c in rows], [[c["probabilities"][k] for k in CLASSES] for c in rows])
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
     return got
 
 

@@ -22,6 +22,7 @@ import pytest
 from deeprubin import servers
 from deeprubin.schema import CLASSES, flux_to_mag
 from tests.model_fixtures import register_tcn, sqlite_uri
+from tests.service_process import stop, wait_healthy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,16 +50,6 @@ def _start(root: Path, name: str, overrides: list[str]) -> tuple[subprocess.Pope
     return proc, port, log
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     import mlflow
@@ -81,30 +72,19 @@ def failed_start(registry):
     """A service whose champion alias points nowhere, started beside the real one: it must exit with a clear error."""
     proc, _, log = _start(registry["root"], "nowhere", ["classify.model_uri=models:/deeprubin-tcn@nowhere"])
     yield proc, log
-    _stop(proc)
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
 def service(registry, failed_start):
     proc, port, log = _start(registry["root"], "service", [])
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"service exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"service not healthy within 180 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_healthy(proc, url, log)
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
             yield {"url": url, "port": port, "proc": proc, "log": log, "client": client}
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")

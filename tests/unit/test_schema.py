@@ -118,7 +118,7 @@ def test_alerce_lc_classifier_exports(shared_data):
 def test_validation_names_each_object_and_reason():
     frame = map_detections(pd.DataFrame({
         "oid": ["nan_mag", "inf_time", "zero_err", "band_i", "dup", "dup", "ok", "ok"],
-        "mjd": [1.0, np.inf, 1.0, 1.0, 5.0, 5.0, 1.0, 2.0],
+        "mjd": list(60000.0 + np.array([1.0, np.inf, 1.0, 1.0, 5.0, 5.0, 1.0, 2.0])),
         "fid": [1, 1, 2, 3, 1, 1, 1, 2],
         "magpsf": [np.nan, 18.0, 18.0, 18.0, 18.0, 18.1, 18.0, 18.0],
         "sigmapsf": [0.1, 0.1, 0.0, 0.1, 0.1, 0.1, 0.1, 0.1],
@@ -136,11 +136,11 @@ def test_validation_names_each_object_and_reason():
 
 
 def test_unsorted_objects_are_resorted_or_rejected():
-    frame = map_detections(pd.DataFrame({"oid": ["a", "a", "b", "b"], "mjd": [3.0, 1.0, 1.0, 2.0],
+    frame = map_detections(pd.DataFrame({"oid": ["a", "a", "b", "b"], "mjd": [60003.0, 60001.0, 60001.0, 60002.0],
                                          "fid": [1, 1, 1, 1], "magpsf": [18.0] * 4, "sigmapsf": [0.1] * 4}),
                            source="t")
     kept, report = validate_detections(frame, on_unsorted="sort")
-    assert kept.loc[kept["oid"] == "a", "mjd"].tolist() == [1.0, 3.0]
+    assert kept.loc[kept["oid"] == "a", "mjd"].tolist() == [60001.0, 60003.0]
     assert [(r.oid, r.rows) for r in report.rejections] == [("a", 0)]
     kept, report = validate_detections(frame, on_unsorted="reject")
     assert kept["oid"].unique().tolist() == ["b"]

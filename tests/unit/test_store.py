@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deeprubin.schema import NON_DETECTIONS_SCHEMA, LightCurves, build_objects, empty_frame, map_detections, map_labels
-from deeprubin.store import RawStore, upsert
+from deeprubin.store import MARKER, RawStore, upsert
 
 
 def batch(rows: list[tuple[str, float, int, float]], labels: dict[str, str | None]) -> LightCurves:
@@ -77,21 +77,32 @@ def test_failed_commit_leaves_previous_state_intact(tmp_path, monkeypatch):
 def test_recovery_after_a_crash_between_the_two_renames(tmp_path):
     store = RawStore(tmp_path / "raw")
     store.commit(NIGHT1, {"night": 1})
-    (tmp_path / "raw").rename(tmp_path / "raw.old")  # the state a crash after the first rename leaves
-    (tmp_path / ".raw.tmp-x").mkdir()
-    assert store.read_manifest() == {"night": 1}  # reading recovers first
-    assert store.exists()
+    store._make_commit_dir()  # the new state written aside (marked), not yet renamed in
+    (tmp_path / "raw" / MARKER).write_text("{}")
+    (tmp_path / "raw").rename(store._previous_name())  # the state a crash after the first rename leaves
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    assert store.read_manifest() == {"night": 1}  # a read finds the state the commit set aside ...
+    assert store.exists() and len(store.read().detections) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing  # ... and moves nothing
+    store.recover()  # the next writer does
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+    assert store.read_manifest() == {"night": 1} and not (tmp_path / "raw" / MARKER).exists()
 
 
 def test_recovery_after_a_crash_before_cleanup(tmp_path):
     store = RawStore(tmp_path / "raw")
     store.commit(NIGHT1, {"night": 1})
     store.commit(NIGHT2, {"night": 2})
-    (tmp_path / "raw.old").mkdir()  # the old state not yet removed
+    previous = store._previous_name()  # the old state not yet removed
+    previous.mkdir()
+    (previous / MARKER).write_text("{}")
+    (tmp_path / "raw" / MARKER).write_text("{}")  # the new state's marker not yet removed
     assert store.read_manifest() == {"night": 2}
+    assert previous.exists()  # reading changes nothing
     store.recover()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["detections.parquet", "manifest.json",
+                                                                   "non_detections.parquet", "objects.parquet"]
 
 
 def test_a_spectroscopic_label_is_replaced_only_by_a_spectroscopic_one():

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from deeprubin import __version__
@@ -62,7 +63,7 @@ def _run_with_progress(stage: str, work, unit: str = ""):
         try:
             return work(report)
         except (FileNotFoundError, ValueError) as exc:
-            err_console.print(f"[bold red]{stage} failed:[/] {exc}")
+            err_console.print(f"[bold red]{stage} failed:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from deeprubin.cli.common import ParamsOption, SetOption, _load, _run_with_progress, app, console, err_console
@@ -22,7 +23,8 @@ class Photometry(str, Enum):  # classify.photometry
 def classify(
     input_path: Annotated[Path, typer.Option("--input", "-i", help="Detections: Parquet or CSV, contract or "
                                                                      "ALeRCE/ANTARES columns.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Classifications (Parquet).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Classifications: a Parquet file (*.parquet), never "
+                                                                 "the input file.")],
     params_path: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
     model: Annotated[Optional[str], typer.Option(help="Model URI or local MLflow model path "
@@ -42,8 +44,8 @@ def classify(
     try:
         result = _run_with_progress("classify", lambda r: clf.run_file(params, input_path, output, progress=r),
                                     unit=" rows")
-    except (SchemaError, LookupError) as exc:
-        err_console.print(f"[bold red]classify failed:[/] {exc}")
+    except (SchemaError, LookupError, OSError) as exc:  # bad input, a bad output path, a full disk: one line
+        err_console.print(f"[bold red]classify failed:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
     table = Table(title=f"{result.n_classified} objects classified with {result.model_uri} "
                         f"in {result.seconds:.1f} s ({result.n_classified / max(result.seconds, 1e-9):.0f}/s)")

@@ -19,6 +19,9 @@ Conventions shared by the functions here:
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -393,7 +396,18 @@ def plot_object(lcs: LightCurves, oid: str, out: Path | str, grid_days: int = 10
     ax.legend(fontsize=7, loc="best", ncols=2)
     fig.tight_layout()
     out = Path(out)
+    if out.is_dir():
+        plt.close(fig)
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    plt.close(fig)
+    # written beside and renamed in: a failure leaves no half-written PNG, and an existing file whole
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
     return out

@@ -36,7 +36,7 @@ import pandas as pd
 
 from deeprubin.lightcurves import gp
 from deeprubin.lightcurves.window import Window, early_cut, fit_start, truncate, window_for
-from deeprubin.schema import BAND_INDEX
+from deeprubin.schema import BAND_INDEX, implausible_brightness, implausible_time
 
 CHANNELS: tuple[str, ...] = ("gp_mean_g", "gp_mean_r", "gp_std_g", "gp_std_r", "since_g", "since_r")
 
@@ -103,9 +103,45 @@ class PreparedCurve:
                 "n_fit": int(len(self.t)), "flux_scale": float(self.flux_scale)}
 
 
+def screen(curve: Curve) -> Curve:
+    """The curve without the points no ZTF-like photometry gives (:func:`deeprubin.schema.implausible_brightness`:
+    brighter than magnitude 5, or a sentinel such as 99). Raises Skip, naming the reason, for times that are no
+    plausible MJD (a JD where an MJD belongs, or outside 1990-2050: the whole object) and for a curve that had
+    points and has none left. Files are screened point by point before this (validation counts what it drops);
+    here every path (the HTTP service, alert streams, files, training) is guarded alike."""
+    problem = implausible_time(curve.mjd)
+    if problem is not None:
+        raise Skip(*problem)
+    masks = implausible_brightness(curve.flux, curve.flux_err)
+    bad = np.zeros(len(curve.mjd), dtype=bool)
+    for mask, _ in masks:
+        bad |= mask
+    if not bad.any():
+        return curve
+    if bad.all():
+        counts = [(int(mask.sum()), reason) for mask, reason in masks if mask.any()]
+        raise Skip(max(counts)[1], "; ".join(f"{n} x {reason}" for n, reason in counts))
+    keep = ~bad
+    return replace(curve, mjd=curve.mjd[keep], band=curve.band[keep], flux=curve.flux[keep],
+                   flux_err=curve.flux_err[keep])
+
+
+def screen_curves(curves: Sequence[Curve]) -> tuple[list[Curve], list[dict[str, str]]]:
+    """:func:`screen` of many curves: ``(curves kept, rejections {oid, reason, detail})``."""
+    kept, rejected = [], []
+    for curve in curves:
+        try:
+            kept.append(screen(curve))
+        except Skip as skip:
+            rejected.append({"oid": curve.oid, "reason": skip.reason, "detail": skip.detail})
+    return kept, rejected
+
+
 def prepare(curve: Curve, grid_days: int = 100, fit_context_days: float = 100.0,
             until_mjd: float | None = None) -> PreparedCurve:
-    """Cut the curve at ``until_mjd``, choose its window, and select the detections the GP sees. Raises Skip."""
+    """Screen the curve (:func:`screen`), cut it at ``until_mjd``, choose its window, and select the detections the
+    GP sees. Raises Skip."""
+    curve = screen(curve)
     ok = np.isfinite(curve.mjd) & np.isfinite(curve.flux) & np.isfinite(curve.flux_err) & (curve.flux_err > 0) \
         & np.isin(curve.band, (0, 1))
     if until_mjd is not None:

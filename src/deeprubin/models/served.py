@@ -7,12 +7,17 @@
   :func:`load_model` reads it from the registry (``models:/name@alias``, ``models:/name/3``) or a local MLflow model
   directory, :func:`load_checkpoint` from the train stage's Lightning checkpoint (evaluation, before registering),
   :func:`load_exported` the bare network from a local copy (classification worker processes, no MLflow import).
+
+Loading trusts nothing in a model directory: only the pt2 export (``torch.export``) that the MLmodel's ``pytorch``
+flavour names is read, after :mod:`deeprubin.models.trusted` has checked that it holds no pickle and no code;
+anything else raises :class:`~deeprubin.models.trusted.ModelRejected`. MLflow's own loaders (which unpickle a
+``model.pth``) are never called.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
-import tempfile
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
@@ -27,6 +32,7 @@ from torch import nn
 from deeprubin.config import TrainParams
 from deeprubin.lightcurves.tensorize import CHANNELS
 from deeprubin.models.calibration import AgeTemperature
+from deeprubin.models.trusted import ModelRejected  # noqa: F401 (re-exported)
 from deeprubin.outputs import LOGGED_MODEL
 from deeprubin.processed import Preprocessing
 from deeprubin.schema import CLASSES
@@ -193,57 +199,105 @@ def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
     return (name, version, None) if version.isdigit() else None
 
 
-def _metadata(local: str) -> dict[str, Any]:
-    from mlflow.models import Model
+#: MLflow 3's URI of a logged (not registered) model, ``models:/m-<id>``: what training logs before registration.
+LOGGED_MODEL_URI = re.compile(r"models:/m-[0-9a-f]{32}")
+MODEL_SCRATCH = "deeprubin-model-"  # prefix of a registry model's local copy in the temporary directory
 
-    try:
-        return dict((Model.load(local).metadata or {}).get(METADATA_KEY) or {})
-    except Exception:  # noqa: BLE001 - an MLmodel without metadata (older models): the tags decide
-        return {}
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(getattr(exc, "message", None) or exc).split())
+    return text or type(exc).__name__
+
+
+def _local_directory(uri: str) -> Path | None:
+    """The local path that ``uri`` names (a path, or a ``file://`` URI); None for a remote artifact URI."""
+    from urllib.parse import unquote, urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            return None
+        return Path(url2pathname(unquote(parsed.path)))
+    if parsed.scheme and len(parsed.scheme) > 1:  # runs:/, models:/, mlflow-artifacts:/, s3://, http(s)://
+        return None
+    return Path(uri)
 
 
 def load_model(uri: str, tracking_uri: str, default_classes: Iterable[str] = CLASSES) -> ServingModel:
-    """Load ``uri`` (a registry URI or a local MLflow model directory) from ``tracking_uri``.
+    """Load ``uri`` (a registry URI ``models:/name@alias`` / ``models:/name/N``, a local MLflow model directory or
+    ``file://`` URI, or another MLflow artifact URI) from ``tracking_uri``.
 
-    Classes and preprocessing come from the model's MLmodel metadata, else the version's tags; classes fall back
-    to ``default_classes``. A registry alias that points nowhere gives a clear error."""
+    Only a pt2 export is loaded, checked first (:mod:`deeprubin.models.trusted`): a pickled model, custom code or a
+    graph that would run code raises :class:`~deeprubin.models.trusted.ModelRejected` (a ValueError), a missing
+    directory FileNotFoundError, a registry URI that names no version (or a version or alias that does not exist)
+    ValueError / LookupError: one line each, naming the URI. Classes and preprocessing come from the model's MLmodel
+    metadata, else the version's tags; classes fall back to ``default_classes``. A download is kept in a
+    ``deeprubin-model-<pid>-*`` folder of the temporary directory while the model lives, and removed when loading
+    fails."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from deeprubin import scratch
+    from deeprubin.models.trusted import load_checked
     from deeprubin.tracking import using
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     parsed = parse_registry_uri(uri)
+    if parsed is None and uri.startswith("models:/") and not LOGGED_MODEL_URI.fullmatch(uri):
+        name = uri[len("models:/"):].split("/")[0] or "NAME"
+        raise ValueError(f"{uri}: a registry model URI names a version or an alias: models:/{name}@champion or "
+                         f"models:/{name}/3")
     name, version, run_id, tags = Path(uri).name or uri, "local", None, {}
     if parsed is not None:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         name, version_number, alias = parsed
         try:
             mv = (client.get_model_version_by_alias(name, alias) if alias
                   else client.get_model_version(name, version_number))
         except MlflowException as exc:
             what = f"alias @{alias}" if alias else f"version {version_number}"
-            raise LookupError(f"{uri}: the registry at {tracking_uri} has no {what} of {name} ({exc.message})") \
+            raise LookupError(f"{uri}: the registry at {tracking_uri} has no {what} of {name} ({_one_line(exc)})") \
                 from None
         version, run_id, tags = str(mv.version), mv.run_id, dict(mv.tags)
         uri = f"models:/{name}/{version}"  # pin the version: an alias may move while we classify
-    with using(tracking_uri):
-        if Path(uri).is_dir():
-            local = uri
+    local_dir = None if parsed is not None else _local_directory(uri)
+    scratch_dir = None
+    try:
+        if local_dir is not None:
+            if not local_dir.is_dir():
+                raise FileNotFoundError(f"{uri}: no such model directory" if not local_dir.exists()
+                                        else f"{uri}: not a directory (an MLflow model is a directory)")
+            local = str(local_dir)
+            name = local_dir.name or name
         else:  # one download, kept while the model lives: GP worker processes load the network from it
-            scratch = tempfile.mkdtemp(prefix="deeprubin-model-")
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
-        module = mlflow.pytorch.load_model(local)
-    meta = _metadata(str(local))
-    if meta.get("classes"):
-        classes = tuple(meta["classes"])
-    else:
-        classes = tuple(tags[CLASSES_TAG].split(",")) if tags.get(CLASSES_TAG) else tuple(default_classes)
-    preprocessing = (Preprocessing.from_dict(meta["preprocessing"]) if meta.get("preprocessing")
-                     else Preprocessing.from_tags(tags))
-    model = ServingModel(uri=uri, name=name, version=version, classes=classes, module=module, run_id=run_id,
-                         local_path=str(local), preprocessing=preprocessing, calibration=meta.get("calibration"))
-    if local != uri:
-        weakref.finalize(model, shutil.rmtree, scratch, True)
+            scratch_dir = scratch.make(MODEL_SCRATCH)
+            try:
+                with using(tracking_uri):
+                    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch_dir))
+            except Exception as exc:  # noqa: BLE001 - MLflow's many ways of saying "not there": one line
+                raise LookupError(f"{uri}: cannot download the model from {tracking_uri} ({_one_line(exc)})") \
+                    from None
+        module, spec = load_checked(local, uri)
+        meta = spec.get("metadata") if isinstance(spec.get("metadata"), dict) else {}
+        meta = meta.get(METADATA_KEY) if isinstance(meta.get(METADATA_KEY), dict) else {}
+        try:
+            if meta.get("classes"):
+                classes = tuple(str(c) for c in meta["classes"])
+            else:
+                classes = tuple(tags[CLASSES_TAG].split(",")) if tags.get(CLASSES_TAG) else tuple(default_classes)
+            preprocessing = (Preprocessing.from_dict(meta["preprocessing"]) if meta.get("preprocessing")
+                             else Preprocessing.from_tags(tags))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{uri}: its MLmodel metadata ({METADATA_KEY}) is malformed: {_one_line(exc)}") \
+                from None
+        model = ServingModel(uri=uri, name=name, version=version, classes=classes, module=module, run_id=run_id,
+                             local_path=str(local), preprocessing=preprocessing, calibration=meta.get("calibration"))
+    except BaseException:  # a refused or broken model, Ctrl-C, SIGTERM: no copy left behind
+        if scratch_dir is not None:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
+        raise
+    if scratch_dir is not None:
+        weakref.finalize(model, shutil.rmtree, str(scratch_dir), True)
     return model
 
 
@@ -262,11 +316,10 @@ def load_checkpoint(checkpoint: Path | str, preprocessing: Preprocessing | None 
 
 
 def load_exported(model_path: str) -> Any:
-    """The bare network of a local MLflow model copy: the pt2 graph through ``torch.export`` when present (no
-    MLflow import, no pickle: what a classification worker process needs), else MLflow's loader."""
-    exported = sorted(Path(model_path).rglob("model.pt2"))
-    if exported:
-        return torch.export.load(str(exported[0])).module()
-    import mlflow.pytorch
+    """The bare network of a local MLflow model copy (classification worker processes): the pt2 file its MLmodel
+    names, checked as :func:`load_model` checks it (a worker trusts nothing it reads from disk), through
+    ``torch.export``; never MLflow's loader, never a pickle. Raises
+    :class:`~deeprubin.models.trusted.ModelRejected`."""
+    from deeprubin.models.trusted import load_checked
 
-    return mlflow.pytorch.load_model(model_path)
+    return load_checked(model_path)[0]

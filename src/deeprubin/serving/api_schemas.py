@@ -9,19 +9,38 @@ from typing import Annotated, Any, Literal
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 
 MAX_ERRORS_SHOWN = 50
+MAX_OID_LENGTH = 256
+ECHO_CHARS = 100  # an oid or a key echoed in a 422 is cut to this many characters
+MSG_CHARS = 300
 
 
 # --- request and response models -----------------------------------------------------------------------------------
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# JSON numbers only: a numeric string ("60000.5") or a boolean is refused, an integer is a number.
+Finite = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+
+
+def _valid_oid(oid: str) -> str:
+    if not oid.strip():
+        raise ValueError("oid is blank: it needs a character other than white space")
+    try:
+        oid.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"oid is not valid Unicode: a lone surrogate {oid[exc.start]!r} at character {exc.start} "
+                         "(a \\ud800-\\udfff escape must be half of a pair)") from None
+    return oid
+
+
+Oid = Annotated[str, Strict(), Field(min_length=1, max_length=MAX_OID_LENGTH), AfterValidator(_valid_oid)]
 
 
 class Detection(BaseModel):
-    """One detection: time, band, and either difference flux (µJy) or AB magnitude, each with its error."""
+    """One detection: time, band, and either difference flux (µJy) or AB magnitude, each with its error. Numbers
+    are JSON numbers (an integer is one; a numeric string or a boolean is not)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"mjd": 60123.31, "band": "g", "flux": 52.3, "flux_err": 4.1},
@@ -58,7 +77,8 @@ def request_models(max_curves: int, max_detections: int) -> tuple[type[BaseModel
 
         model_config = ConfigDict(extra="forbid")
 
-        oid: str = Field(..., min_length=1, max_length=256, description="Object id, unique within the request.")
+        oid: Oid = Field(..., description=f"Object id, unique within the request: 1 to {MAX_OID_LENGTH} "
+                                          "characters, not all white space.")
         detections: list[Detection] = Field(..., min_length=1, max_length=max_detections,
                                             description=f"At most {max_detections} detections.")
         photometry: Literal["difference", "apparent"] | None = Field(
@@ -158,36 +178,50 @@ class Problem(BaseModel):
 
 # --- validation errors that name the field and the object ---------------------------------------------------------
 
+def shown(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` as it may be echoed in a reply: lone surrogates escaped (``\\ud800``; they cannot be encoded), and
+    cut to ``limit`` characters with an ellipsis and the full length."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _oid_at(body: Any, loc: list) -> str | None:
-    """The oid of the light curve that ``loc`` (light_curves, i, ...) points into, when the body has one."""
+    """The oid of the light curve that ``loc`` (light_curves, i, ...) points into, when the body has one (as it
+    may be echoed: :func:`shown`)."""
     if len(loc) >= 2 and loc[0] == "light_curves" and isinstance(loc[1], int) and isinstance(body, dict):
         curves = body.get("light_curves")
         if isinstance(curves, list) and 0 <= loc[1] < len(curves) and isinstance(curves[loc[1]], dict):
             oid = curves[loc[1]].get("oid")
-            return oid if isinstance(oid, str) else None
+            return shown(oid) if isinstance(oid, str) else None
     return None
 
 
 def validation_error_response(exc: RequestValidationError, content_type: str | None = None) -> JSONResponse:
     """422 with ``message`` (one line per problem: field path, what is wrong, which oid) and ``errors``; the input
-    values are not echoed back (one of them may be the whole request)."""
+    values are not echoed back (one of them may be the whole request), and the oids and keys that are (the field
+    path, the light curve) are cut to ``ECHO_CHARS`` characters, lone surrogates escaped."""
     errors = exc.errors()
     items, lines = [], []
     for e in errors[:MAX_ERRORS_SHOWN]:
-        loc = list(e.get("loc", ()))
+        raw_loc = list(e.get("loc", ()))
+        loc = [p if isinstance(p, int) else shown(str(p)) for p in raw_loc]  # a key may be long, or not Unicode
         path = loc[1:] if loc and loc[0] == "body" else loc
         msg, kind = str(e.get("msg", "invalid")), str(e.get("type", ""))
         if kind == "json_invalid":  # loc is (body, character offset)
             path, msg = [], f"{msg} at character {loc[-1]}: {(e.get('ctx') or {}).get('error', '')}".rstrip(": ")
+        elif kind == "string_unicode":  # a key (or a string) with a lone surrogate: "\\ud800" unpaired
+            msg = ("not valid Unicode: a key or a string in it holds a lone surrogate (a \\ud800-\\udfff escape "
+                   "that is not half of a pair)")
+        msg = shown(msg, MSG_CHARS)
         field = ".".join(str(p) for p in path) or "body"
-        oid = _oid_at(getattr(exc, "body", None), path)
-        items.append({"field": field, "msg": msg, "type": kind, "oid": oid,
-                      "loc": [p if isinstance(p, int) else str(p) for p in loc]})
+        oid = _oid_at(getattr(exc, "body", None), raw_loc[1:] if raw_loc and raw_loc[0] == "body" else raw_loc)
+        items.append({"field": field, "msg": msg, "type": kind, "oid": oid, "loc": loc})
         lines.append(f"{field}: {msg}" + (f" (light curve {oid!r})" if oid else ""))
     if len(errors) > MAX_ERRORS_SHOWN:
         lines.append(f"... and {len(errors) - MAX_ERRORS_SHOWN} more")
     hint = ""
     if content_type is not None and "json" not in content_type.lower():
-        hint = f" (the body must be JSON sent as Content-Type: application/json, not {content_type or 'none'!r})"
+        hint = (" (the body must be JSON sent as Content-Type: application/json, not "
+                f"{shown(content_type) or 'none'!r})")
     return JSONResponse(status_code=422, content=jsonable_encoder(
         {"message": "invalid request" + hint + ": " + "; ".join(lines), "errors": items, "n_errors": len(errors)}))

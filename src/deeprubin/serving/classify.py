@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deeprubin import scratch
 from deeprubin.config import Params
 from deeprubin.lightcurves.presentation import DECLARED_DIFFERENCE, PhotometryPath
 from deeprubin.models.served import ServingModel, load_model
@@ -37,8 +38,8 @@ from deeprubin.processed import Preprocessing
 from deeprubin.progress import Progress, or_silent
 from deeprubin.schema import CLASSES
 from deeprubin.serving.pool import Tensorizer, resolve_workers, tensorize_job
-from deeprubin.serving.reading import READ_ROWS, CurveBatch, NotGroupedError, count_rows, curve_batches, \
-    grouped_objects, partitioned_objects, read_detections, spill_partitions
+from deeprubin.serving.reading import READ_ROWS, CurveBatch, NotGroupedError, check_input, count_rows, \
+    curve_batches, grouped_objects, partitioned_objects, read_detections, spill_partitions
 
 COLUMNS = ["oid", "predicted_class", *[f"p_{c}" for c in CLASSES], "n_det", "days_since_first_detection",
            "photometry", "photometry_declared", "model_name", "model_version", "classified_at"]
@@ -103,6 +104,78 @@ def _rows(t, proba: np.ndarray, model: ServingModel, n_det: dict[str, int], stam
     frame["model_version"] = model.version
     frame["classified_at"] = stamp
     return frame
+
+
+class OutputError(ValueError):
+    """The output cannot be written as asked; found before any work, so nothing was read, written or removed."""
+
+
+OUTPUT_SUFFIXES = (".parquet", ".pq")  # classifications are Parquet, whatever the name; the name must say so
+
+
+def rejections_path(output: Path | str) -> Path:
+    """``<output>.rejected.csv`` (``out.parquet`` -> ``out.rejected.csv``): the rejected objects of a run."""
+    return Path(output).with_suffix(".rejected.csv")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode (hard links, symlinks) or the same resolved path."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def check_paths(output: Path | str, input_path: Path | str | None = None) -> None:
+    """Refuse, before any work, an output the run could not write or should not: one that is (or whose
+    ``.rejected.csv`` is) the input file, however named (symlinks, hard links, ``..``), a directory, a name whose
+    suffix says another format than the Parquet written, or a place that is no writable directory. Raises
+    :class:`OutputError` naming the path and the problem."""
+    output = Path(output)
+    side = rejections_path(output)
+    if input_path is not None:
+        for what, path in (("output", output), ("rejections file", side)):
+            if _same_file(path, Path(input_path)):
+                raise OutputError(f"{what} {path} is the input file {input_path}: classify never writes over or "
+                                  f"removes its input; choose another --output")
+    for what, path in (("output", output), ("rejections file", side)):
+        if path.is_dir():
+            raise OutputError(f"{what} {path} is a directory; name a Parquet file (e.g. {path / 'classes.parquet'})")
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise OutputError(f"output {output}: classifications are written as Parquet, so its name must end in "
+                          f".parquet (not {output.suffix!r}); e.g. {output.with_suffix('.parquet')}")
+    for folder in (output.parent, *output.parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputError(f"output {output}: {folder} is not a directory")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise OutputError(f"output {output}: cannot write in {folder} (permission denied)")
+            break
+        if folder.is_symlink():
+            raise OutputError(f"output {output}: {folder} is a broken symbolic link")
+
+
+def _missing_folders(output: Path) -> list[Path]:
+    """The folders above ``output`` that do not exist yet (made by the run; removed again if it fails)."""
+    missing = []
+    for folder in (Path(output).parent, *Path(output).parent.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def write_atomically(frame: pd.DataFrame, path: Path) -> Path:
@@ -210,7 +283,7 @@ def _finish(tmp: Path, output: Path, upsert: bool, written: _Written) -> tuple[i
         n, per_class = len(merged), {str(k): int(v) for k, v in merged["predicted_class"].value_counts().items()}
     else:
         os.replace(tmp / "out.parquet", output)
-    side = output.with_suffix(".rejected.csv")
+    side = rejections_path(output)
     if written.n_rejected:
         os.replace(tmp / "rejected.csv", side)
         return n, per_class, side
@@ -237,10 +310,11 @@ def run(params, detections: pd.DataFrame, output: Path, model: ServingModel | No
     its rows and never duplicates them); the result then counts the whole file."""
     started = time.perf_counter()
     step = or_silent(progress)
+    check_paths(output)
     model, workers = _prepare_run(params, model, output, workers)
     frames = [detections.sort_values(["oid", "mjd"], kind="stable")] if len(detections) else []
     dropped: Counter = Counter()
-    with tempfile.TemporaryDirectory(prefix=".classify-", dir=Path(output).parent) as tmp:
+    with scratch.folder(CLASSIFY_SCRATCH, Path(output).parent) as tmp:
         batches = curve_batches(frames, params.classify.batch_size, dropped, photometry or params.classify.photometry)
         written = _classify_batches(batches, model, params, Path(tmp), _useful_workers(workers, len(detections)),
                                     step, len(detections))
@@ -251,6 +325,8 @@ def run(params, detections: pd.DataFrame, output: Path, model: ServingModel | No
                           per_photometry=dict(written.per_photometry))
 
 
+CLASSIFY_SCRATCH = ".classify-"  # the run's scratch folder beside the output: .classify-<pid>-*; a killed
+# run's (its process dead) is removed by the next run in that folder
 MIN_ROWS_FOR_POOL = 20_000  # a process pool costs a second or two to start: not worth it for a small input
 
 
@@ -262,6 +338,25 @@ def run_file(params, input_path: Path | str, output: Path, model: ServingModel |
              progress: Progress | None = None, upsert: bool = False, workers: int | None = None,
              read_rows: int = READ_ROWS, min_rows_for_pool: int = MIN_ROWS_FOR_POOL,
              interpolator=None) -> ClassifyResult:
+    """Classify a detections file of any size (:func:`_run_file`), after checking, before any work, that the input
+    is a readable file and the output may be written (:func:`check_paths`: never over, or in place of, the input).
+    A failed run leaves nothing behind: no temporary file, no folder it made, ``output`` as it was."""
+    input_path = Path(input_path)
+    check_input(input_path)
+    check_paths(output, input_path)
+    made = _missing_folders(Path(output))
+    try:
+        return _run_file(params, input_path, output, model, progress, upsert, workers, read_rows, min_rows_for_pool,
+                         interpolator)
+    except BaseException:
+        _remove_if_empty(made)
+        raise
+
+
+def _run_file(params, input_path: Path | str, output: Path, model: ServingModel | None = None,
+              progress: Progress | None = None, upsert: bool = False, workers: int | None = None,
+              read_rows: int = READ_ROWS, min_rows_for_pool: int = MIN_ROWS_FOR_POOL,
+              interpolator=None) -> ClassifyResult:
     """Classify a detections file of any size (Parquet or CSV, any contract-mapped columns) in bounded memory.
 
     Input grouped by object streams in one pass. When an object's rows turn out not to be contiguous, the partial
@@ -276,7 +371,7 @@ def run_file(params, input_path: Path | str, output: Path, model: ServingModel |
     estimate = total_rows if total_rows is not None else (input_path.stat().st_size // 40 if input_path.exists()
                                                           else 0)  # ~40 bytes per CSV row
     workers = _useful_workers(workers, estimate, min_rows_for_pool)
-    with tempfile.TemporaryDirectory(prefix=".classify-", dir=Path(output).parent) as tmp:
+    with scratch.folder(CLASSIFY_SCRATCH, Path(output).parent) as tmp:
         tmp = Path(tmp)
         dropped: Counter = Counter()
         grouped = True

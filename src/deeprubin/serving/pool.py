@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from typing import Any, Iterable, Iterator
 
@@ -38,10 +42,48 @@ WORKER_PRELOAD = ["deeprubin.serving.pool", "deeprubin.lightcurves.tensorize", "
                   "torch.export.pt2_archive._package", "torch._export.serde.serialize"]
 
 
-def _init_worker(model_path: str | None) -> None:
+PARENT_CHECK_S = 1.0  # how often a worker checks that the run that started it is still alive
+
+
+def _die_with_parent(main_pid: int | None) -> None:
+    """End this worker when the run that started it ends, however it ends (kill -9 included): a worker blocks on
+    its task queue, which it holds open itself, so it would otherwise live on (a model and a GP, ~1 GB).
+
+    Linux: the kernel sends SIGKILL when the parent (the forkserver, which exits with the run, or the run itself)
+    exits (``PR_SET_PDEATHSIG``). Everywhere: a daemon thread exits the process once the parent changes or the
+    run's process is gone."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def gone() -> bool:
+        from deeprubin.scratch import pid_alive
+
+        return os.getppid() != parent or (main_pid is not None and not pid_alive(main_pid))
+
+    if gone():  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_S)
+            if gone():
+                os._exit(1)
+
+    threading.Thread(target=watch, name="deeprubin-parent-watch", daemon=True).start()
+
+
+def _init_worker(model_path: str | None, main_pid: int | None = None) -> None:
     global _WORKER_MODEL
     import torch
 
+    _die_with_parent(main_pid)
     torch.set_num_threads(1)  # one process per core: more threads would only fight the other workers
     if model_path:
         _WORKER_MODEL = load_exported(model_path)
@@ -81,7 +123,7 @@ class Tensorizer:
                 ctx.set_forkserver_preload(WORKER_PRELOAD)
             shipped = model is not None and model.device == "cpu" and model.local_path is not None
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(model.local_path if shipped else None,))
+                                            initargs=(model.local_path if shipped else None, os.getpid()))
 
     def map(self, jobs: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
         """``(key, job)`` pairs -> ``(key, (Tensors, probabilities or None))`` in order."""

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 from deeprubin.lightcurves import presentation
 from deeprubin.lightcurves.tensorize import curves_from_detections
 from deeprubin.processed import partition_of
-from deeprubin.schema import DETECTIONS_SCHEMA, SchemaError, map_detections, map_photometry, to_arrow, \
-    validate_detections
+from deeprubin.schema import DETECTIONS_SCHEMA, MJD_FROM_JD, PLAUSIBILITY_REASONS, TIME_LOOKS_LIKE_JD, \
+    TIME_NOT_PLAUSIBLE_MJD, Rejection, SchemaError, map_detections, map_photometry, to_arrow, validate_detections
 
 READ_ROWS = 65_536  # detections parsed per chunk of the input file
 SPILL_BYTES = 32 * 2**20  # input bytes per on-disk partition when the input is not grouped by object
@@ -34,14 +34,67 @@ class NotGroupedError(Exception):
     """The input's rows of one object are not contiguous (it is then partitioned on disk first)."""
 
 
+class UnreadableInputError(SchemaError):
+    """The input file cannot be read (corrupt pages or footer, not text, not the format its name says); the
+    message names the file and the problem."""
+
+
+def unreadable(path: Path, exc: BaseException) -> UnreadableInputError:
+    what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UnreadableInputError(f"input file {path} cannot be read: {what}")
+
+
+# What a damaged or mislabelled file raises while it is parsed (pyarrow's errors are OSError or ValueError
+# subclasses; pandas' parser errors and UnicodeDecodeError are ValueErrors).
+_READ_ERRORS = (OSError, ValueError, pa.ArrowException, EOFError)
+
+
+def _format(path: Path) -> str:
+    suffix = "".join(path.suffixes[-2:]).lower()
+    if suffix.endswith((".parquet", ".pq")):
+        return "parquet"
+    if suffix.endswith((".csv", ".csv.gz")):
+        return "csv"
+    raise SchemaError(f"{path}: unknown format {path.suffix!r}; expected .parquet or .csv")
+
+
+def check_input(path: Path | str) -> None:
+    """Refuse, before any work, an input that is missing, not a file, or of an unknown format (by its name)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if not path.is_file():
+        raise UnreadableInputError(f"input file {path} is not a file" + (" but a directory" if path.is_dir() else ""))
+    _format(path)
+
+
 def _raw_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
     suffix = "".join(path.suffixes[-2:]).lower()
     if suffix.endswith((".parquet", ".pq")):
-        reader = pq.ParquetFile(path)
-        for batch in reader.iter_batches(batch_size=rows):
-            yield batch.to_pandas()
+        try:
+            reader = pq.ParquetFile(path)
+            batches = reader.iter_batches(batch_size=rows)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                yield batch.to_pandas()
+        except _READ_ERRORS as exc:
+            raise unreadable(path, exc) from exc
     elif suffix.endswith((".csv", ".csv.gz")):
-        yield from pd.read_csv(path, chunksize=rows)
+        try:
+            reader = pd.read_csv(path, chunksize=rows)
+            while True:
+                try:
+                    chunk = next(reader)
+                except StopIteration:
+                    return
+                yield chunk
+        except pd.errors.EmptyDataError:
+            raise UnreadableInputError(f"input file {path} is empty (no header row)") from None
+        except _READ_ERRORS as exc:
+            raise unreadable(path, exc) from exc
     else:
         raise SchemaError(f"{path}: unknown format {path.suffix!r}; expected .parquet or .csv")
 
@@ -49,7 +102,12 @@ def _raw_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
 def count_rows(path: Path) -> int | None:
     """Rows of a Parquet file from its footer (None for CSV: counting would read it all)."""
     path = Path(path)
-    return pq.ParquetFile(path).metadata.num_rows if path.suffix.lower() in (".parquet", ".pq") else None
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except _READ_ERRORS as exc:
+        raise unreadable(path, exc) from exc
 
 
 def read_detections(path: Path | str, rows: int = READ_ROWS) -> Iterator[pd.DataFrame]:
@@ -66,13 +124,24 @@ def read_detections(path: Path | str, rows: int = READ_ROWS) -> Iterator[pd.Data
         yield detections
 
 
+def missing_oid(oid: pd.Series) -> np.ndarray:
+    """Rows with no object id (null, or blank): validation drops them ("missing object id"); they belong to no
+    object, so they never count as one for grouping."""
+    return (oid.isna() | (oid.astype(str).str.strip() == "")).to_numpy(dtype=bool)
+
+
 def grouped_objects(chunks: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     """Frames of whole objects from chunks whose rows are grouped by oid (each object's rows contiguous, the usual
     layout of exports). The trailing object of a chunk waits for the next one; an object seen again after its rows
-    ended raises :class:`NotGroupedError`."""
+    ended raises :class:`NotGroupedError`. Rows without an oid, wherever they are, come as a frame of their own (for
+    validation to drop and count)."""
     done: set[str] = set()
     carry: pd.DataFrame | None = None
     for chunk in chunks:
+        orphans = missing_oid(chunk["oid"]) if len(chunk) else np.zeros(0, dtype=bool)
+        if orphans.any():
+            yield chunk.loc[orphans]
+            chunk = chunk.loc[~orphans]
         if carry is not None and len(carry):
             chunk = pd.concat([carry, chunk], ignore_index=True)
         if chunk.empty:
@@ -81,7 +150,8 @@ def grouped_objects(chunks: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         starts = np.r_[0, np.flatnonzero(oid[1:] != oid[:-1]) + 1]
         runs = oid[starts]
         if len(set(runs)) != len(runs) or not done.isdisjoint(runs):
-            again = next(o for o in runs if o in done or (runs == o).sum() > 1)
+            seen: set[str] = set()
+            again = next((o for o in runs if o in done or o in seen or seen.add(o)), runs[0])
             raise NotGroupedError(f"the rows of object {again} are not contiguous")
         tail = int(starts[-1])
         done.update(runs[:-1])
@@ -120,15 +190,34 @@ def _validated(frame: pd.DataFrame, dropped: Counter) -> tuple[pd.DataFrame, lis
     """Contract validation of a frame of whole objects: bad points dropped (counted by reason); an object left with
     no detection is rejected with the reasons its points were dropped for."""
     clean, report = validate_detections(frame)
-    reasons: dict[str, list[str]] = {}
+    reasons: dict[str, list[Rejection]] = {}
     for r in report.rejections:
         if r.rows:
             dropped[r.reason] += r.rows
-            reasons.setdefault(r.oid, []).append(f"{r.rows} x {r.reason}")
-    gone = set(frame["oid"].astype(str)) - set(clean["oid"].astype(str))
-    rejected = [{"oid": o, "reason": "no valid detection", "detail": "; ".join(reasons.get(o, []))}
-                for o in sorted(gone)]
+            reasons.setdefault(r.oid, []).append(r)
+    named = frame.loc[~missing_oid(frame["oid"]), "oid"].astype(str)  # rows without an oid are no object
+    gone = set(named) - set(clean["oid"].astype(str))
+    rejected = [_rejection(o, reasons.get(o, []), frame) for o in sorted(gone)]
     return clean, rejected
+
+
+def _rejection(oid: str, mine: list[Rejection], frame: pd.DataFrame) -> dict[str, str]:
+    """An object none of whose points survived validation: named by its implausibility (a JD where an MJD belongs,
+    a sentinel magnitude) when that is why every point went, else "no valid detection"; the detail counts each
+    reason."""
+    why = {r.reason for r in mine}
+    detail = "; ".join(f"{r.rows} x {r.reason}" for r in mine)
+    if len(why) == 1 and why <= set(PLAUSIBILITY_REASONS):
+        reason = why.pop()
+        if reason in (TIME_LOOKS_LIKE_JD, TIME_NOT_PLAUSIBLE_MJD):
+            mjd = frame.loc[frame["oid"].astype(str) == oid, "mjd"].to_numpy(dtype=float)
+            mjd = mjd[np.isfinite(mjd)]
+            if len(mjd):
+                detail += f"; times {mjd.min():.5f} to {mjd.max():.5f}" + (
+                    f" (as MJD: {mjd.min() - MJD_FROM_JD:.5f} to {mjd.max() - MJD_FROM_JD:.5f})"
+                    if reason == TIME_LOOKS_LIKE_JD else "")
+        return {"oid": oid, "reason": reason, "detail": detail}
+    return {"oid": oid, "reason": "no valid detection", "detail": detail}
 
 
 @dataclass

@@ -20,18 +20,25 @@ the model they started with; a failed reload keeps the old model and is logged (
 
 Limits (``serve``): bodies over ``max_request_bytes`` get 413 before any parsing (Content-Length, or the bytes
 counted as they stream in); more than ``max_curves_per_request`` light curves or ``max_detections_per_curve``
-detections in one curve get 422. The server binds 127.0.0.1 unless told otherwise.
+detections in one curve get 422. Stalled clients are bounded: a request head not whole ``header_timeout_s`` after
+the connection opened is closed (408 when half of one came), a body not whole ``body_timeout_s`` after its head gets
+408 and the connection is closed, an idle kept-alive connection goes after ``keep_alive_timeout_s``, and past
+``max_concurrency`` open connections a new request gets 503 at once. The server binds 127.0.0.1 unless told
+otherwise.
 
 Run it with :func:`serve` (or ``deeprubin serve-api --set serve.port=8001``). The request and response schemas, and
 the 422 reply, are in :mod:`deeprubin.serving.api_schemas`.
 """
 
+import asyncio
 import copy
 import ipaddress
+import json
 import logging
 import logging.config
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -48,8 +55,9 @@ from starlette.concurrency import run_in_threadpool
 from deeprubin import __version__
 from deeprubin.config import Params
 from deeprubin.lightcurves import presentation
-from deeprubin.lightcurves.tensorize import Curve
+from deeprubin.lightcurves.tensorize import Curve, screen_curves
 from deeprubin.models.served import load_model, parse_registry_uri
+from deeprubin.models.trusted import ModelRejected
 from deeprubin.schema import BAND_INDEX, CLASSES, mag_to_flux
 from deeprubin.serving.api_schemas import (
     ClassifyResponse,
@@ -58,6 +66,7 @@ from deeprubin.serving.api_schemas import (
     Problem,
     ValidationErrorResponse,
     request_models,
+    shown,
     validation_error_response,
 )
 from deeprubin.serving.classify import classify_curves, serving_settings
@@ -100,6 +109,7 @@ class ModelHolder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = None
+        self._refused: tuple[str, str] | None = None  # (version, error) of a version refused as untrusted
 
     @property
     def loaded(self) -> bool:
@@ -119,8 +129,11 @@ class ModelHolder:
         try:
             model = self._load(self.uri)
         except Exception as exc:
-            reason = str(exc) if isinstance(exc, LookupError) else f"{type(exc).__name__}: {exc}"
-            raise ServiceError(f"cannot load the model {self.uri} from {self.tracking_uri}: {reason}") from exc
+            # A refused model, a missing directory, an unknown version: their messages say it all, on one line.
+            reason = str(exc) if isinstance(exc, (LookupError, ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+            reason = reason.removeprefix(f"{self.uri}: ")  # named once is enough
+            raise ServiceError(" ".join(f"cannot load the model {self.uri} from {self.tracking_uri}: {reason}"
+                                        .split())) from exc
         self._swap(model)
         self.last_checked_at = _now()
         return model
@@ -140,25 +153,35 @@ class ModelHolder:
         """Look the alias up now; load and swap in the version it points at when that changed. True if swapped.
 
         A failure (registry unreachable, alias deleted, model unloadable) is logged and recorded in
-        ``last_reload_error``; the current model keeps serving."""
+        ``last_reload_error``; the current model keeps serving. A version refused as untrusted (not a pt2 export:
+        :class:`~deeprubin.models.trusted.ModelRejected`) is logged once and not tried again while the alias points
+        at it; a transient failure is retried at the next check."""
         if self.alias is None:  # a pinned version or a local directory: nothing to follow
             self.last_checked_at = _now()
             return False
         with self._check_lock:
+            version = None
             try:
                 version = self._alias_version()
                 current = getattr(self.model, "version", None)
                 if version == current:
                     self.last_reload_error = None
                     return False
-                model = self._load(self.uri)
-                if getattr(model, "version", None) == current:  # the alias moved back meanwhile
+                if self._refused is not None and version == self._refused[0]:  # refused (and logged) already:
+                    self.last_reload_error = self._refused[1]  # keep serving, do not load it again
                     return False
+                model = self._load(f"models:/{self.alias[0]}/{version}")  # pinned: the version looked up
                 self._swap(model)
                 self.last_reload_error = None
                 log.info("now serving %s version %s (was %s), followed %s", model.name, model.version, current,
                          self.uri)
                 return True
+            except ModelRejected as exc:
+                self.last_reload_error = f"{_now()}: {type(exc).__name__}: {exc}"
+                self._refused = (version, self.last_reload_error)
+                log.error("refused version %s of %s, still serving version %s (not retried while %s points at it): "
+                          "%s", version, self.alias[0], getattr(self.model, "version", None), self.uri, exc)
+                return False
             except Exception as exc:  # noqa: BLE001 -- keep serving the old model
                 self.last_reload_error = f"{_now()}: {type(exc).__name__}: {exc}"
                 log.error("reload of %s failed, still serving version %s: %s", self.uri,
@@ -192,17 +215,20 @@ def holder_for(params: Params, model_loader: ModelLoader | None = None) -> Model
                        reload_interval_s=params.serve.reload_interval_s, device=params.classify.device)
 
 
-# --- request size bound --------------------------------------------------------------------------------------------
+# --- request bounds: size, time, connections --------------------------------------------------------------------------
 
 class BodySizeLimit:
-    """ASGI middleware: a body over ``max_bytes`` gets 413 before the app sees (or parses) any of it.
+    """ASGI middleware: a body over ``max_bytes`` gets 413 before the app sees (or parses) any of it, and a body that
+    has not wholly arrived ``timeout_s`` seconds after the request head (``serve.body_timeout_s``; a body shorter than
+    its Content-Length, a stalled upload) gets 408. Both replies close the connection.
 
     A declared Content-Length over the limit is refused at once; otherwise the body is read as it streams in
     (chunked bodies too), counting bytes, and refused as soon as the count passes the limit. A body within the limit
     is handed to the app whole (FastAPI reads it whole anyway)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float | None = None):
         self.app, self.max_bytes = app, int(max_bytes)
+        self.timeout_s = None if timeout_s is None else float(timeout_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -216,18 +242,29 @@ class BodySizeLimit:
                     return await _send_json(send, 400, {"message": "Content-Length is not a number"})
         if length is not None and length > self.max_bytes:
             return await self._too_large(send, f"Content-Length {length}")
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                return await self._too_large(send, f"more than {self.max_bytes} bytes sent")
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        chunks, size, too_large = [], 0, False
+        try:
+            async with asyncio.timeout(self.timeout_s):  # None: no deadline
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body = message.get("body", b"")
+                    size += len(body)
+                    if size > self.max_bytes:
+                        too_large = True
+                        break
+                    chunks.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            expected = "" if length is None else f" of {length}"
+            log.info("408 to %s: %d%s body bytes in %g s", _client(scope), size, expected, self.timeout_s)
+            return await _send_json(send, 408, {
+                "message": f"request body not received within {self.timeout_s:g} s ({size}{expected} bytes "
+                           f"arrived); the limit is serve.body_timeout_s"})
+        if too_large:
+            return await self._too_large(send, f"more than {self.max_bytes} bytes sent")
         replayed = False
 
         async def replay():
@@ -244,14 +281,79 @@ class BodySizeLimit:
                                                 f"bytes (serve.max_request_bytes)"})
 
 
-async def _send_json(send, status: int, content: dict) -> None:
-    import json
+def _client(scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "a client"
 
+
+async def _send_json(send, status: int, content: dict) -> None:
     body = json.dumps(content).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def bounded_http_protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline on the request head (``serve.header_timeout_s``).
+
+    uvicorn bounds an idle kept-alive connection (``timeout_keep_alive``) but nothing else before a request head is
+    whole: a connection that never sends one, or sends half of one (or dribbles it a byte at a time), would be held
+    forever, and each counts against ``limit_concurrency``. Here the head must be whole ``header_timeout_s`` seconds
+    after the connection opened, or after the first byte of the next request on a kept-alive connection; otherwise
+    the connection is closed, with a 408 when part of a head had come (silently when nothing had: that is an idle
+    connection). The body has its own deadline (:class:`BodySizeLimit`)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps({"message": f"request head not received within {header_timeout_s:g} s; the limit is "
+                                  f"serve.header_timeout_s"}).encode()
+    timed_out = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)) + body
+
+    class BoundedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._arm_head_timer()  # part of a head: it must be whole in time (one deadline per request)
+            else:
+                self._cancel_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            partial = len(self.conn.trailing_data[0])
+            if partial:
+                peer = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+                log.info("408 to %s: %d bytes of a request head in %g s", peer, partial, header_timeout_s)
+                self.transport.write(timed_out)
+            try:
+                self.conn.send(h11.ConnectionClosed())
+            except h11.LocalProtocolError:
+                pass
+            self.transport.close()  # the 408 is flushed first
+
+    return BoundedH11Protocol
 
 
 # --- the app -------------------------------------------------------------------------------------------------------
@@ -312,7 +414,7 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
                     "photometry, or apparent magnitudes (`photometry`: declared per curve or request, else "
                     "recognised). Invalid payloads get 422 naming the field; bodies over the size limit get 413.")
     app.state.models = holder
-    app.add_middleware(BodySizeLimit, max_bytes=sp.max_request_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=sp.max_request_bytes, timeout_s=sp.body_timeout_s)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -323,14 +425,16 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
         started = time.perf_counter()
         settings = serving_settings(model, params)  # the model's own window and GP context
         declared = {lc.oid: lc.photometry for lc in light_curves if lc.photometry is not None}
-        resolved = presentation.resolve([_curve(lc) for lc in light_curves],
+        # implausible points dropped, implausible objects rejected, before the photometry is resolved
+        curves, implausible = screen_curves([_curve(lc) for lc in light_curves])
+        resolved = presentation.resolve(curves,
                                         photometry or params.classify.photometry, declared)
         out, rejected = classify_curves(resolved.curves, model, settings.grid_days, settings.fit_context_days,
                                         batch_size, paths=resolved.paths)
         ms = (time.perf_counter() - started) * 1e3
         return {"model": {"name": model.name, "version": str(model.version), "uri": model.uri},
                 "classifications": _classifications(out),
-                "rejected": resolved.rejected + _rejections(rejected)}, ms
+                "rejected": implausible + resolved.rejected + _rejections(rejected)}, ms
 
     too_large = {413: {"model": Problem, "description": f"Body over {sp.max_request_bytes} bytes."},
                  422: {"model": ValidationErrorResponse, "description": "Invalid payload; the field is named."},
@@ -348,7 +452,7 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
             if lc.oid in seen:
                 raise RequestValidationError([{
                     "type": "value_error", "loc": ("body", "light_curves", i, "oid"),
-                    "msg": f"duplicate oid {lc.oid!r} (also light_curves.{seen[lc.oid]}.oid)"}],
+                    "msg": f"duplicate oid {shown(lc.oid)!r} (also light_curves.{seen[lc.oid]}.oid)"}],
                     body={"light_curves": [{"oid": c.oid} for c in request.light_curves]})
             seen[lc.oid] = i
         model = holder.model  # read once: a reload during this request does not change it
@@ -426,6 +530,21 @@ def _log_config() -> dict:
     return config
 
 
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM (``deeprubin down``, a service manager) end the service as Ctrl-C does: uvicorn shuts down
+    gracefully and re-raises the signal, which then becomes KeyboardInterrupt, so ``finally`` blocks and exit
+    handlers run (the model's temporary copy is removed) rather than the process dying where it stands. Returns
+    the function that puts the previous handler back. Only the main thread can set handlers: elsewhere, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def serve(params: Params, host: str | None = None, port: int | None = None, *,
           model_loader: ModelLoader | None = None, torch_threads: int | None = None,
           ready: Callable[[str], None] | None = None) -> None:
@@ -442,8 +561,13 @@ def serve(params: Params, host: str | None = None, port: int | None = None, *,
     if not is_loopback(host):
         log.warning("binding %s: the service is reachable from other machines, without authentication; "
                     "prefer 127.0.0.1 behind a reverse proxy", host)
+    restore_sigterm = _sigterm_as_interrupt()  # deeprubin down: ends like Ctrl-C, the model's copy removed
     holder = holder_for(params, model_loader)
-    model = holder.load()
+    try:
+        model = holder.load()
+    except BaseException:
+        restore_sigterm()
+        raise
     log.info("loaded %s version %s (%s)", model.name, model.version, model.uri)
     app = create_app(params, holder=holder, torch_threads=torch_threads)
 
@@ -462,9 +586,17 @@ def serve(params: Params, host: str | None = None, port: int | None = None, *,
                 print(f"DeepRubin classification service: {url} (model {model.name} version {model.version}; "
                       f"docs {url}/docs)", flush=True)
 
+    sp = params.serve
+    # Stalled clients are bounded: a head not whole within header_timeout_s or a body within body_timeout_s closes
+    # the connection (408), an idle kept-alive one goes after keep_alive_timeout_s, and past max_concurrency open
+    # connections a new request gets 503 at once, so they cannot hold memory or sockets for ever.
     config = uvicorn.Config(app, host=host, port=port, log_config=_log_config(), timeout_graceful_shutdown=10,
-                            server_header=False)
+                            server_header=False, http=bounded_http_protocol(sp.header_timeout_s),
+                            limit_concurrency=sp.max_concurrency,
+                            timeout_keep_alive=sp.keep_alive_timeout_s)  # type: ignore[arg-type]  # a float is fine
     try:
         Server(config).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is the normal way out
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (or SIGTERM) after its graceful shutdown: the normal way out
         pass
+    finally:
+        restore_sigterm()
