@@ -288,9 +288,13 @@ class ProcessedDataModule(pl.LightningDataModule):
                  full_view_probability: float | None = None, redshift_views: int = 0,
                  redshifts: Mapping[str, float] | None = None, redshift_max_peak_mag: float = 20.0,
                  shuffle_seed: int | None = None, simulated_classes: Sequence[str] | None = None,
-                 gp_draws: float = 0.0):
+                 gp_draws: float = 0.0, selection_views: int = 0):
         super().__init__()
         self.gp_draws = gp_draws
+        if selection_views and raw_dir is None:
+            raise ValueError("selection_views refit the GP on cut validation curves: they need raw_dir")
+        self.selection_views = selection_views
+        self._selection: TensorDataset | None = None  # whole validation curves + their cuts (val_dataloader)
         if simulated_classes is not None and raw_dir is None:
             raise ValueError("simulated_classes reads each object's label source from raw_dir: it needs raw_dir")
         self.simulated_classes = None if simulated_classes is None else frozenset(simulated_classes)
@@ -365,6 +369,8 @@ class ProcessedDataModule(pl.LightningDataModule):
             self._train_object_weights = self._source_class_weights(index)
         if self.truncations > 0 or (self.redshift_views > 0 and self.redshifts):
             self._add_truncated_views(index)
+        if self.selection_views > 0:
+            self._add_selection_views(index)
 
     def _label_sources(self) -> pd.Series:
         """oid -> label source (``simulated``, ``bts:spectroscopic``, ...) from ``raw_dir``'s objects table."""
@@ -405,6 +411,20 @@ class ProcessedDataModule(pl.LightningDataModule):
         self._train_groups = [np.asarray(g) for g in groups]
         self.train_views = pd.DataFrame({"oid": owners, "days": days})
 
+    def _add_selection_views(self, index: pd.DataFrame) -> None:
+        """The validation loader's set: every validation object's whole curve, then its cuts (``dataset("val")``
+        keeps the whole curves only, one row per object, for calibration and reports)."""
+        settings = preprocessing_of(self.processed_dir)
+        val = index.loc[index["split"] == "val"].reset_index(drop=True)
+        detections = RawStore(self.raw_dir).read().detections
+        xv, owners, _ = truncated_views(detections, val["oid"].astype(str), self.selection_views,
+                                        self.truncation_min_days, self.seed + 1, settings.grid_days,
+                                        settings.fit_context_days, self.truncation_max_days)
+        target = dict(zip(val["oid"].astype(str), val["target"].to_numpy()))
+        full_x, full_y = self._data["val"].tensors
+        yv = torch.as_tensor(np.array([target[o] for o in owners], dtype=np.int64))
+        self._selection = TensorDataset(torch.cat([full_x, torch.from_numpy(xv)]), torch.cat([full_y, yv]))
+
     def targets(self, split: str) -> np.ndarray:
         """One target per object of the split (augmented views of training objects are not counted again)."""
         y = self._data[split].tensors[1].numpy()
@@ -438,6 +458,9 @@ class ProcessedDataModule(pl.LightningDataModule):
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self._selection is not None:
+            return DataLoader(self._selection, batch_size=self.batch_size, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from deeprubin.config import IngestParams, Params, PreprocessParams, SimulatorParams
 from deeprubin.data import ProcessedDataModule
 from deeprubin.models.lit import MONITOR, LitTCN, default_callbacks
+from deeprubin.models.tcn import age_days
 from deeprubin.processed import load_processed
 from deeprubin.schema import CLASSES
 from deeprubin.stages import ingest, preprocess
@@ -218,3 +219,25 @@ def test_gp_draws_move_training_means_within_their_uncertainty(processed):
     lag1 = float((z[..., 1:] * z[..., :-1]).mean() / z.pow(2).mean())
     assert lag1 > 0.8  # smooth over days, not white noise
     assert torch.equal(next(iter(plain.val_dataloader()))[0], next(iter(drawn.val_dataloader()))[0])
+
+
+def test_selection_views_add_cuts_of_validation_objects_to_the_validation_loader_only(processed):
+    """selection_views: the validation loader (what early stopping and the checkpoint read) holds every whole
+    validation curve then cuts of them with their owners' labels; ``dataset("val")`` keeps one row per object
+    (calibration and reports), and the training set is unchanged."""
+    plain = ProcessedDataModule(processed, batch_size=8, seed=3)
+    cut = ProcessedDataModule(processed, batch_size=8, seed=3, raw_dir=processed.parent / "raw", selection_views=3)
+    for dm in (plain, cut):
+        dm.setup("fit")
+    whole_x, whole_y = plain.dataset("val").tensors
+    assert torch.equal(cut.dataset("val").tensors[0], whole_x) and len(cut.dataset("train")) == len(plain.dataset("train"))
+    xs, ys = zip(*cut.val_dataloader())
+    x, y = torch.cat(xs), torch.cat(ys)
+    n = len(whole_y)
+    assert n < len(y) <= 4 * n
+    assert torch.equal(x[:n], whole_x) and torch.equal(y[:n], whole_y)
+    assert set(y[n:].tolist()) <= set(whole_y.tolist())
+    # A cut ends earlier than its whole curve: the age read from the input is smaller.
+    assert float(age_days(x[n:]).mean()) < float(age_days(whole_x).mean())
+    with pytest.raises(ValueError, match="raw_dir"):
+        ProcessedDataModule(processed, selection_views=2)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from deeprubin.models.tcn import SHAPE_FEATURES, TCN, observed_mask, receptive_field, shape_features
+from deeprubin.models.tcn import SHAPE_FEATURES, TCN, TCNEnsemble, observed_mask, receptive_field, shape_features
 
 
 def since_value(dt: float, grid_days: int = 100) -> float:
@@ -202,3 +202,37 @@ def test_shape_features_are_finite_for_negative_and_zero_flux():
     f = shape_features(x, observed_mask(x))
     assert torch.isfinite(f).all()
     assert f.shape == (2, len(SHAPE_FEATURES))
+
+
+def test_ensemble_probability_is_the_mean_of_its_members_and_exports():
+    torch.manual_seed(0)
+    members = [TCN(shape=True).eval() for _ in range(3)]
+    ensemble = TCNEnsemble(members).eval()
+    x = young_object(n=4, last_day=40)
+    mean = torch.stack([torch.softmax(m(x), dim=1) for m in members]).mean(dim=0)
+    assert torch.allclose(torch.softmax(ensemble(x), dim=1), mean, atol=1e-6)
+    assert torch.allclose(ensemble(x).exp().sum(dim=1), torch.ones(4), atol=1e-5)  # log-probabilities
+    assert not torch.allclose(members[0](x), members[1](x))  # different initialisations
+    assert ensemble.receptive_field == members[0].receptive_field
+    exported = torch.export.export(ensemble, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    y = young_object(n=5, last_day=30)
+    assert torch.allclose(exported.module()(y), ensemble(y), atol=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        TCNEnsemble(members[:1])
+
+
+def test_each_member_of_a_trained_ensemble_learns_on_its_own_loss():
+    """LitTCN(members=2): the training loss is the mean of the members' losses (each gets its own gradient), the
+    logged metric is the ensemble's."""
+    from deeprubin.models.lit import LitTCN
+
+    torch.manual_seed(0)
+    lit = LitTCN(members=2, hidden=8, levels=3, dropout=0.0)
+    x, y = young_object(n=8, last_day=40), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    loss = lit._step((x, y), "train", lit.train_f1)
+    per_member = [torch.nn.functional.cross_entropy(m(x), y) for m in lit.model.members]
+    assert torch.allclose(loss, torch.stack(per_member).mean())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for m in lit.model.members for p in m.head.parameters())
+    with pytest.raises(ValueError, match="members"):
+        LitTCN(members=0)

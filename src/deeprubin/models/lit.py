@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torchmetrics.classification import MulticlassF1Score
 
-from deeprubin.models.tcn import TCN
+from deeprubin.models.tcn import TCN, TCNEnsemble
 from deeprubin.schema import CLASSES
 
 MONITOR = "val/macro_f1"
@@ -38,7 +38,7 @@ class LitTCN(pl.LightningModule):
     def __init__(self, n_channels: int = 6, classes: Sequence[str] = CLASSES, hidden: int = 32,
                  kernel_size: int = 3, levels: int = 5, dropout: float = 0.1, lr: float = 1e-3,
                  class_weights: Sequence[float] | None = None, lr_plateau_patience: int = 0, readout: str = "mean",
-                 flux_scale: float | None = None, shape: bool = False):
+                 flux_scale: float | None = None, shape: bool = False, members: int = 1):
         super().__init__()
         classes = [str(c) for c in classes]
         if class_weights is not None:
@@ -48,13 +48,17 @@ class LitTCN(pl.LightningModule):
         self.save_hyperparameters({"n_channels": n_channels, "classes": classes, "hidden": hidden,
                                    "kernel_size": kernel_size, "levels": levels, "dropout": dropout, "lr": lr,
                                    "class_weights": class_weights, "lr_plateau_patience": lr_plateau_patience,
-                                   "readout": readout, "flux_scale": flux_scale, "shape": shape})
+                                   "readout": readout, "flux_scale": flux_scale, "shape": shape,
+                                   "members": members})
         self.classes = tuple(classes)
         self.lr = lr
         self.lr_plateau_patience = lr_plateau_patience
         self.calibration: dict | None = None  # fitted after training (store_calibration), restored on load
-        self.model = TCN(n_channels, len(classes), hidden, kernel_size, levels, dropout, readout=readout,
-                         flux_scale=flux_scale, shape=shape)
+        if members < 1:
+            raise ValueError(f"members must be at least 1; got {members}")
+        nets = [TCN(n_channels, len(classes), hidden, kernel_size, levels, dropout, readout=readout,
+                    flux_scale=flux_scale, shape=shape) for _ in range(members)]
+        self.model = nets[0] if members == 1 else TCNEnsemble(nets)
         self.register_buffer("class_weights",
                              None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32))
         k = len(classes)
@@ -70,8 +74,13 @@ class LitTCN(pl.LightningModule):
 
     def _step(self, batch, stage: str, metric: MulticlassF1Score) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        logits = self(x)
-        loss = self.loss(logits, y)
+        if isinstance(self.model, TCNEnsemble):  # each member learns on its own loss; the metric is the ensemble's
+            member_logits = self.model.member_logits(x)
+            loss = torch.stack([self.loss(m, y) for m in member_logits]).mean()
+            logits = torch.logsumexp(torch.log_softmax(member_logits, dim=2), dim=0)
+        else:
+            logits = self(x)
+            loss = self.loss(logits, y)
         metric(logits.argmax(dim=1), y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log(f"{stage}/macro_f1", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))

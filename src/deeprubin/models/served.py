@@ -62,13 +62,14 @@ class ProbabilityTCN(nn.Module):
 def untrained_served_model(params: TrainParams | None = None, seed: int = 0, n_classes: int = 4) -> ProbabilityTCN:
     """A freshly initialised network of the configured shape, in the served form: benchmarks of speed (which does
     not depend on the weights) and tests that need a real model in a registry, not a good one."""
-    from deeprubin.models.tcn import TCN
+    from deeprubin.models.tcn import TCN, TCNEnsemble
 
     p = params or TrainParams()
     torch.manual_seed(seed)
-    return ProbabilityTCN(TCN(n_channels=len(CHANNELS), n_classes=n_classes, hidden=p.hidden,
-                              kernel_size=p.kernel_size, levels=p.levels, dropout=p.dropout, readout=p.readout,
-                              flux_scale=p.flux_compression, shape=p.shape_features)).eval()
+    nets = [TCN(n_channels=len(CHANNELS), n_classes=n_classes, hidden=p.hidden, kernel_size=p.kernel_size,
+                levels=p.levels, dropout=p.dropout, readout=p.readout, flux_scale=p.flux_compression,
+                shape=p.shape_features) for _ in range(p.members)]
+    return ProbabilityTCN(nets[0] if p.members == 1 else TCNEnsemble(nets)).eval()
 
 
 def pip_requirements() -> list[str]:

@@ -202,3 +202,32 @@ class TCN(nn.Module):
     def predict_proba(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities (N, n_classes), rows summing to 1."""
         return torch.softmax(self.forward(x, mask), dim=1)
+
+
+class TCNEnsemble(nn.Module):
+    """Networks of one architecture from different initialisations, trained side by side on the same batches, each on
+    its own loss (:meth:`member_logits`). ``forward`` returns the log of their mean softmax probability: a logit vector
+    whose softmax is the ensemble's probability, so temperature scaling and serving treat it as one network."""
+
+    def __init__(self, members: Sequence[TCN]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members; got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def receptive_field(self) -> int:
+        return self.members[0].receptive_field
+
+    def member_logits(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(K members, N, n_classes)."""
+        return torch.stack([m(x, mask) for m in self.members])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        log_p = torch.log_softmax(self.member_logits(x, mask), dim=2)
+        return torch.logsumexp(log_p, dim=0) - math.log(len(self.members))
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.softmax(self.forward(x, mask), dim=1)
+

@@ -206,7 +206,8 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                              val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=base.seed,
                              imbalance=cfg.imbalance, holdout=holdout,
                              raw_dir=paths.raw_dir if cfg.truncations or cfg.redshift_views
-                             or cfg.imbalance == "source_sampler" or cfg.simulated_classes is not None else None,
+                             or cfg.imbalance == "source_sampler" or cfg.simulated_classes is not None
+                             or cfg.selection_views else None,
                              truncations=cfg.truncations if paths.raw_dir is not None else 0,
                              truncation_min_days=cfg.truncation_min_days,
                              truncation_max_days=cfg.truncation_max_days,
@@ -214,7 +215,8 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                              redshift_views=cfg.redshift_views if paths.raw_dir is not None else 0,
                              redshifts=redshifts_of(paths.redshift_labels) if cfg.redshift_views else None,
                              redshift_max_peak_mag=cfg.redshift_max_peak_mag, shuffle_seed=cfg.seed,
-                             simulated_classes=cfg.simulated_classes, gp_draws=cfg.gp_draws)
+                             simulated_classes=cfg.simulated_classes, gp_draws=cfg.gp_draws,
+                             selection_views=cfg.selection_views if paths.raw_dir is not None else 0)
     step("cutting training light curves (augmentation)" if dm.truncations else "splitting objects")
     dm.setup("fit")
     if len(dm.dataset("val")) == 0:
@@ -241,7 +243,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
 
     model = LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=cfg.hidden,
                    kernel_size=cfg.kernel_size, levels=cfg.levels, dropout=cfg.dropout, readout=cfg.readout,
-                   flux_scale=cfg.flux_compression, shape=cfg.shape_features,
+                   flux_scale=cfg.flux_compression, shape=cfg.shape_features, members=cfg.members,
                    lr=cfg.lr, lr_plateau_patience=cfg.lr_plateau_patience,
                    class_weights=None if dm.class_weights is None else dm.class_weights.tolist())
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri, tags=tags,
