@@ -306,6 +306,17 @@ def test_openapi_schema_is_published(service):
     assert service["client"].get("/docs").status_code == 200
 
 
+def test_404_and_405_answer_as_every_other_error_through_uvicorn(service):
+    """Old: GET /classify answered Starlette's {"detail": "Method Not Allowed"}; the docs' scripts came from a CDN."""
+    r = service["client"].get("/classify")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json() == {"message": "method GET not allowed on /classify; allowed: POST"}
+    r = service["client"].get("/nope")
+    assert r.status_code == 404 and set(r.json()) == {"message"} and "POST /classify" in r.json()["message"]
+    js = service["client"].get("/static/docs/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+
+
 def test_bound_to_loopback_by_default(service):
     import psutil
 

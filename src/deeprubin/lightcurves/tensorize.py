@@ -28,6 +28,7 @@ escapes a batch, and nothing non-finite is ever returned.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -36,7 +37,7 @@ import pandas as pd
 
 from deeprubin.lightcurves import gp
 from deeprubin.lightcurves.window import Window, early_cut, fit_start, truncate, window_for
-from deeprubin.schema import BAND_INDEX, implausible_brightness, implausible_time
+from deeprubin.schema import BAND_INDEX, DETECTION_KEY, implausible_brightness, implausible_time
 
 CHANNELS: tuple[str, ...] = ("gp_mean_g", "gp_mean_r", "gp_std_g", "gp_std_r", "since_g", "since_r")
 
@@ -126,15 +127,45 @@ def screen(curve: Curve) -> Curve:
                    flux_err=curve.flux_err[keep])
 
 
-def screen_curves(curves: Sequence[Curve]) -> tuple[list[Curve], list[dict[str, str]]]:
-    """:func:`screen` of many curves: ``(curves kept, rejections {oid, reason, detail})``."""
+def screen_curves(curves: Sequence[Curve],
+                  dropped: Counter | None = None) -> tuple[list[Curve], list[dict[str, str]]]:
+    """:func:`screen` of many curves: ``(curves kept, rejections {oid, reason, detail})``. ``dropped``, when given,
+    counts the points dropped from the curves kept, by reason (the objects rejected whole are in the rejections)."""
     kept, rejected = [], []
     for curve in curves:
         try:
-            kept.append(screen(curve))
+            screened = screen(curve)
         except Skip as skip:
             rejected.append({"oid": curve.oid, "reason": skip.reason, "detail": skip.detail})
+            continue
+        kept.append(screened)
+        if dropped is not None and len(screened.mjd) != len(curve.mjd):
+            for mask, reason in implausible_brightness(curve.flux, curve.flux_err):
+                if mask.any():
+                    dropped[reason] += int(mask.sum())
     return kept, rejected
+
+
+DUPLICATE_POINT = f"duplicate key {DETECTION_KEY}"  # the reason files' validation gives (validate_detections)
+
+
+def drop_duplicate_points(curve: Curve) -> tuple[Curve, int]:
+    """``(curve, n)``: the curve with one point per (mjd, band), the first given of each kept, and the number of
+    points dropped; as files' validation does (:func:`deeprubin.schema.validate_detections`: a duplicate
+    (oid, mjd, band) is dropped with the reason :data:`DUPLICATE_POINT`), so a repeated point neither counts twice
+    in ``n_det`` nor weighs twice in the GP."""
+    n = len(curve.mjd)
+    if n < 2:
+        return curve, 0
+    order = np.lexsort((curve.band, curve.mjd))  # stable: among equal keys, the order given
+    mjd, band = curve.mjd[order], curve.band[order]
+    repeat = np.r_[False, (mjd[1:] == mjd[:-1]) & (band[1:] == band[:-1])]
+    if not repeat.any():
+        return curve, 0
+    keep = np.ones(n, dtype=bool)
+    keep[order[repeat]] = False
+    return replace(curve, mjd=curve.mjd[keep], band=curve.band[keep], flux=curve.flux[keep],
+                   flux_err=curve.flux_err[keep]), int(repeat.sum())
 
 
 def prepare(curve: Curve, grid_days: int = 100, fit_context_days: float = 100.0,

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 
 MAX_ERRORS_SHOWN = 50
@@ -116,7 +116,11 @@ class Classification(BaseModel):
     predicted_class: str = Field(..., description="The class of highest probability.")
     probabilities: dict[str, float] = Field(..., description="Probability per class (QSO, CEP, SNIa, SNII); sums "
                                                               "to 1 over the model's classes.")
-    n_det: int = Field(..., description="Detections received for the object.")
+    n_det: int = Field(..., description="Detections classified: those received less the ones dropped (`n_dropped`) "
+                                        "and, for an apparent curve, less those not 5 sigma from its reference.")
+    n_dropped: int = Field(0, description="Detections of the object dropped before classification: a repeated "
+                                          "(mjd, band) point (the first given is kept) or an implausible brightness "
+                                          "(brighter than magnitude 5, a sentinel such as 99); see `points_dropped`.")
     days_since_first_detection: float = Field(..., description="Last minus first detection of the classified window.")
     photometry: Literal["difference", "apparent"] = Field(
         ..., description="The path the curve took: difference flux as given, or apparent magnitudes turned into "
@@ -135,6 +139,12 @@ class ClassifyResponse(BaseModel):
     model: ModelRef
     classifications: list[Classification]
     rejected: list[Rejected] = Field(..., description="Objects valid as JSON that could not be classified.")
+    points_dropped: dict[str, int] = Field(
+        default_factory=dict, description="Detections dropped from the objects before classification, counted by "
+                                          "reason as `deeprubin classify` counts them in a file: `duplicate key "
+                                          "('oid', 'mjd', 'band')` for a repeated (mjd, band) point of one object, "
+                                          "the brightness reasons for implausible points. Objects rejected whole are "
+                                          "in `rejected`.")
 
 
 class Health(BaseModel):
@@ -173,7 +183,32 @@ class ValidationErrorResponse(BaseModel):
 
 
 class Problem(BaseModel):
-    message: str
+    """Every error reply other than a 422 (404, 405, 408, 413, 500, 503, ...): one ``message`` saying what went
+    wrong; a 422 (:class:`ValidationErrorResponse`) has the same ``message`` and adds the errors one by one."""
+
+    message: str = Field(..., description="What went wrong, in one line.")
+
+
+# --- error replies: one shape ---------------------------------------------------------------------------------------
+
+def http_error_response(exc: Any, method: str, path: str, endpoints: str = "") -> Response:
+    """A Starlette ``HTTPException`` (404 no such route, 405 wrong method, ...) as a :class:`Problem` reply, the
+    shape every other error has, rather than Starlette's ``{"detail": ...}``; its headers (``Allow`` for a 405) are
+    kept. ``endpoints`` (the service's routes, in a line) is named in a 404."""
+    status, headers = int(exc.status_code), getattr(exc, "headers", None)
+    if status in (204, 304):  # no body allowed
+        return Response(status_code=status, headers=headers)
+    method = shown(method, 20)  # a method is any token the client sends
+    where = f"{method} {shown(path)}"
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    if status == 404:
+        message = f"not found: {where}" + (f"; the endpoints are {endpoints}" if endpoints else "")
+    elif status == 405:
+        allowed = (headers or {}).get("Allow") or (headers or {}).get("allow")
+        message = f"method {method} not allowed on {shown(path)}" + (f"; allowed: {allowed}" if allowed else "")
+    else:
+        message = f"{shown(detail or 'error', MSG_CHARS)} ({where})"
+    return JSONResponse(status_code=status, content={"message": message}, headers=headers)
 
 
 # --- validation errors that name the field and the object ---------------------------------------------------------

@@ -8,10 +8,18 @@ Endpoints
   (default ``classify.photometry``; ``auto`` recognises it per curve), and each classification says which path it
   took (``photometry``, ``photometry_declared``). Invalid payloads get a 422 whose ``message`` names the field path
   (``light_curves.3.detections.7.flux_err``) and the object's oid; an object the GP cannot interpolate is a
-  per-object rejection in a 200 reply, never a 500.
+  per-object rejection in a 200 reply, never a 500. A repeated (mjd, band) point of one object is dropped (the
+  first given is kept), as ``deeprubin classify`` drops it from a file: ``n_det`` does not count it, the
+  classification's ``n_dropped`` and the reply's ``points_dropped`` (by reason, ``duplicate key ('oid', 'mjd',
+  'band')``) do.
 * ``GET /healthz``: 200 while a model is loaded, else 503.
 * ``GET /model``: the serving version (name, version, pinned URI, run id, classes, when loaded and last checked).
-* ``/openapi.json`` and ``/docs``: the published schema.
+* ``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc``: the published schema. The two pages load their scripts
+  and styles from the app itself (``/static/docs/``, the files the ``fastapi-offline`` package ships), never from a
+  CDN or Google Fonts, so they work without internet.
+
+Every error answers JSON with a ``message`` (:class:`~deeprubin.serving.api_schemas.Problem`; a 422 adds ``errors``
+and ``n_errors``): 404, 405 and the other errors Starlette raises too, not its default ``{"detail": ...}``.
 
 The model (``classify.model_uri``, default ``models:/deeprubin-tcn@champion`` in ``train.tracking_uri``) is loaded
 before the server accepts connections; when the URI is an alias, a background thread looks the alias up every
@@ -41,21 +49,26 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deeprubin import __version__
 from deeprubin.config import Params
 from deeprubin.lightcurves import presentation
-from deeprubin.lightcurves.tensorize import Curve, screen_curves
+from deeprubin.lightcurves.tensorize import DUPLICATE_POINT, Curve, drop_duplicate_points, screen_curves
 from deeprubin.models.served import load_model, parse_registry_uri
 from deeprubin.models.trusted import ModelRejected
 from deeprubin.schema import BAND_INDEX, CLASSES, mag_to_flux
@@ -65,6 +78,7 @@ from deeprubin.serving.api_schemas import (
     ModelInfo,
     Problem,
     ValidationErrorResponse,
+    http_error_response,
     request_models,
     shown,
     validation_error_response,
@@ -74,6 +88,8 @@ from deeprubin.serving.classify import classify_curves, serving_settings
 log = logging.getLogger("deeprubin.serving.service")
 
 TITLE = "DeepRubin-Explorer classification service"
+DOCS_ASSETS = "/static/docs"  # where the app serves Swagger UI's and ReDoc's scripts, styles and favicon
+ENDPOINTS = "POST /classify, GET /healthz, GET /model, GET /openapi.json, GET /docs, GET /redoc"
 ModelLoader = Callable[..., Any]  # (uri, tracking_uri, default_classes) -> classify.ServingModel
 
 
@@ -356,6 +372,46 @@ def bounded_http_protocol(header_timeout_s: float) -> type:
     return BoundedH11Protocol
 
 
+# --- the documentation pages, offline ---------------------------------------------------------------------------
+
+def docs_assets_dir() -> Path | None:
+    """The folder of Swagger UI's and ReDoc's files (``swagger-ui-bundle.js``, ``swagger-ui.css``,
+    ``redoc.standalone.js``, ``favicon.png``): those the ``fastapi-offline`` package ships (Swagger UI 5, Apache-2.0;
+    ReDoc 2, MIT). None when it is not installed."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    folder = Path(fastapi_offline.__file__).parent / "static"
+    needed = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+    return folder if all((folder / name).is_file() for name in needed) else None
+
+
+def _add_offline_docs(app: FastAPI, assets: Path) -> None:
+    """``/docs`` and ``/redoc`` whose every script, style and icon is served by the app (under :data:`DOCS_ASSETS`):
+    FastAPI's own pages load them from a CDN (and ReDoc's fonts from Google), so without internet they are blank."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    def here(request: Request, path: str) -> str:  # behind a proxy that mounts the app under a prefix: the prefix
+        return f"{request.scope.get('root_path', '')}{path}"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=here(request, app.openapi_url or "/openapi.json"), title=f"{app.title} - Swagger UI",
+            swagger_js_url=here(request, f"{DOCS_ASSETS}/swagger-ui-bundle.js"),
+            swagger_css_url=here(request, f"{DOCS_ASSETS}/swagger-ui.css"),
+            swagger_favicon_url=here(request, f"{DOCS_ASSETS}/favicon.png"),
+            swagger_ui_parameters={"validatorUrl": None})  # no badge from validator.swagger.io
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=here(request, app.openapi_url or "/openapi.json"), title=f"{app.title} - ReDoc",
+            redoc_js_url=here(request, f"{DOCS_ASSETS}/redoc.standalone.js"),
+            redoc_favicon_url=here(request, f"{DOCS_ASSETS}/favicon.png"), with_google_fonts=False)
+
+
 # --- the app -------------------------------------------------------------------------------------------------------
 
 def _curve(lc) -> Any:
@@ -391,6 +447,10 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
     holder = holder or holder_for(params, model_loader)
     _, ClassifyRequest = request_models(sp.max_curves_per_request, sp.max_detections_per_curve)
     batch_size = params.classify.batch_size
+    assets = docs_assets_dir()
+    if assets is None:
+        log.warning("fastapi-offline is not installed: /docs and /redoc load Swagger UI and ReDoc from a CDN (blank "
+                    "without internet); pip install fastapi-offline")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -412,7 +472,12 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
                     "serving model (the registry champion by default, followed without a restart). Detections "
                     "carry `mjd`, `band` (g/r) and `flux`+`flux_err` in µJy or `mag`+`mag_err` (AB): difference "
                     "photometry, or apparent magnitudes (`photometry`: declared per curve or request, else "
-                    "recognised). Invalid payloads get 422 naming the field; bodies over the size limit get 413.")
+                    "recognised). A repeated (mjd, band) point of an object is dropped, the first given kept, and "
+                    "counted in `n_dropped` and `points_dropped`, not in `n_det`. Invalid payloads get 422 naming "
+                    "the field; bodies over the size limit get 413; every error answers JSON with a `message`.",
+        docs_url=None if assets else "/docs", redoc_url=None if assets else "/redoc")
+    if assets is not None:
+        _add_offline_docs(app, assets)
     app.state.models = holder
     app.add_middleware(BodySizeLimit, max_bytes=sp.max_request_bytes, timeout_s=sp.body_timeout_s)
 
@@ -421,20 +486,44 @@ def create_app(params: Params, model_loader: ModelLoader | None = None, *, holde
         ctype = request.headers.get("content-type", "") if request.method == "POST" else None
         return validation_error_response(exc, ctype)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # 404, 405 (and any HTTPException): {"message": ...} as every other error here, not {"detail": ...}
+        return http_error_response(exc, request.method, request.url.path, ENDPOINTS)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug: the traceback goes to the log (Starlette re-raises it to uvicorn); the client gets the same shape.
+        return JSONResponse(status_code=500, content={
+            "message": f"internal server error ({type(exc).__name__}) on {request.method} {shown(request.url.path)}; "
+                       "the service log has the details"})
+
     def work(light_curves, model, photometry: str | None) -> tuple[dict, float]:
         started = time.perf_counter()
         settings = serving_settings(model, params)  # the model's own window and GP context
         declared = {lc.oid: lc.photometry for lc in light_curves if lc.photometry is not None}
-        # implausible points dropped, implausible objects rejected, before the photometry is resolved
-        curves, implausible = screen_curves([_curve(lc) for lc in light_curves])
+        given = [_curve(lc) for lc in light_curves]
+        # implausible points dropped, implausible objects rejected, then repeated (mjd, band) points dropped (as
+        # files' validation does, in that order), before the photometry is resolved
+        dropped: Counter = Counter()
+        screened, implausible = screen_curves(given, dropped)
+        curves = []
+        for curve in screened:
+            curve, n = drop_duplicate_points(curve)
+            if n:
+                dropped[DUPLICATE_POINT] += n
+            curves.append(curve)
+        n_given = {c.oid: len(c.mjd) for c in given}
+        n_dropped = {c.oid: n_given[c.oid] - len(c.mjd) for c in curves}
         resolved = presentation.resolve(curves,
                                         photometry or params.classify.photometry, declared)
         out, rejected = classify_curves(resolved.curves, model, settings.grid_days, settings.fit_context_days,
                                         batch_size, paths=resolved.paths)
         ms = (time.perf_counter() - started) * 1e3
         return {"model": {"name": model.name, "version": str(model.version), "uri": model.uri},
-                "classifications": _classifications(out),
-                "rejected": implausible + resolved.rejected + _rejections(rejected)}, ms
+                "classifications": _classifications(out, n_dropped),
+                "rejected": implausible + resolved.rejected + _rejections(rejected),
+                "points_dropped": dict(sorted(dropped.items()))}, ms
 
     too_large = {413: {"model": Problem, "description": f"Body over {sp.max_request_bytes} bytes."},
                  422: {"model": ValidationErrorResponse, "description": "Invalid payload; the field is named."},
@@ -490,11 +579,14 @@ _OUT_COLUMNS = ("oid", "predicted_class", "n_det", "days_since_first_detection",
                 *(f"p_{c}" for c in CLASSES))
 
 
-def _classifications(out) -> list[dict]:
-    """classify_curves' rows as response objects (column lists: a third of the cost of row iteration)."""
+def _classifications(out, n_dropped: dict[str, int] | None = None) -> list[dict]:
+    """classify_curves' rows as response objects (column lists: a third of the cost of row iteration);
+    ``n_dropped``: points dropped per oid before classification."""
     cols = {k: out[k].tolist() for k in _OUT_COLUMNS}
+    n_dropped = n_dropped or {}
     return [{"oid": str(cols["oid"][i]), "predicted_class": str(cols["predicted_class"][i]),
              "probabilities": {c: float(cols[f"p_{c}"][i]) for c in CLASSES}, "n_det": int(cols["n_det"][i]),
+             "n_dropped": int(n_dropped.get(str(cols["oid"][i]), 0)),
              "days_since_first_detection": float(cols["days_since_first_detection"][i]),
              "photometry": str(cols["photometry"][i]), "photometry_declared": bool(cols["photometry_declared"][i])}
             for i in range(len(out))]
