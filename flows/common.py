@@ -29,6 +29,11 @@ class ClientError(RuntimeError):
 
 
 def load(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """The configuration of a flow run; also quiets third-party chatter (every flow starts here, whether launched by
+    the CLI, a served deployment or a worker)."""
+    from deeprubin.tracking import quiet_third_party
+
+    quiet_third_party()
     return load_project_params(params_path, overrides)
 
 

@@ -9,7 +9,11 @@ becomes ``champion`` only when :func:`decide` says so, comparing both versions' 
 - the challenger's metric must beat the champion's by more than ``min_improvement``;
 - no class's recall may drop by more than ``max_recall_drop``.
 
-Every decision and its reason is written as ``promotion/*`` tags on the candidate version. The champion history is a
+What a person reads on the registry page: the candidate version is tagged ``promotion/decision`` (promoted, rejected;
+later ``rolled_back``; a replaced champion also ``promotion/replaced_by``), and the decision with its reason and the
+scores goes at the top of the version's description (paragraphs starting ``Promotion:``, :func:`with_decision`),
+above what ``deeprubin register`` wrote there (the evaluation's headline numbers). A version keeps a handful of tags:
+the numbers are metrics of its run and sentences of its description, never one tag each. The champion history is a
 registered-model tag (``champion_history``: versions, oldest first), so a rollback knows what came before.
 
 Two promotions at once: an alias names exactly one version, so the registry can never hold two champions; the
@@ -34,6 +38,12 @@ CHALLENGER = "challenger"
 PREVIOUS = "previous"
 HISTORY_TAG = "champion_history"
 TAG_PREFIX = "promotion/"
+DECISION_TAG = TAG_PREFIX + "decision"
+REPLACED_TAG = TAG_PREFIX + "replaced_by"
+#: Paragraphs of a version's description that record promotion events start with this; they stay at the top.
+DESCRIPTION_PREFIX = "Promotion:"
+#: MLflow stores a version's description in 5000 characters.
+DESCRIPTION_MAX = 5000
 MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
@@ -71,17 +81,25 @@ class Decision:
         return "promoted" if self.promoted else "rejected"
 
     def tags(self) -> dict[str, str]:
-        """``promotion/*`` tags of the candidate version."""
-        tags = {"decision": self.outcome, "reason": self.reason, "decided_at": self.decided_at,
-                "champion_before": self.champion_before or "none", "metric": self.metric,
-                "evaluation_set": self.evaluation_set, "set_hash": self.set_hash}
+        """The candidate version's one promotion tag (``promotion/decision``); the rest is in :meth:`description`."""
+        return {DECISION_TAG: self.outcome}
+
+    def description(self) -> str:
+        """The decision as the paragraph at the top of the version's description: outcome, when, the reason (with
+        both scores), the set both were scored on, and the recall drops the bound looked at."""
+        text = f"{DESCRIPTION_PREFIX} {self.outcome} ({self.decided_at}). Reason: {self.reason}."
         if self.challenger is not None:
-            tags[self.metric] = f"{self.challenger['metric']:.4f}"
-        if self.champion is not None:
-            tags[f"champion_{self.metric}"] = f"{self.champion['metric']:.4f}"
-        for c, d in self.recall_drops.items():
-            tags[f"recall_drop_{c}"] = f"{d:.4f}"
-        return {TAG_PREFIX + k: str(v)[:5000] for k, v in tags.items()}
+            where = self.evaluation_set or "the promotion set"
+            text += f" Scored on {where} ({self.challenger['n_objects']} objects"
+            text += f", set {self.set_hash[:23]})" if self.set_hash else ")"
+            if self.champion is not None:
+                text += (f": this version {self.challenger['metric']:.4f}, champion (version {self.champion_before}) "
+                         f"{self.champion['metric']:.4f} {self.metric}")
+            text += "."
+        if self.recall_drops:
+            text += " Recall change vs the champion: " + ", ".join(
+                f"{c} {-d:+.4f}" for c, d in sorted(self.recall_drops.items())) + "."
+        return text
 
     def report(self) -> dict[str, Any]:
         return {**asdict(self), "outcome": self.outcome}
@@ -107,6 +125,29 @@ def decide(challenger: Scores, champion: Scores | None, metric: str, min_improve
                        f"the bound {max_recall_drop:g}"), drops
     return True, (f"{metric} {challenger.metric:.4f} beats the champion's {champion.metric:.4f} by {gain:+.4f} "
                   f"(> {min_improvement:g}); no class's recall drops by more than {max_recall_drop:g}"), drops
+
+
+def split_description(text: str | None) -> tuple[list[str], str]:
+    """(the promotion paragraphs at the top of a version description, the rest)."""
+    paragraphs = [p.strip() for p in (text or "").split("\n\n")]
+    decision = []
+    while paragraphs and paragraphs[0].startswith(DESCRIPTION_PREFIX):
+        decision.append(paragraphs.pop(0))
+    return decision, "\n\n".join(p for p in paragraphs if p)
+
+
+def with_decision(text: str | None, paragraphs: list[str], replace: bool = False) -> str:
+    """``text`` (a version description) with the promotion ``paragraphs`` at its top: after the ones already there,
+    or instead of them (``replace``). The older promotion paragraphs are dropped first when the whole would not fit
+    in MLflow's 5000 characters, then the end of the rest is cut."""
+    kept, body = split_description(text)
+    decision = list(paragraphs) if replace else kept + list(paragraphs)
+    while True:
+        out = "\n\n".join([*decision, body] if body else decision)
+        if len(out) <= DESCRIPTION_MAX or len(decision) <= 1:
+            break
+        decision.pop(0)
+    return out if len(out) <= DESCRIPTION_MAX else out[:DESCRIPTION_MAX - 1] + "…"
 
 
 def _lock_path(tracking_uri: str, name: str) -> Path:
@@ -178,6 +219,16 @@ class Registry:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, str(version), key, value)
 
+    def untag(self, version: str, key: str) -> None:
+        if key in (self.version(version).tags or {}):
+            self.client.delete_model_version_tag(self.name, str(version), key)
+
+    def describe(self, version: str, paragraphs: list[str], replace: bool = False) -> None:
+        """Put promotion ``paragraphs`` at the top of the version's description (:func:`with_decision`)."""
+        current = self.version(version).description
+        self.client.update_model_version(self.name, str(version),
+                                         description=with_decision(current, paragraphs, replace))
+
 
 def promote(registry: Registry, version: str, score: Callable[[str], Scores], metric: str = "macro_f1",
             min_improvement: float = 0.0, max_recall_drop: float = 0.05, evaluation_set: str = "",
@@ -194,11 +245,9 @@ def promote(registry: Registry, version: str, score: Callable[[str], Scores], me
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         base = dict(registered_model=registry.name, version=version, metric=metric, evaluation_set=evaluation_set,
                     set_hash=set_hash, champion_before=champion, decided_at=stamp)
-        if champion == version:
-            decision = Decision(**base, promoted=False, champion_after=champion,
-                                reason=f"version {version} is already the champion")
-            registry.tag(version, {TAG_PREFIX + "last_check": f"{stamp}: already champion"})
-            return decision
+        if champion == version:  # nothing changes, nothing is written to the registry
+            return Decision(**base, promoted=False, champion_after=champion,
+                            reason=f"version {version} is already the champion")
         challenger_scores = score(f"models:/{registry.name}/{version}")
         champion_scores = None if champion is None else score(f"models:/{registry.name}/{champion}")
         promoted, reason, drops = decide(challenger_scores, champion_scores, metric, min_improvement,
@@ -210,7 +259,9 @@ def promote(registry: Registry, version: str, score: Callable[[str], Scores], me
         if promoted:
             if champion is not None:
                 registry.set_alias(PREVIOUS, champion)
-                registry.tag(champion, {TAG_PREFIX + "replaced_by": version, TAG_PREFIX + "replaced_at": stamp})
+                registry.tag(champion, {REPLACED_TAG: version})
+                registry.describe(champion, [f"{DESCRIPTION_PREFIX} replaced as champion by version {version} "
+                                             f"({stamp})."])
             # The one write that changes what serves: an alias moves atomically, never zero or two champions.
             registry.set_alias(CHAMPION, version)
             history = [v for v in registry.history() if v != version]
@@ -218,14 +269,15 @@ def promote(registry: Registry, version: str, score: Callable[[str], Scores], me
                 history.append(champion)
             registry.set_history(history + [version])
         registry.tag(version, decision.tags())
+        registry.describe(version, [decision.description()], replace=True)
         return decision
 
 
 def rollback(registry: Registry, lock_timeout_s: float = 600.0) -> dict[str, Any]:
     """Make ``previous`` the champion again; the version before it (if any) becomes ``previous``.
 
-    The demoted version is tagged ``promotion/decision=rolled_back``; raises RegistryError when there is no champion
-    or nothing to roll back to."""
+    The demoted version is tagged ``promotion/decision=rolled_back`` and both versions' descriptions say so; raises
+    RegistryError when there is no champion or nothing to roll back to."""
     with registry.lock(lock_timeout_s):
         champion, previous = registry.alias(CHAMPION), registry.alias(PREVIOUS)
         if champion is None:
@@ -245,8 +297,10 @@ def rollback(registry: Registry, lock_timeout_s: float = 600.0) -> dict[str, Any
         else:
             registry.client.delete_registered_model_alias(registry.name, PREVIOUS)
         reason = f"rolled back: version {previous} is champion again in place of {champion}"
-        registry.tag(champion, {TAG_PREFIX + "decision": "rolled_back", TAG_PREFIX + "reason": reason,
-                                TAG_PREFIX + "rolled_back_at": stamp})
-        registry.tag(previous, {TAG_PREFIX + "restored_at": stamp})
+        registry.tag(champion, {DECISION_TAG: "rolled_back"})
+        registry.describe(champion, [f"{DESCRIPTION_PREFIX} rolled back ({stamp}). Reason: {reason}."])
+        registry.untag(previous, REPLACED_TAG)
+        registry.describe(previous, [f"{DESCRIPTION_PREFIX} champion again ({stamp}). Reason: version {champion} "
+                                     "was rolled back."])
         return {"registered_model": registry.name, "champion_before": champion, "champion_after": previous,
                 "previous_after": before, "reason": reason, "decided_at": stamp}

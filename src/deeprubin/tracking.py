@@ -3,11 +3,17 @@
 ``mlflow.set_tracking_uri`` also sets (or, given None, unsets) ``$MLFLOW_TRACKING_URI``, and restoring the value
 ``get_tracking_uri()`` returned pins what used to be a default. In a long-lived process (``serve-flows``, the tests)
 that leaks one run's server into the next; this context manager restores the globals and the variables as found.
+
+:func:`quiet_third_party` keeps what MLflow, Lightning and their dependencies print on their own (progress bars, run
+links, advertisements, known deprecation warnings) out of the pipeline's output; :func:`ui_urls` gives the one link
+to a run and to the registered model that the CLI prints instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -37,3 +43,87 @@ def using(uri: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+#: Environment switches set (unless the user set them) by :func:`quiet_third_party`: MLflow's "Downloading artifacts"
+#: progress bars (one per model download: promotion, classification) and the "🏃 View run ... / 🧪 View experiment"
+#: lines it writes to stdout whenever a run against a tracking server ends (twice per training run: once when
+#: Lightning's logger finalises the run, once when the train stage closes it after logging the model).
+QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+#: Known, harmless deprecation warnings raised inside third-party code (not ours, nothing a user can act on):
+#: (message regex, category). Anything else, warnings from this package included, is still shown.
+KNOWN_WARNINGS = (
+    # pytorch_lightning/utilities/_pytree.py builds a torch LeafSpec, deprecated in torch 2.10+.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # MLflow's SQLAlchemy models use lazy="noload", deprecated in SQLAlchemy 2.1.
+    (r"The ``noload`` loader strategy is deprecated", DeprecationWarning),
+    (r"The :func:`_orm\.noload` option is deprecated", DeprecationWarning),
+)
+
+#: INFO lines of Lightning's rank-zero logger that are advertisements or say nothing about this machine's run.
+LIGHTNING_NOISE = ("💡 Tip:", "TPU available:", "HPU available:")
+
+#: Loggers whose INFO lines only narrate MLflow's own bookkeeping ("Creating initial MLflow database tables...");
+#: their warnings and errors still show.
+CHATTY_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+
+
+class _DropMessages(logging.Filter):
+    """Drops INFO (and lower) records whose message starts with one of ``prefixes``; warnings and errors pass."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__("deeprubin-quiet")
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
+            return True
+        return not message.lstrip().startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party output that is noise to a user of the pipeline, at its source; idempotent.
+
+    - MLflow: no artifact download progress bars, no run/experiment links on stdout (:data:`QUIET_ENV`, set only
+      where the user has not set them), no INFO narration of its database migrations (:data:`CHATTY_LOGGERS`);
+    - Lightning: no "💡 Tip: ... litlogger" advertisement nor TPU/HPU availability lines (:data:`LIGHTNING_NOISE`,
+      a filter on its rank-zero logger);
+    - warnings: the known third-party deprecations of :data:`KNOWN_WARNINGS`, matched by message and category.
+
+    Errors, warnings of this package and any other warning are untouched."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in CHATTY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropMessages) for f in lightning.filters):
+        lightning.addFilter(_DropMessages(LIGHTNING_NOISE))
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def ui_urls(tracking_uri: str | None, experiment_id: str | None = None, run_id: str | None = None,
+            model_name: str | None = None) -> dict[str, str]:
+    """Direct links into the MLflow UI of a tracking server (``http(s)://``): ``experiment``, ``run`` and ``model``
+    (the registered model's page) for what is given. The home page (``/``) opens in MLflow's GenAI view; these go
+    straight to the runs and the registry. Empty for a store without a UI (``sqlite:///``, a path)."""
+    from urllib.parse import quote
+
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        return {}
+    base = tracking_uri.rstrip("/")
+    out = {}
+    if experiment_id:
+        out["experiment"] = f"{base}/#/experiments/{experiment_id}"
+        if run_id:
+            out["run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    if model_name:
+        out["model"] = f"{base}/#/models/{quote(model_name, safe='')}"
+    return out

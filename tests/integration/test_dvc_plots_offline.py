@@ -157,3 +157,91 @@ def test_plots_show_out_dir_is_offline_and_renders(project: Path):
         assert svg.startswith("<svg") and len(svg) > 1000
     assert "Training loss" in result["svg"]["metrics_csv"]
     assert "SNIa" in result["svg"]["confusion"]
+
+
+# --- the repository's own plots: dvc.yaml's `plots:` with its templates (.dvc/plots), on data as evaluate writes it
+
+# The scale domains of each spec after vega has run it: the order a reader sees (rows, columns, legend).
+NODE_DOMAINS = r"""
+const fs = require("fs"), vm = require("vm");
+const html = fs.readFileSync(process.argv[2], "utf8");
+const ctx = {console, setTimeout, clearTimeout}; ctx.self = ctx; ctx.globalThis = ctx;
+vm.createContext(ctx);
+for (const m of html.matchAll(/<script type="text\/javascript">\n([\s\S]*?)\n<\/script>/g)) vm.runInContext(m[1], ctx);
+(async () => {
+  const out = {};
+  for (const [, js, id] of html.matchAll(/var spec = ([\s\S]*?);\n\s*vegaEmbed\('#([^']+)'/g)) {
+    const spec = JSON.parse(js);
+    if (!Object.keys(spec).length) continue;
+    const view = new ctx.vega.View(ctx.vega.parse(ctx.vegaLite.compile(spec).spec), {renderer: "none"});
+    await view.runAsync();
+    const domains = {};
+    for (const name of ["x", "y", "color"]) { try { domains[name] = view.scale(name).domain(); } catch (e) {} }
+    out[id] = {domains, svg: await view.toSVG()};
+  }
+  process.stdout.write(JSON.stringify(out));
+})().catch(e => { console.error(e); process.exit(1); });
+"""
+
+
+@pytest.fixture(scope="module")
+def repo_plots(tmp_path_factory) -> Path:
+    """A git+dvc project with the repository's .dvc (config, plot templates), its offline HTML template and its
+    dvc.yaml `plots:` section, and plot data made by the evaluate stage's own functions."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from deeprubin.evaluation.metrics import confusion_plot_rows, confusion_rows, write_plot_csv
+
+    work = tmp_path_factory.mktemp("repo_plots") / "project"
+    work.mkdir()
+    run(["git", "init", "-q"], work)
+    shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    shutil.copytree(REPO / "infra" / "dvc", work / "infra" / "dvc")
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    (work / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
+    classes = ["QSO", "CEP", "SNIa", "SNII"]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 60)
+    p = np.eye(4)[np.where(rng.random(60) < 0.7, y, rng.integers(0, 4, 60))] * 0.7 + 0.075
+    out = work / "metrics" / "plots"
+    write_plot_csv(out / "confusion_test.csv", confusion_plot_rows(confusion_rows([classes[i] for i in y], p,
+                                                                                  classes), classes))
+    early = pd.DataFrame({"days": [5, 10, 30]})
+    for model, base in (("tcn", 0.5), ("forest", 0.3)):
+        early[model] = [base, base + 0.1, base + 0.2]
+        early[f"{model}_low"], early[f"{model}_high"] = early[model] - 0.05, early[model] + 0.05
+        early[f"{model}_n"] = [40, 50, 60]
+    write_plot_csv(out / "early_bts.csv", early)
+    return work
+
+
+def test_repository_plots_have_axis_titles_colours_per_model_and_the_class_order(repo_plots: Path):
+    specs = json.loads(run([DVC, "plots", "show", "--json"], repo_plots).stdout)["data"]
+    early = specs["Early classification, BTS held out"][0]["content"]
+    assert early["encoding"]["color"]["field"] == "model"  # the models differ by colour, not line style only
+    assert early["encoding"]["x"]["title"] == "days since first detection"
+    assert [layer["encoding"]["y"]["title"] for layer in early["layer"]] == ["macro-F1", "macro-F1"]  # not "y"
+    models = {row["field"] for row in early["data"]["values"]}
+    assert models == {"tcn", "forest"}
+    confusion = specs["metrics/plots/confusion_test.csv"][0]["content"]["spec"]
+    assert confusion["encoding"]["y"]["sort"] == {"field": "y_rank", "op": "min"}
+    assert confusion["encoding"]["y"]["title"] == "true class"
+    assert confusion["encoding"]["x"]["title"] == "predicted class"
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not installed: cannot run the inlined vega code")
+    run([DVC, "plots", "show", "--out", "rendered"], repo_plots)
+    page = repo_plots / "rendered" / "index.html"
+    assert "https://cdn" not in page.read_text(encoding="utf8")
+    script = repo_plots / "domains.js"
+    script.write_text(NODE_DOMAINS)
+    rendered = json.loads(run([node, script, page], repo_plots).stdout)
+    matrix = rendered["metrics_plots_confusion_test_csv"]
+    assert matrix["domains"]["y"] == ["QSO", "CEP", "SNIa", "SNII"]  # as the PNGs, not alphabetical
+    assert matrix["domains"]["x"] == ["QSO", "CEP", "SNIa", "SNII"]
+    curve = next(v for k, v in rendered.items() if k.startswith("Early_classification__BTS"))
+    assert curve["domains"]["color"] == ["tcn", "forest"]
+    assert "macro-F1" in curve["svg"] and "days since first detection" in curve["svg"]

@@ -128,7 +128,7 @@ def test_dvc_repro_whole_pipeline_metrics_plots_and_an_experiment(project: Path)
     assert "eval/tcn/test/macro_f1" in run_.data.metrics
     run([str(BIN / "deeprubin"), "register"], project)  # after evaluation; not a DVC stage (it writes the registry)
     registered = json.loads((project / "models" / "registered.json").read_text())
-    assert client.get_model_version("deeprubin-tcn", registered["version"]).tags["run_id"] == report["run_id"]
+    assert client.get_model_version("deeprubin-tcn", registered["version"]).run_id == report["run_id"]
     second = run([dvc, "repro"], project)
     assert "didn't change" in second.stdout or "up to date" in second.stdout
     write_bytecode(project)

@@ -56,13 +56,19 @@ def test_run_has_params_metrics_and_tags(trained, client):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "deeprubin"
-    assert run.data.params["train/lr"] == "0.001"
-    assert run.data.params["train/imbalance"] == "weights"
-    assert run.data.params["lr"] == "0.001" and run.data.params["hidden"] == "32"  # LitTCN's hyperparameters
+    logged = run.data.params
+    assert logged["train/lr"] == "0.001" and logged["train/hidden"] == "32"
+    assert logged["train/imbalance"] == "weights"
+    assert logged["base/seed"] == "42" and logged["base/classes"] == "QSO,CEP,SNIa,SNII"
+    assert logged["data/n_channels"] == "6"
+    # Each parameter once: LitTCN's hyperparameters are not logged again beside the configuration (no bare `lr`).
+    assert all("/" in key for key in logged), sorted(k for k in logged if "/" not in k)
     for key in ("train/loss", "train/macro_f1", "val/loss", "val/macro_f1"):
         history = client.get_metric_history(result.run_id, key)
         assert len(history) == 2, key  # one value per epoch
         assert all(np.isfinite(m.value) for m in history)
+        # The training curves' x axis is the epoch: step 0, 1, ... (not the optimiser step count).
+        assert sorted(m.step for m in history) == [0, 1], (key, [m.step for m in history])
     best = max(m.value for m in client.get_metric_history(result.run_id, "val/macro_f1"))
     assert result.best_val_macro_f1 == pytest.approx(best, abs=1e-6)
     tags = run.data.tags
@@ -87,7 +93,7 @@ def test_model_artifact_and_registered_version(trained, client):
     assert not client.search_registered_models(f"name='{MODEL_NAME}'")  # train only logs
     first = _register(root, params)
     version = client.get_model_version(MODEL_NAME, first["version"])
-    assert version.tags["run_id"] == result.run_id and version.tags["evaluated"] == "false"
+    assert version.run_id == result.run_id and version.description.startswith("Not evaluated yet")
     assert version.tags["git_commit"] == result.git_commit and version.tags["data_hash"] == result.data_hash
     # Registering again (a rerun) finds the same version instead of adding one.
     again = _register(root, params)
@@ -106,6 +112,32 @@ def test_model_artifact_and_registered_version(trained, client):
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
     assert (local / "input_example.json").exists()
     assert (root / "artifacts").exists() and any((root / "artifacts").rglob("MLmodel"))
+
+
+def test_the_promoted_version_is_readable_on_the_registry_page(trained, client):
+    """After train, register and promote against a real registry: a handful of tags, and a description that says
+    the decision and its reason before anything else."""
+    from deeprubin.config import Params
+    from deeprubin.registry import DESCRIPTION_PREFIX
+    from deeprubin.stages import promote
+
+    root, params, result, _ = trained
+    registered = _register(root, params)
+    full = Params.model_validate({
+        "ingest": {"raw_dir": str(root / "raw")}, "preprocess": {"processed_dir": str(root / "processed")},
+        "train": params.model_dump(mode="json"),
+        "evaluate": {"real": {"detections": None, "labels": None}}})
+    decision = promote.run(full, promote.PromotePaths.from_params(full), version=registered["version"])
+    assert decision.promoted
+    version = client.get_model_version(MODEL_NAME, registered["version"])
+    assert len(version.tags) <= 8, sorted(version.tags)
+    assert version.tags["promotion/decision"] == "promoted" and version.tags["classes"] == "QSO,CEP,SNIa,SNII"
+    first, _, rest = version.description.partition("\n\n")
+    assert first.startswith(f"{DESCRIPTION_PREFIX} promoted") and decision.reason in first
+    assert "Scored on test" in first and "Not evaluated yet" in rest  # register's part stays below
+    # Registering again (a rerun) keeps the decision on top.
+    _register(root, params)
+    assert client.get_model_version(MODEL_NAME, registered["version"]).description == version.description
 
 
 def test_registered_model_loads_and_predicts_probabilities(trained):

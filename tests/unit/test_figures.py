@@ -202,3 +202,42 @@ def test_plot_mean_profiles_writes_png(tmp_path, classes):
 def test_plot_mean_profiles_empty_frame(tmp_path):
     prof = mean_profiles(np.zeros((0, 6, 5)), [])
     assert_png(plot_mean_profiles(prof, tmp_path / "empty.png"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reliability
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_reliability_lines_show_what_their_labels_say():
+    """The line labelled "mean confidence" traces each bin's mean confidence (it used to trace accuracy); the bars
+    labelled "accuracy" are each bin's accuracy; both at the centres of the bins that hold objects."""
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    from deeprubin.evaluation.figures import reliability_figure
+    from deeprubin.evaluation.metrics import reliability_curve
+
+    rng = np.random.default_rng(3)
+    classes = ["QSO", "CEP", "SNIa", "SNII"]
+    p = rng.dirichlet(np.full(4, 0.6), size=400)
+    y = np.where(rng.random(400) < 0.6, p.argmax(axis=1), rng.integers(0, 4, 400))  # over-confident
+    curve = reliability_curve([classes[i] for i in y], p, n_bins=10, classes=classes)
+    used = curve["count"] > 0
+    assert (curve.loc[used, "confidence"] - curve.loc[used, "accuracy"]).abs().max() > 0.05  # they differ
+    centres = ((curve["bin_lower"] + curve["bin_upper"]) / 2)[used].to_numpy()
+    fig = reliability_figure(curve)
+    try:
+        ax = fig.axes[0]
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        confidence = lines["mean confidence"]
+        np.testing.assert_allclose(confidence.get_ydata(), curve.loc[used, "confidence"])
+        np.testing.assert_allclose(confidence.get_xdata(), centres)
+        bars = next(c for c in ax.containers if isinstance(c, BarContainer) and c.get_label() == "accuracy")
+        np.testing.assert_allclose([b.get_height() for b in bars], curve.loc[used, "accuracy"])
+        np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in bars], centres)
+        assert ax.get_ylabel() == "accuracy / mean confidence"
+        assert {t.get_text() for t in ax.get_legend().get_texts()} == {"perfectly calibrated", "accuracy",
+                                                                      "mean confidence"}
+    finally:
+        plt.close(fig)

@@ -81,3 +81,6 @@ def main(
 ) -> None:
     """DeepRubin-Explorer command line. Every command reads params.yaml (or --params) and accepts --set overrides;
     environment variables DEEPRUBIN_<SECTION>__<KEY> override the file too."""
+    from deeprubin.tracking import quiet_third_party
+
+    quiet_third_party()  # the pipeline's own progress and summary, not MLflow's and Lightning's chatter

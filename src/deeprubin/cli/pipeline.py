@@ -261,6 +261,11 @@ def train(
                   f"{result.split_sizes['test']}")
     console.print(f"MLflow run {result.run_id} at {result.tracking_uri}; model {result.model_uri} "
                   "(`deeprubin register` registers it after `deeprubin evaluate`)")
+    from deeprubin.tracking import ui_urls  # MLflow's own run links are silenced: one link, printed whole
+
+    link = ui_urls(result.tracking_uri, result.experiment_id, result.run_id).get("run")
+    if link:
+        console.print(f"run in the MLflow UI: {link}", soft_wrap=True, markup=False, highlight=False)
     console.print(f"data {result.data_hash} ({result.data_hash_source}), commit {result.git_commit}")
     console.print(f"checkpoint: {result.checkpoint}   report: {result.checkpoint.parent / TRAIN_REPORT}")
 
@@ -379,7 +384,8 @@ def register(
 ) -> None:
     """Register the trained, evaluated model as a version of base.model_name (idempotent).
 
-    The version is tagged with the run, commit, data and params hashes and the headline evaluation numbers.
+    The version is tagged with the git commit, the data hash and its classes; its description holds the headline
+    evaluation numbers (the real held-out set first).
     """
     from deeprubin.stages import register as stage
 
@@ -388,3 +394,8 @@ def register(
     verb = "registered" if out["new"] else "already registered"
     console.print(f"[bold]register[/] {verb} {out['model_uri']} (run {out['run_id']})"
                   + ("" if out["evaluated"] else "  [yellow]not evaluated: run `deeprubin evaluate` first[/]"))
+    from deeprubin.tracking import ui_urls
+
+    link = ui_urls(params.train.tracking_uri, model_name=out["registered_model"]).get("model")
+    if link:
+        console.print(f"versions in the MLflow UI: {link}", soft_wrap=True, markup=False, highlight=False)

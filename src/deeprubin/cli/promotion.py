@@ -19,7 +19,8 @@ def promote(
     """Make a registered version the challenger, and the champion if it beats the champion on the frozen set.
 
     Both versions are scored now on promote.evaluation_set; the rule (margin, recall bound) and the decision's
-    reason are written as tags on the version and to models/promotion.json.
+    reason are written on the version (tag promotion/decision, the reason atop its description) and to
+    models/promotion.json.
     """
     from deeprubin.registry import RegistryError
     from deeprubin.stages import promote as stage

@@ -275,29 +275,41 @@ def plot_confusion_matrix(cm: Any, classes: Sequence[str], path: str | Path,
     return _save(fig, path)
 
 
-def plot_reliability(curve: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
-    """PNG of a :func:`reliability_curve`: accuracy per confidence bin against the diagonal, with bin counts below.
-    The title gives the ECE computed from the curve. Returns the path."""
-    used = curve["count"] > 0
+def reliability_figure(curve: pd.DataFrame, title: str | None = None) -> Any:
+    """The figure of :func:`plot_reliability` (not saved; the caller closes it).
+
+    Top panel, per confidence bin with objects, at the bin's centre: a bar up to the bin's accuracy (labelled
+    ``accuracy``) and a marker at the bin's mean confidence (the mean top probability, labelled ``mean confidence``);
+    the vertical gap between them is the bin's calibration error (confidence above the bar: over-confident), and the
+    dashed diagonal is where the mean confidence of a bin lies. Bottom panel: objects per bin. The title gives the ECE
+    computed from the curve."""
+    used = (curve["count"] > 0).to_numpy()
     n = int(curve["count"].sum())
-    ece = float((curve.loc[used, "count"] * (curve.loc[used, "accuracy"] - curve.loc[used, "confidence"]).abs()).sum()
-                / n) if n else float("nan")
+    accuracy = curve["accuracy"].to_numpy(dtype=float)
+    confidence = curve["confidence"].to_numpy(dtype=float)
+    counts = curve["count"].to_numpy(dtype=float)
+    ece = float((counts[used] * np.abs(accuracy[used] - confidence[used])).sum() / n) if n else float("nan")
     width = (curve["bin_upper"] - curve["bin_lower"]).to_numpy()
     centres = ((curve["bin_upper"] + curve["bin_lower"]) / 2).to_numpy()
     fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfectly calibrated")
-    ax.bar(centres[used], curve.loc[used, "accuracy"], width=width[used], edgecolor="black", alpha=0.7,
-           label="accuracy")
-    ax.plot(curve.loc[used, "confidence"], curve.loc[used, "accuracy"], "o-", color="C3", label="mean confidence")
+    ax.bar(centres[used], accuracy[used], width=width[used], edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot(centres[used], confidence[used], "o-", color="C3", label="mean confidence")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy / mean confidence")
     ax.legend(loc="upper left")
     ax.set_title(title or f"Reliability (top label), ECE = {ece:.3f}, n = {n}")
     axc.bar(centres, curve["count"], width=width, edgecolor="black", color="C0")
-    axc.set_xlabel("confidence (top probability)")
+    axc.set_xlabel("confidence bin (top probability)")
     axc.set_ylabel("count")
-    return _save(fig, path)
+    return fig
+
+
+def plot_reliability(curve: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
+    """PNG of a :func:`reliability_curve` (:func:`reliability_figure`: accuracy and mean confidence per bin against
+    the diagonal, bin counts below). Returns the path."""
+    return _save(reliability_figure(curve, title), path)
 
 
 def plot_early_curve(curve: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:

@@ -383,3 +383,17 @@ def confusion_rows(y_true: Any, proba: Any, classes: Sequence[str] = CLASSES, la
     pred = _predict(p, idx, restrict_predictions)
     names = np.asarray([str(c) for c in classes], dtype=object)
     return pd.DataFrame({"actual": names[y], "predicted": names[pred]})
+
+
+def confusion_plot_rows(rows: pd.DataFrame, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
+    """The ``actual, predicted`` rows of :func:`confusion_rows` as DVC plot data: with ``actual_order`` and
+    ``predicted_order`` (each class's position in ``classes``) and sorted by them, so the interactive confusion matrix
+    (``.dvc/plots/confusion_ordered.json``) lists the classes in the same order as the PNGs, not alphabetically."""
+    order = {str(c): i for i, c in enumerate(classes)}
+    extra = len(order)  # a class outside ``classes`` (none from confusion_rows) goes last
+
+    def position(values: pd.Series) -> pd.Series:
+        return values.astype(str).map(order).fillna(extra).astype("int64")
+
+    out = rows.assign(actual_order=position(rows["actual"]), predicted_order=position(rows["predicted"]))
+    return out.sort_values(["actual_order", "predicted_order"], kind="stable").reset_index(drop=True)

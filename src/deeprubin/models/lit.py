@@ -3,7 +3,11 @@
 - Loss: cross-entropy, with optional per-class weights (:func:`deeprubin.data.class_weights`) for class imbalance.
 - Optimiser: Adam at ``lr`` (the paper's 1e-3 by default).
 - Logged per epoch: ``train/loss``, ``train/macro_f1``, ``val/loss``, ``val/macro_f1``, ``test/loss``,
-  ``test/macro_f1`` (torchmetrics ``MulticlassF1Score(average="macro")``).
+  ``test/macro_f1`` (torchmetrics ``MulticlassF1Score(average="macro")``), each at MLflow step = the epoch (0, 1,
+  ...; a ``step`` value logged beside them is what Lightning passes to the logger as the step), so the run's
+  training curves are drawn against epochs, not optimiser steps.
+- The hyperparameters are saved in the checkpoint but not sent to the logger: the train stage logs its whole
+  configuration once (``train/*``), and ``lr`` beside ``train/lr`` would only repeat it.
 - :data:`MONITOR` (``val/macro_f1``, maximised) drives early stopping and the best checkpoint
   (:func:`default_callbacks`).
 - ``predict_step`` returns class probabilities (N, n_classes) in ``classes`` order.
@@ -49,7 +53,7 @@ class LitTCN(pl.LightningModule):
                                    "kernel_size": kernel_size, "levels": levels, "dropout": dropout, "lr": lr,
                                    "class_weights": class_weights, "lr_plateau_patience": lr_plateau_patience,
                                    "readout": readout, "flux_scale": flux_scale, "shape": shape,
-                                   "members": members})
+                                   "members": members}, logger=False)
         self.classes = tuple(classes)
         self.lr = lr
         self.lr_plateau_patience = lr_plateau_patience
@@ -82,6 +86,8 @@ class LitTCN(pl.LightningModule):
             logits = self(x)
             loss = self.loss(logits, y)
         metric(logits.argmax(dim=1), y)
+        # The step of the epoch-end values in the logger is the epoch (see the module docstring).
+        self.log("step", float(self.current_epoch), on_step=False, on_epoch=True, batch_size=len(y))
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log(f"{stage}/macro_f1", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss

@@ -19,10 +19,10 @@ against days since first detection (``evaluate.early_days``): the light curves a
 detection and interpolated again (the GP sees only what an alert stream would have shown by then).
 
 Outputs under ``evaluate.metrics_dir``: ``evaluate.json`` (DVC metrics: numbers only), ``report.json`` (everything,
-incl. confusion matrices), ``plots/*.csv`` (DVC plot data: early curves, confusion pairs, reliability, class
-distribution), ``figures/*.png`` (confusion matrices, reliability, early curves, class distribution, mean GP profile
-per class). The numbers and figures are also logged to the training run in MLflow and the registered version is
-tagged with the headline numbers by ``deeprubin register``.
+incl. confusion matrices), ``plots/*.csv`` (DVC plot data: early curves, confusion pairs with each class's position in
+``base.classes``, reliability, class distribution), ``figures/*.png`` (confusion matrices, reliability, early
+curves, class distribution, mean GP profile per class). The numbers and figures are also logged to the training run in
+MLflow, and ``deeprubin register`` writes the headline numbers into the registered version's description.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import pandas as pd
 
 from deeprubin.config import Params
 from deeprubin.evaluation import figures as figs
-from deeprubin.evaluation.metrics import write_metrics_json, write_plot_csv
+from deeprubin.evaluation.metrics import confusion_plot_rows, write_metrics_json, write_plot_csv
 from deeprubin.evaluation.ogle import ogle_sets
 from deeprubin.evaluation.scoring import align, early_rows, score
 from deeprubin.evaluation.sets import EvalSet, holdout_oids, objects_hash, real_set, split_test_set
@@ -193,7 +193,7 @@ def _write_outputs(paths, params, metrics, report, extras, sets, classes, skippe
     write_metrics_json(root / EVALUATION_REPORT, {**report, "skipped": skipped})
     for s in sets:
         tcn = extras[("tcn", s.name)]
-        write_plot_csv(plots / f"confusion_{s.name}.csv", tcn["confusion"])
+        write_plot_csv(plots / f"confusion_{s.name}.csv", confusion_plot_rows(tcn["confusion"], classes))
         write_plot_csv(plots / f"reliability_{s.name}.csv", tcn["reliability"])
         cm = tcn["report"]["confusion_matrix"]
         out.append(figs.plot_confusion_matrix(cm["counts"], cm["rows"], images / f"confusion_tcn_{s.name}.png",

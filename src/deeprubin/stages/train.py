@@ -5,7 +5,8 @@
 - Trainer: ``accelerator=train.accelerator`` (``auto``), ``deterministic=True``, everything seeded with
   ``base.seed``; early stopping and the best checkpoint on validation macro-F1 (:func:`default_callbacks`).
 - Tracking: Lightning's ``MLFlowLogger`` at ``train.tracking_uri`` (default ``sqlite:///mlflow.db``, no server):
-  the parameters, per-epoch ``train/loss``, ``train/macro_f1``, ``val/loss``, ``val/macro_f1``. The run is tagged
+  the parameters, each once (``train/*`` as configured, ``base/seed``, ``base/classes``, ``data/*`` as the split made
+  them), per-epoch ``train/loss``, ``train/macro_f1``, ``val/loss``, ``val/macro_f1`` at step = epoch. The run is tagged
   ``git_commit`` (``git rev-parse HEAD``, ``unknown`` outside git), ``data_hash`` (see :func:`data_hash`),
   ``data_hash_source`` and ``params_hash`` (sha256 of the ``train`` section as JSON plus ``base.seed`` and
   ``base.classes``).
@@ -168,6 +169,25 @@ def params_hash(params: TrainParams, base: BaseParams) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def ensure_experiment(tracking_uri: str | None, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name`` at ``tracking_uri``, created (with ``artifact_location``) when missing: Lightning's
+    logger then finds it instead of warning that it is "not found. Creating it." on every first run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created by a concurrent run in between
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 def _progress_callback(step: Progress, max_epochs: int):
     import pytorch_lightning as pl
 
@@ -246,11 +266,17 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                    flux_scale=cfg.flux_compression, shape=cfg.shape_features, members=cfg.members,
                    lr=cfg.lr, lr_plateau_patience=cfg.lr_plateau_patience,
                    class_weights=None if dm.class_weights is None else dm.class_weights.tolist())
+    ensure_experiment(cfg.tracking_uri, cfg.experiment, cfg.artifact_location)
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri, tags=tags,
                           artifact_location=cfg.artifact_location, log_model=False)
-    logger.log_hyperparams({"train": cfg.model_dump(mode="json"), "base": {"seed": base.seed},
+    # Every parameter once: the train section as configured (LitTCN does not log its hyperparameters again), and
+    # what the data made of it.
+    weights = None if dm.class_weights is None else ",".join(f"{w:.4g}" for w in dm.class_weights.tolist())
+    logger.log_hyperparams({"train": cfg.model_dump(mode="json"),
+                            "base": {"seed": base.seed, "classes": ",".join(base.classes)},
                             "data": {**{"n_" + k: v for k, v in split_sizes.items()}, "n_train_views": n_views,
-                                     "n_holdout": len(holdout)}})
+                                     "n_holdout": len(holdout), "n_channels": dm.n_channels,
+                                     "class_weights": weights}})
     callbacks = default_callbacks(cfg.patience, dirpath=model_dir)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1 if cfg.accelerator != "auto" else "auto",
                          deterministic=True, max_epochs=cfg.max_epochs, logger=logger,
