@@ -82,6 +82,9 @@ def prefect_spec(state_dir: Path | str = STATE_DIR, host: str = HOST, port: int 
         "PREFECT_HOME": str(home),
         # Prefect's default location, stated explicitly so a developer's profile or env cannot point elsewhere.
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{(home / 'prefect.db').as_posix()}",
+        # The API URL the UI is given: Prefect derives it from its settings' host and port (4200), not from the
+        # --host/--port it is started with, so on any other port the UI would call a server that is not there.
+        "PREFECT_SERVER_UI_API_URL": f"{base}/api",
     }
     return ServerSpec(
         name="prefect",

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from deeprubin import servers
+from tests.browser import browse, find_chromium, ink
 from tests.model_fixtures import register_tcn, sqlite_uri
 from tests.service_process import start_service, stop, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 QUIET = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
          "PYTHONUNBUFFERED": "1"}
 # What only the rendered page has (the served HTML is a bare shell): the API's operations from /openapi.json, and
@@ -37,11 +34,7 @@ ASSETS = {"/docs": ("/static/docs/swagger-ui-bundle.js", "/static/docs/swagger-u
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    found = next((path for name in BROWSERS if (path := shutil.which(name))), None)
-    if found is None:
-        pytest.skip(f"no Chromium found on PATH (tried {', '.join(BROWSERS)}; apt-get install chromium): cannot render "
-                    "/docs and /redoc in a browser")
-    return found
+    return find_chromium("/docs and /redoc")
 
 
 @pytest.fixture(scope="module")
@@ -67,41 +60,19 @@ def service(tmp_path_factory, chromium):
         stop(proc)
 
 
-def _browse(chromium: str, url: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    """Headless Chromium on ``url``, offline but for the service: every other host name is unresolvable and no
-    proxy is used, so a page that needs a CDN (or Google Fonts) stays blank here."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-proxy-server",
-           f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-           "--window-size=1280,900", "--virtual-time-budget=5000", *args, url]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}"
-    return done
-
-
-def _ink(png: Path) -> tuple[float, int]:
-    """(share of pixels that are not near-white, distinct colours) of a screenshot."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(png) as image:
-        rgb = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    return float((rgb.min(axis=1) < 235).mean()), len(np.unique(rgb, axis=0))
-
-
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
 def test_docs_pages_render_offline_in_a_browser(chromium, service, page, tmp_path):
     url = service["url"] + page
     name = page.strip("/")
     shot = tmp_path / f"{name}.png"
-    _browse(chromium, url, tmp_path / "profile", f"--screenshot={shot}")
-    dom = _browse(chromium, url, tmp_path / "profile", "--dump-dom").stdout
+    browse(chromium, url, tmp_path / "profile", f"--screenshot={shot}")
+    dom = browse(chromium, url, tmp_path / "profile", "--dump-dom").stdout
     (tmp_path / f"{name}.html").write_text(dom)
 
     missing = [text for text in RENDERED[page] if text not in dom]
     assert not missing, f"{page} did not render (no {missing}; DOM in {tmp_path / f'{name}.html'}):\n{dom[:2000]}"
     assert shot.is_file(), f"no screenshot of {page}"
-    share, colours = _ink(shot)
+    share, colours = ink(shot)
     assert share > 0.03 and colours > 50, f"{page} looks blank: {share:.1%} of pixels inked, {colours} colours ({shot})"
 
     log = service["log"].read_text()  # the browser took the scripts and the schema from the service itself

@@ -84,6 +84,15 @@ def test_prefect_client_reads_from_the_server(stack):
         assert isinstance(client.read_flows(), list)
 
 
+def test_the_prefect_ui_is_given_its_own_server_api_not_the_default_port(stack):
+    """The UI reads its API address from /ui-settings: on a port other than 4200 it must still be this server's."""
+    url = stack[0]["prefect"]["url"]
+    base = url[:-len("/api")] if url.endswith("/api") else url
+    settings = _get(f"{base}/ui-settings")
+    assert settings.status_code == 200, settings.text
+    assert settings.json()["api_url"].rstrip("/") == f"{base}/api"
+
+
 def test_up_again_reuses_the_running_servers(stack, state):
     records, ports = stack
     again = servers.up(state, **ports)
