@@ -273,9 +273,9 @@ class TrainParams(Section):
         8, ge=0, description="Cuts of each validation object (GP refitted, as at inference) beside its whole curve "
                              "for the calibration fit: early ages get their own temperatures.")
     members: int = Field(
-        1, ge=1, description="Networks trained side by side from different initialisations on the same batches, each "
-                             "on its own loss; the model is their mean probability (one exported graph). Costs "
-                             "members x the training and the TCN's inference time.")
+        1, ge=1, description="Networks trained independently (seeds train.seed, +1, ...: own initialisation, batch "
+                             "order, early stop and MLflow child run); the model is their mean probability (one "
+                             "exported graph). Costs members x the training and the TCN's inference time.")
     selection_views: int = Field(
         0, ge=0, description="Cuts of each validation object (GP refitted, as at inference) added beside its whole "
                              "curve to the set early stopping and the best checkpoint are chosen on (val/macro_f1): "

@@ -260,3 +260,61 @@ def test_calibration_views_cut_the_validation_objects_and_know_the_real_ones(tra
         _, report = train.calibrate(net, dm, params.model_copy(update={"calibration_objects": "real"}), BaseParams(),
                                     None, settings)
     assert report["fitted_on"] == "all" and report["n_objects"]["real"] == 0
+
+
+def test_members_are_trained_independently_and_served_as_one_model(trained, tmp_path):
+    """train.members=2: two networks, each with its own seed, batch order, early stop and MLflow child run; the
+    first is the single network of the same seed (the `trained` fixture), weight for weight; the checkpoint and the
+    logged model are their ensemble. Training into a model folder that already holds a checkpoint gives no
+    Lightning warning about the folder and leaves no checkpoint folder behind."""
+    from mlflow import MlflowClient
+
+    from deeprubin.models.lit import LitTCN
+    from deeprubin.models.tcn import TCNEnsemble
+
+    root, single_params, single, _ = trained
+    params = single_params.model_copy(update={"members": 2, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                              "artifact_location": (tmp_path / "artifacts").as_uri(),
+                                              "model_dir": tmp_path / "models"})
+    paths = train.TrainPaths(processed_dir=root / "processed", model_dir=tmp_path / "models",
+                             dvc_lock=tmp_path / "dvc.lock")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / CHECKPOINT).write_bytes((root / "models" / CHECKPOINT).read_bytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train.run(Params(train=params), paths)
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted([CHECKPOINT, TRAIN_REPORT])
+
+    client = MlflowClient(tracking_uri=params.tracking_uri)
+    children = client.search_runs([result.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == ["member-1", "member-2"]
+    assert sorted(r.data.tags["member_seed"] for r in children) == ["42", "43"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/macro_f1")] == [0, 1]
+    parent = client.get_run(result.run_id).data
+    assert {"member_1/best_val_macro_f1", "member_2/best_val_macro_f1", "best_val_macro_f1"} <= set(parent.metrics)
+    assert [m["seed"] for m in result.extra["members"]] == [42, 43]
+
+    ensemble = LitTCN.load_from_checkpoint(tmp_path / "models" / CHECKPOINT, map_location="cpu").eval()
+    alone = LitTCN.load_from_checkpoint(root / "models" / CHECKPOINT, map_location="cpu").eval()
+    assert isinstance(ensemble.model, TCNEnsemble) and len(ensemble.model.members) == 2
+    first, second = (m.state_dict() for m in ensemble.model.members)
+    assert all(torch.equal(first[k], v) for k, v in alone.model.state_dict().items())
+    assert not all(torch.equal(first[k], second[k]) for k in first)
+
+    import mlflow
+
+    from deeprubin.models.served import load_checkpoint
+    from deeprubin.tracking import using
+
+    x, _ = load_processed(root / "processed")
+    x = torch.from_numpy(np.asarray(x[:6], dtype=np.float32))
+    with using(params.tracking_uri):
+        served = mlflow.pytorch.load_model(result.model_uri)
+    with torch.no_grad():
+        mean_of_members = torch.stack([torch.softmax(m(x), dim=1) for m in ensemble.model.members]).mean(dim=0)
+        assert torch.allclose(torch.softmax(ensemble(x), dim=1), mean_of_members, atol=1e-6)
+        assert torch.allclose(served(x), load_checkpoint(tmp_path / "models" / CHECKPOINT).module(x), atol=1e-5)

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from deeprubin import __version__
+from deeprubin import __version__, scratch
 from deeprubin.config import BaseParams, Params, TrainParams
 from deeprubin.data import ProcessedDataModule, holdout_by_hash, redshifts_of, truncated_views
 from deeprubin.evaluation.metrics import expected_calibration_error
@@ -188,16 +188,116 @@ def ensure_experiment(tracking_uri: str | None, name: str, artifact_location: st
         return found.experiment_id
 
 
-def _progress_callback(step: Progress, max_epochs: int):
+def _progress_callback(step: Progress, max_epochs: int, label: str = ""):
     import pytorch_lightning as pl
 
     class _EpochProgress(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             f1 = trainer.callback_metrics.get("val/macro_f1")
-            text = f"epoch {trainer.current_epoch + 1}" + (f", val macro-F1 {float(f1):.3f}" if f1 is not None else "")
+            text = f"{label}epoch {trainer.current_epoch + 1}" + (
+                f", val macro-F1 {float(f1):.3f}" if f1 is not None else "")
             step(text, completed=trainer.current_epoch + 1, total=max_epochs)
 
     return _EpochProgress()
+
+
+def member_seeds(cfg: TrainParams, base: BaseParams) -> list[int]:
+    """The seed of each of the ``train.members`` networks (initialisation and batch order): ``train.seed`` (or
+    ``base.seed``), then the next integers. The first is a single network's seed, so members=1 is unchanged."""
+    first = base.seed if cfg.seed is None else cfg.seed
+    return [first + i for i in range(cfg.members)]
+
+
+def child_run(tracking_uri: str | None, experiment_id: str, parent_run_id: str, name: str,
+              tags: dict[str, str]) -> str:
+    """A new MLflow run nested under ``parent_run_id`` (the UI shows it inside the parent); returns its id."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return client.create_run(experiment_id, tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id,
+                                                  MLFLOW_RUN_NAME: name}).info.run_id
+
+
+@dataclass
+class MemberResult:
+    """One independently trained network: its best checkpoint (in the scratch folder), validation macro-F1 there,
+    the epochs it ran and its MLflow run."""
+
+    checkpoint: Path
+    best_score: float
+    epochs: int
+    run_id: str
+    seed: int
+    accelerator: str
+
+    def report(self) -> dict[str, Any]:
+        return {"seed": self.seed, "run_id": self.run_id, "best_val_macro_f1": self.best_score,
+                "epochs": self.epochs}
+
+
+def _fit_member(model, dm: ProcessedDataModule, cfg: TrainParams, logger, checkpoints: Path, step: Progress,
+                label: str) -> MemberResult:
+    """Train ``model`` with early stopping on validation macro-F1; its best checkpoint goes to ``checkpoints``
+    (a fresh folder: Lightning warns about, and may pick up, files already in its checkpoint folder)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from deeprubin.models.lit import default_callbacks
+
+    callbacks = default_callbacks(cfg.patience, dirpath=checkpoints)
+    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1 if cfg.accelerator != "auto" else "auto",
+                         deterministic=True, max_epochs=cfg.max_epochs, logger=logger,
+                         callbacks=[*callbacks, _progress_callback(step, cfg.max_epochs, label)],
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    step(f"training {label}".rstrip(", "), completed=0, total=cfg.max_epochs)
+    trainer.fit(model, datamodule=dm)
+    checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
+    if not checkpoint.best_model_path:
+        raise ValueError("training ended without a checkpoint (no validation macro-F1 was logged)")
+    return MemberResult(checkpoint=Path(checkpoint.best_model_path), best_score=float(checkpoint.best_model_score),
+                        epochs=trainer.current_epoch, run_id=logger.run_id, seed=dm.shuffle_seed,
+                        accelerator=str(trainer.accelerator.__class__.__name__))
+
+
+def assemble(new_model, checkpoints: list[Path], target: Path):
+    """The trained model, saved as one Lightning checkpoint at ``target`` and returned (on the CPU): the single
+    network's best checkpoint as it is, or a :class:`~deeprubin.models.tcn.TCNEnsemble` of the members' best
+    weights (``new_model(members)``: the same architecture) in member 0's checkpoint (its optimiser and loop states
+    dropped: they belong to one member)."""
+    import torch
+
+    from deeprubin.models.lit import LitTCN
+
+    if len(checkpoints) == 1:
+        Path(checkpoints[0]).replace(target)
+        return LitTCN.load_from_checkpoint(target, map_location="cpu")
+    ensemble = new_model(len(checkpoints))
+    for net, path in zip(ensemble.model.members, checkpoints):
+        net.load_state_dict(LitTCN.load_from_checkpoint(path, map_location="cpu").model.state_dict())
+    state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
+    for key in ("optimizer_states", "lr_schedulers", "loops", "callbacks"):
+        state.pop(key, None)
+    state["state_dict"] = ensemble.state_dict()
+    state["hyper_parameters"] = dict(state["hyper_parameters"], members=len(checkpoints))
+    tmp = target.with_name(f".{target.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(target)
+    return LitTCN.load_from_checkpoint(target, map_location="cpu")
+
+
+def validation_macro_f1(model, dm: ProcessedDataModule) -> float:
+    """Macro-F1 of ``model`` on the validation loader, as the checkpoint callback's ``val/macro_f1`` measures it
+    (torchmetrics, accumulated over the batches)."""
+    import torch
+    from torchmetrics.classification import MulticlassF1Score
+
+    metric = MulticlassF1Score(num_classes=len(model.classes), average="macro")
+    model.eval()
+    with torch.inference_mode():
+        for batch in dm.val_dataloader():
+            metric.update(model(batch[0]).argmax(dim=1), batch[1])
+    return float(metric.compute())
 
 
 def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> TrainResult:
@@ -207,10 +307,9 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     :func:`deeprubin.evaluation.sets.holdout_oids`)."""
     import mlflow
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import MLFlowLogger
 
-    from deeprubin.models.lit import LitTCN, default_callbacks, store_calibration
+    from deeprubin.models.lit import LitTCN, store_calibration
 
     base, holdout = params.base, paths.holdout
     cfg = params.train  # the stage reads its own section from here on
@@ -261,12 +360,14 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     for stale in list(model_dir.glob("best*.ckpt")) + [model_dir / CHECKPOINT, model_dir / TRAIN_REPORT]:
         stale.unlink(missing_ok=True)
 
-    model = LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=cfg.hidden,
-                   kernel_size=cfg.kernel_size, levels=cfg.levels, dropout=cfg.dropout, readout=cfg.readout,
-                   flux_scale=cfg.flux_compression, shape=cfg.shape_features, members=cfg.members,
-                   lr=cfg.lr, lr_plateau_patience=cfg.lr_plateau_patience,
-                   class_weights=None if dm.class_weights is None else dm.class_weights.tolist())
-    ensure_experiment(cfg.tracking_uri, cfg.experiment, cfg.artifact_location)
+    def new_model(members: int = 1) -> LitTCN:
+        return LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=cfg.hidden,
+                      kernel_size=cfg.kernel_size, levels=cfg.levels, dropout=cfg.dropout, readout=cfg.readout,
+                      flux_scale=cfg.flux_compression, shape=cfg.shape_features, members=members,
+                      lr=cfg.lr, lr_plateau_patience=cfg.lr_plateau_patience,
+                      class_weights=None if dm.class_weights is None else dm.class_weights.tolist())
+
+    experiment_id = ensure_experiment(cfg.tracking_uri, cfg.experiment, cfg.artifact_location)
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri, tags=tags,
                           artifact_location=cfg.artifact_location, log_model=False)
     # Every parameter once: the train section as configured (LitTCN does not log its hyperparameters again), and
@@ -277,22 +378,23 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                             "data": {**{"n_" + k: v for k, v in split_sizes.items()}, "n_train_views": n_views,
                                      "n_holdout": len(holdout), "n_channels": dm.n_channels,
                                      "class_weights": weights}})
-    callbacks = default_callbacks(cfg.patience, dirpath=model_dir)
-    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1 if cfg.accelerator != "auto" else "auto",
-                         deterministic=True, max_epochs=cfg.max_epochs, logger=logger,
-                         callbacks=[*callbacks, _progress_callback(step, cfg.max_epochs)],
-                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
-    step("training", completed=0, total=cfg.max_epochs)
-    trainer.fit(model, datamodule=dm)
-
-    checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
-    if not checkpoint.best_model_path:
-        raise ValueError("training ended without a checkpoint (no validation macro-F1 was logged)")
-    best_f1 = float(checkpoint.best_model_score)
-    target = model_dir / CHECKPOINT
-    Path(checkpoint.best_model_path).replace(target)
-
-    best = LitTCN.load_from_checkpoint(target, map_location="cpu").eval()
+    seeds = member_seeds(cfg, base)
+    members: list[MemberResult] = []
+    with scratch.folder(".lightning-", model_dir) as checkpoints:
+        for i, seed in enumerate(seeds):
+            if i > 0:  # member 0 keeps the seeding of a single network: members=1 trains exactly what it did
+                pl.seed_everything(seed, workers=True, verbose=False)
+            dm.shuffle_seed = seed
+            label = f"member {i + 1}/{len(seeds)}, " if len(seeds) > 1 else ""
+            member_logger = logger if len(seeds) == 1 else MLFlowLogger(
+                experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri, log_model=False,
+                run_id=child_run(cfg.tracking_uri, experiment_id, logger.run_id, f"member-{i + 1}",
+                                 {**tags, "member_seed": str(seed)}))
+            members.append(_fit_member(new_model(), dm, cfg, member_logger, checkpoints / f"member-{i + 1}",
+                                       step, label))
+        best = assemble(new_model, [m.checkpoint for m in members], target := model_dir / CHECKPOINT)
+    best_f1 = members[0].best_score if len(members) == 1 else validation_macro_f1(best, dm)
+    best.eval()
     calibration, calibration_report = None, {"mode": "none"}
     if cfg.calibration != "none":
         step("calibrating the probabilities on the validation objects")
@@ -307,16 +409,21 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
 
     with using(cfg.tracking_uri), mlflow.start_run(run_id=logger.run_id):
         mlflow.log_metric("best_val_macro_f1", best_f1)
+        if len(members) > 1:
+            for i, m in enumerate(members, start=1):
+                mlflow.log_metrics({f"member_{i}/best_val_macro_f1": m.best_score, f"member_{i}/epochs": m.epochs})
         mlflow.log_metrics(calibration_metrics(calibration_report))
         mlflow.log_dict(calibration_report, "calibration.json")
         info = log_model(served, example, base.classes, preprocessing, tags=tags)
 
     result = TrainResult(
         run_id=logger.run_id, experiment_id=logger.experiment_id, tracking_uri=cfg.tracking_uri,
-        model_uri=info.model_uri, registered_model=base.model_name, best_val_macro_f1=best_f1, epochs=trainer.current_epoch, checkpoint=target,
+        model_uri=info.model_uri, registered_model=base.model_name, best_val_macro_f1=best_f1,
+        epochs=max(m.epochs for m in members), checkpoint=target,
         split_sizes=split_sizes, class_counts=class_counts, git_commit=commit, data_hash=dhash,
-        data_hash_source=dsource, params_hash=phash, accelerator=str(trainer.accelerator.__class__.__name__),
-        seconds=time.perf_counter() - started, trained_at=trained_at, calibration=calibration_report, extra={"logged_model_uri": info.model_uri, "tags": tags})
+        data_hash_source=dsource, params_hash=phash, accelerator=members[0].accelerator,
+        seconds=time.perf_counter() - started, trained_at=trained_at, calibration=calibration_report, extra={"logged_model_uri": info.model_uri, "tags": tags,
+                                                           "members": [m.report() for m in members]})
     (model_dir / TRAIN_REPORT).write_text(json.dumps(result.report(), indent=2, sort_keys=True) + "\n")
     return result
 
