@@ -399,6 +399,9 @@ class KafkaParams(Section):
     group_id: str = Field("deeprubin", description="Consumer group (offsets are committed after each batch).")
     auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="Where a new group starts.")
     poll_timeout_s: float = Field(1.0, gt=0, description="Wait for a message at most this long per poll.")
+    connect_timeout_s: float = Field(
+        30.0, gt=0, description="Give up (deeprubin consume exits with an error naming the brokers) when no broker of "
+                                "bootstrap_servers has answered for this long: at start, or after losing them all.")
     config: dict[str, str] = Field(default_factory=dict,
                                    description="Extra librdkafka settings (security.protocol, sasl.*, ...).")
 

@@ -10,7 +10,8 @@ REGISTERED_REPORT = "registered.json"  # register: name, version, run id
 PROMOTION_REPORT = "promotion.json"  # promote: the decision and both scores
 
 # <evaluate.metrics_dir>/
-METRICS = "evaluate.json"  # evaluate: DVC metrics (numbers only)
+HEADLINE = "headline.json"  # evaluate: the DVC metrics, a dozen headline numbers (dvc metrics show / diff)
+METRICS = "evaluate.json"  # evaluate: every number per model and set (a plain output; register reads it)
 EVALUATION_REPORT = "report.json"  # evaluate: everything, with confusion matrices and set fingerprints
 
 # Within an MLflow run: the logged model's name.

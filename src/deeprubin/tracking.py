@@ -64,6 +64,15 @@ KNOWN_WARNINGS = (
 #: INFO lines of Lightning's rank-zero logger that are advertisements or say nothing about this machine's run.
 LIGHTNING_NOISE = ("💡 Tip:", "TPU available:", "HPU available:")
 
+#: INFO lines dropped, by logger: the message starts (prefixes). MLflow's registry client logs "Waiting up to 300
+#: seconds for model version to finish creation" on every version registered against a tracking server (a REST
+#: store), though the version is READY at once there; the wait itself still runs (a registry that creates versions
+#: asynchronously is still waited for), and a version that fails or times out still raises.
+QUIET_MESSAGES = {
+    "pytorch_lightning.utilities.rank_zero": LIGHTNING_NOISE,
+    "mlflow.store.model_registry.abstract_store": ("Waiting up to",),
+}
+
 #: Loggers whose INFO lines only narrate MLflow's own bookkeeping ("Creating initial MLflow database tables...");
 #: their warnings and errors still show.
 CHATTY_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
@@ -92,7 +101,8 @@ def quiet_third_party() -> None:
     - MLflow: no artifact download progress bars, no run/experiment links on stdout (:data:`QUIET_ENV`, set only
       where the user has not set them), no INFO narration of its database migrations (:data:`CHATTY_LOGGERS`);
     - Lightning: no "💡 Tip: ... litlogger" advertisement nor TPU/HPU availability lines (:data:`LIGHTNING_NOISE`,
-      a filter on its rank-zero logger);
+      a filter on its rank-zero logger); MLflow: no "Waiting up to 300 seconds for model version to finish
+      creation" when a version is registered against a server (:data:`QUIET_MESSAGES`: filters on those loggers);
     - warnings: the known third-party deprecations of :data:`KNOWN_WARNINGS`, matched by message and category.
 
     Errors, warnings of this package and any other warning are untouched."""
@@ -102,9 +112,10 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if logger.level < logging.WARNING:
             logger.setLevel(logging.WARNING)
-    lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if not any(isinstance(f, _DropMessages) for f in lightning.filters):
-        lightning.addFilter(_DropMessages(LIGHTNING_NOISE))
+    for name, prefixes in QUIET_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
     for message, category in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
 

@@ -115,6 +115,21 @@ def test_metrics_file_has_both_models_on_both_sets_with_intervals(evaluated):
     assert cm["rows"] == ["SNIa", "SNII"] and np.sum(cm["counts"]) == len(holdout)
 
 
+def test_the_dvc_metric_is_the_headline_of_the_metrics_file(evaluated):
+    """headline.json (what dvc.yaml declares as metrics) holds a dozen numbers of evaluate.json (issue 17)."""
+    from deeprubin.stages.evaluate import headline_metrics
+
+    root, params, *_, result = evaluated
+    assert result.headline_path == root / "metrics" / "headline.json"
+    head = json.loads(result.headline_path.read_text())
+    assert head == headline_metrics(result.metrics, params.evaluate.real.name)
+    assert set(head) == {"test", "bts", "ogle_alert_stream", "ogle_apparent"}
+    assert sum(len(row) for row in head.values()) <= 16
+    metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert head["bts"]["tcn_macro_f1"] == round(metrics["tcn"]["bts"]["macro_f1"], 4)
+    assert head["bts"]["tcn_recall_SNII"] == round(metrics["tcn"]["bts"]["per_class"]["SNII"]["recall"], 4)
+
+
 def test_ogle_quasars_and_cepheids_as_an_alert_stream_and_as_apparent_magnitudes(evaluated):
     root = evaluated[0]
     metrics = json.loads((root / "metrics" / "evaluate.json").read_text())

@@ -131,3 +131,29 @@ def test_kafka_source_needs_a_topic():
     params = load_params(None, ["alerts.kafka.bootstrap_servers=localhost:9092"])
     with pytest.raises(ValueError, match="alerts.kafka.topic"):
         alerts.KafkaSource(params.alerts.kafka)
+
+
+def test_losing_every_broker_while_consuming_fails_after_the_bound():
+    """The cluster goes away under a running consumer: BrokerUnreachable once no broker has answered for
+    alerts.kafka.connect_timeout_s (issue 17), not an endless, silent retry."""
+    import gc
+    import time
+
+    producer = confluent_kafka.Producer({"test.mock.num.brokers": 1})
+    bootstrap = ",".join(f"{b.host}:{b.port}" for b in producer.list_topics(timeout=10).brokers.values())
+    params = load_params(None, [f"alerts.kafka.bootstrap_servers={bootstrap}", f"alerts.kafka.topic={TOPIC}",
+                                "alerts.kafka.connect_timeout_s=2", "alerts.kafka.poll_timeout_s=0.2"])
+    source = alerts.KafkaSource(params.alerts.kafka)  # the cluster is up: no error
+    try:
+        items = iter(source)
+        for _ in range(3):
+            next(items)
+        del producer  # its mock cluster with it
+        gc.collect()
+        gone = time.monotonic()
+        with pytest.raises(alerts.BrokerUnreachable, match="alerts.kafka.connect_timeout_s") as raised:
+            for _ in items:
+                assert time.monotonic() - gone < 30
+        assert bootstrap in str(raised.value) and time.monotonic() - gone >= 2
+    finally:
+        source.close()

@@ -31,6 +31,7 @@ NOISE = (
     "noload",  # SQLAlchemy deprecation raised by MLflow's store
     "🏃 View run", "🧪 View experiment", "View run",  # MLflow's run links (printed twice per training run)
     "Successfully registered model", "Created version",  # mlflow.register_model's stderr prints
+    "Waiting up to",  # MLflow's registry client, on every version registered against a tracking server
     "Creating initial MLflow database tables", "Experiment with name",
 )
 
@@ -82,6 +83,37 @@ def test_make_run_output_is_the_pipelines_own(tmp_path, mlflow_server):
     assert f"with models:/{MODEL}/1" in proc.stdout
 
 
+def test_registering_against_a_tracking_server_prints_only_our_lines(tmp_path, mlflow_server):
+    """`deeprubin register` against a real MLflow server: the version is created (and waited for: READY), and
+    MLflow's "Waiting up to 300 seconds for model version to finish creation" is not printed (issue 17)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    url, name = mlflow_server["url"], "quiet-register-tcn"
+    client = MlflowClient(tracking_uri=url)
+    found = client.get_experiment_by_name("quiet-register")
+    run = client.create_run(found.experiment_id if found else client.create_experiment("quiet-register"))
+    client.log_text(run.info.run_id, "artifact_path: model\n", "model/MLmodel")
+    client.set_terminated(run.info.run_id)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "train.json").write_text(json.dumps({
+        "run_id": run.info.run_id, "model_uri": f"{run.info.artifact_uri}/model", "git_commit": "0" * 40,
+        "data_hash": "md5:0", "epochs": 1, "best_val_macro_f1": 0.5}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(HOME=str(tmp_path), DO_NOT_TRACK="1", MLFLOW_DISABLE_TELEMETRY="true")
+    proc = subprocess.run([str(BIN / "deeprubin"), "register", "--set", f"train.tracking_uri={url}",
+                           "--set", f"base.model_name={name}", "--set", "train.model_dir=models",
+                           "--set", "evaluate.metrics_dir=metrics"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert f"register registered models:/{name}/" in proc.stdout, output
+    assert "Waiting up to" not in output and "finish creation" not in output, output
+    versions = client.search_model_versions(f"name='{name}'")
+    assert [v.status for v in versions] == ["READY"]
+
+
 def test_quiet_third_party_drops_the_known_noise_and_nothing_else(monkeypatch):
     from deeprubin.tracking import QUIET_ENV, quiet_third_party
 
@@ -124,6 +156,13 @@ def test_quiet_third_party_drops_the_known_noise_and_nothing_else(monkeypatch):
         rank_zero.removeHandler(kept)
         rank_zero.setLevel(level)
     assert kept.messages == ["GPU available: False, used: False", "💡 Tip: a warning is never dropped"]
+    # MLflow's wait for a new model version: its INFO line goes, its failures ("Exceeded max wait time") stay.
+    registry_log = logging.getLogger("mlflow.store.model_registry.abstract_store")
+    wait = registry_log.makeRecord(registry_log.name, logging.INFO, __file__, 0, "Waiting up to 300 seconds for "
+                                   "model version to finish creation. Model name: m, version 1", (), None)
+    failed = registry_log.makeRecord(registry_log.name, logging.ERROR, __file__, 0, "Waiting up to ... failed",
+                                     (), None)
+    assert not registry_log.filter(wait) and registry_log.filter(failed)
     assert logging.getLogger("mlflow.store.db.utils").getEffectiveLevel() == logging.WARNING
 
 

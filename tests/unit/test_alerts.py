@@ -393,6 +393,63 @@ def test_run_needs_a_source():
         alerts.run(load_params(None), None, model=object())
 
 
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released): connections to it are refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kafka_source_without_a_broker_fails_after_the_bound_and_says_so_once(capfd, caplog):
+    """No broker at the address: one warning of ours while it retries, then BrokerUnreachable naming the bootstrap
+    servers and the setting, after alerts.kafka.connect_timeout_s; none of librdkafka's per-attempt lines."""
+    import logging
+    import time
+
+    pytest.importorskip("confluent_kafka")
+    bootstrap = f"127.0.0.1:{_closed_port()}"
+    params = load_params(None, [f"alerts.kafka.bootstrap_servers={bootstrap}", "alerts.kafka.topic=alerts",
+                                "alerts.kafka.connect_timeout_s=1.5"])
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="deeprubin.serving.alerts.kafka"):
+        with pytest.raises(alerts.BrokerUnreachable) as raised:
+            alerts.KafkaSource(params.alerts.kafka)
+    assert 1.5 <= time.monotonic() - started < 10
+    message = str(raised.value)
+    assert "\n" not in message and bootstrap in message and "alerts.kafka.connect_timeout_s" in message
+    assert "Connection refused" in message  # what librdkafka said, once, at the end
+    ours = [r.getMessage() for r in caplog.records if r.name == "deeprubin.serving.alerts.kafka"]
+    assert len(ours) == 1 and ours[0].startswith(f"Kafka: cannot reach {bootstrap}"), ours
+    out, err = capfd.readouterr()
+    assert "rdkafka" not in out + err and "Connect to" not in out + err, err
+
+
+def test_consume_command_without_a_broker_exits_with_one_line(tmp_path):
+    """`deeprubin consume` with an unreachable Kafka broker: exit code 1 within the configured bound, before any
+    model is loaded, with one line naming the brokers and the setting; not librdkafka's endless retries."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("confluent_kafka")
+    bootstrap = f"127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    started = time.monotonic()
+    done = subprocess.run([str(Path(sys.executable).parent / "deeprubin"), "consume", "--params", str(PARAMS),
+                           "--set", f"alerts.kafka.bootstrap_servers={bootstrap}", "--set", "alerts.kafka.topic=alerts",
+                           "--set", "alerts.kafka.connect_timeout_s=1", "--model", str(tmp_path / "no-model")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 60
+    assert done.returncode == 1, done.stdout + done.stderr
+    failed = [line for line in done.stderr.splitlines() if line.startswith("consume failed:")]
+    assert len(failed) == 1, done.stderr
+    assert bootstrap in failed[0] and "alerts.kafka.connect_timeout_s" in failed[0], done.stderr
+    assert "rdkafka" not in done.stderr and len(done.stderr.splitlines()) <= 2, done.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Replay and early metrics.
 

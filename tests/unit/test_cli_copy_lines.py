@@ -50,3 +50,43 @@ def test_servers_prints_urls_and_log_paths_whole_on_a_pipe(tmp_path):
     for name in ("prefect", "mlflow"):
         row = [line for line in done.stdout.splitlines() if f" {name} " in line]
         assert len(row) == 1 and str(state / "logs" / f"{name}.log") in row[0], done.stdout
+
+
+def test_promote_and_rollback_sentences_are_one_line_on_a_pipe(tmp_path):
+    """The decision and its reason (and a failure naming a long tracking URI) on a pipe: one line each, not broken
+    at 80 columns mid-sentence (issue 17)."""
+    uri = f"sqlite:///{_long_dir(tmp_path)}/mlflow.db"
+    script = textwrap.dedent(f"""
+        from deeprubin import registry
+        from deeprubin.registry import Decision, RegistryError, Scores, decide
+        from deeprubin.stages import promote as stage
+
+        ok, reason, drops = decide(Scores(0.9, {{"SNII": 0.8}}, 500), Scores(0.8, {{"SNII": 0.79}}, 500),
+                                   "macro_f1", 0.0, 0.05)
+        stage.run = lambda *args, **kwargs: Decision(
+            registered_model="deeprubin-tcn-with-a-long-name", version="12", promoted=ok, reason=reason,
+            champion_before="11", champion_after="12", metric="macro_f1", recall_drops=drops)
+
+        class Registry:
+            def __init__(self, tracking_uri, name):
+                self.tracking_uri, self.name = tracking_uri, name
+
+        def rollback(reg, lock_timeout_s):
+            raise RegistryError(f"{{reg.name}} has no champion at {{reg.tracking_uri}}: nothing to roll back")
+
+        registry.Registry, registry.rollback = Registry, rollback
+        from deeprubin.cli import app
+        for args in (["promote"], ["rollback"]):
+            app([*args, "--set", "train.tracking_uri={uri}", "--set", "base.model_name=deeprubin-tcn-long"],
+                standalone_mode=False)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=120,
+                          cwd=tmp_path)
+    out, err = done.stdout.splitlines(), done.stderr.splitlines()
+    promoted = [line for line in out if line.startswith("promote ")]
+    assert len(promoted) == 1, done.stdout + done.stderr
+    assert len(promoted[0]) > 100 and "(> 0); no class's recall drops by more than 0.05); champion is now 12" in \
+        promoted[0], done.stdout
+    failed = [line for line in err if line.startswith("rollback failed:")]
+    assert failed == [f"rollback failed: deeprubin-tcn-long has no champion at {uri}: nothing to roll back"], \
+        done.stderr

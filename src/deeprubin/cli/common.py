@@ -28,6 +28,19 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+
+def wrap_only_on_a_terminal(*consoles: Console) -> None:
+    """Messages are word-wrapped at a terminal's width, and printed one line each anywhere else (a pipe, a file, a
+    CI log): rich would otherwise break them at 80 columns, mid-sentence. Decided per command (the callback), on
+    the stream itself: FORCE_COLOR makes rich take a pipe for a terminal of 80 columns."""
+    for c in consoles:
+        try:
+            tty = c.file.isatty()
+        except (AttributeError, ValueError, OSError):  # a closed or file-like stream without isatty
+            tty = False
+        c.soft_wrap = not tty
+
+
 ParamsOption = Annotated[
     Path, typer.Option("--params", "-p", help="Configuration file.", show_default=True, envvar="DEEPRUBIN_PARAMS")
 ]
@@ -84,3 +97,4 @@ def main(
     from deeprubin.tracking import quiet_third_party
 
     quiet_third_party()  # the pipeline's own progress and summary, not MLflow's and Lightning's chatter
+    wrap_only_on_a_terminal(console, err_console)

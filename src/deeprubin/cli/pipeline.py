@@ -302,8 +302,8 @@ def evaluate(
     and Cepheids presented as an alert stream (evaluate.ogle).
 
     Macro-F1 and per-class recall with bootstrap 95% intervals, calibration, and macro-F1 against days since
-    first detection; writes metrics/evaluate.json, metrics/plots/*.csv and metrics/figures/*.png and logs them to
-    the training run in MLflow.
+    first detection; writes metrics/headline.json (the DVC metrics: a dozen headline numbers), metrics/evaluate.json
+    (every number), metrics/plots/*.csv and metrics/figures/*.png and logs them to the training run in MLflow.
 
     --cv: repeated stratified k-fold on the real set (evaluation/crossval.py): per fold the train stage's recipe
     (the TCN) and the forest train on the simulator plus the other folds' real objects and are scored on the fold,
@@ -346,9 +346,9 @@ def evaluate(
         console.print(line)
     for name, why in result.skipped.items():
         console.print(f"[yellow]not evaluated:[/] {name}: {why}")
-    console.print(f"metrics: {result.metrics_path}   report: {result.report_path}   figures: "
-                  f"{result.metrics_path.parent / 'figures'}" + (f"   MLflow run {result.run_id}" if result.run_id
-                                                                 else ""))
+    console.print(f"headline (DVC metrics): {result.headline_path}   all numbers: {result.metrics_path}   report: "
+                  f"{result.report_path}   figures: {result.metrics_path.parent / 'figures'}"
+                  + (f"   MLflow run {result.run_id}" if result.run_id else ""))
 
 
 def _crossvalidate(params, log_to_mlflow: bool) -> None:

@@ -82,12 +82,16 @@ def consume(
 ) -> None:
     """Classify an alert stream, alert by alert: each packet updates its object's light curve, which is classified
     as of that alert. One Parquet part per batch in OUTPUT/classifications; rejected alerts and malformed packets in
-    OUTPUT/rejections; a rerun (or Kafka re-delivery) never duplicates a row."""
+    OUTPUT/rejections; a rerun (or Kafka re-delivery) never duplicates a row. No Kafka broker answering for
+    alerts.kafka.connect_timeout_s (at start, or later): exit status 1, with a line naming the brokers."""
     from deeprubin.serving import alerts
 
     params = _load(params_path, [*(overrides or []), *([f"classify.model_uri={model}"] if model else [])])
 
+    shown = []  # a progress line is on screen (no newline yet)
+
     def show(r) -> None:
+        shown.append(True)
         err_console.print(f"\r{r.alerts_read} alerts, {r.classified} classified, {r.rejected} rejected, "
                           f"{r.malformed} malformed, {r.objects_tracked} objects, {r.alerts_per_s:.0f} alerts/s",
                           end="")
@@ -95,8 +99,10 @@ def consume(
     try:
         result = alerts.run(params, directory=directory, output_dir=output, max_alerts=max_alerts,
                             idle_timeout_s=idle_timeout, progress=show)
-    except (FileNotFoundError, ValueError, LookupError) as exc:
-        err_console.print(f"[bold red]consume failed:[/] {exc}")
+    except (FileNotFoundError, ValueError, LookupError, alerts.BrokerUnreachable) as exc:
+        if shown:  # e.g. every broker lost while consuming: the error on a line of its own
+            err_console.print()
+        err_console.print(f"[bold red]consume failed:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
     err_console.print()
     r = result.report()

@@ -18,7 +18,8 @@ Per model and data set: macro-F1 with a bootstrap 95% interval (objects resample
 against days since first detection (``evaluate.early_days``): the light curves are cut ``d`` days after their first
 detection and interpolated again (the GP sees only what an alert stream would have shown by then).
 
-Outputs under ``evaluate.metrics_dir``: ``evaluate.json`` (DVC metrics: numbers only), ``report.json`` (everything,
+Outputs under ``evaluate.metrics_dir``: ``headline.json`` (the DVC metrics: a dozen headline numbers,
+:func:`headline_metrics`), ``evaluate.json`` (every number above, per model and set), ``report.json`` (everything,
 incl. confusion matrices), ``plots/*.csv`` (DVC plot data: early curves, confusion pairs with each class's position in
 ``base.classes``, reliability, class distribution), ``figures/*.png`` (confusion matrices, reliability, early
 curves, class distribution, mean GP profile per class). The numbers and figures are also logged to the training run in
@@ -46,7 +47,7 @@ from deeprubin.evaluation.sets import EvalSet, holdout_oids, objects_hash, real_
 from deeprubin.lightcurves.tensorize import curves_from_detections, cut_after_first, tensorize_curves
 from deeprubin.models.forest import BaselineForest
 from deeprubin.models.served import ServingModel, load_checkpoint
-from deeprubin.outputs import CHECKPOINT, EVALUATION_REPORT, FOREST_MODEL, METRICS, TRAIN_REPORT
+from deeprubin.outputs import CHECKPOINT, EVALUATION_REPORT, FOREST_MODEL, HEADLINE, METRICS, TRAIN_REPORT
 from deeprubin.processed import Preprocessing, load_processed, preprocessing_of
 from deeprubin.progress import Progress, or_silent
 from deeprubin.store import RawStore
@@ -74,6 +75,40 @@ class EvaluateResult:
     skipped: dict[str, str] = field(default_factory=dict)
     run_id: str | None = None
     seconds: float = 0.0
+    headline_path: Path | None = None
+
+
+#: The early-classification point of the headline numbers (the registered version's description uses it too).
+HEADLINE_EARLY = "20d"
+
+
+def _rounded(value: Any) -> float | None:
+    return round(float(value), 4) if isinstance(value, (int, float)) and np.isfinite(value) else None
+
+
+def headline_metrics(metrics: dict[str, Any], real_set: str) -> dict[str, dict[str, float | None]]:
+    """The DVC metrics (``headline.json``): per evaluated set, each model's macro-F1 (``tcn_macro_f1``,
+    ``forest_macro_f1``); on the real held-out set ``real_set`` also the TCN's recall per class and its macro-F1
+    :data:`HEADLINE_EARLY` after the first detection. About a dozen numbers to 4 decimals, two levels (set, then
+    number): ``dvc metrics show`` prints them as one readable row, ``dvc metrics diff`` and ``dvc exp show`` compare
+    them. Every number (intervals, precision, calibration, early curves) stays in ``evaluate.json``."""
+    out: dict[str, dict[str, float | None]] = {}
+    for model in sorted(metrics):
+        per_set = metrics[model]
+        if not isinstance(per_set, dict):
+            continue
+        for name, m in per_set.items():
+            if not isinstance(m, dict) or "macro_f1" not in m:
+                continue
+            row = out.setdefault(name, {})
+            row[f"{model}_macro_f1"] = _rounded(m["macro_f1"])
+            if model == "tcn" and name == real_set:
+                for c, pc in (m.get("per_class") or {}).items():
+                    row[f"tcn_recall_{c}"] = _rounded(pc.get("recall"))
+                early = (m.get("early") or {}).get(HEADLINE_EARLY)
+                if early:
+                    row[f"tcn_macro_f1_{HEADLINE_EARLY}"] = _rounded(early.get("macro_f1"))
+    return out
 
 
 def _cut_tensors(curves: list, days: float, preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +207,7 @@ def run(params: Params, paths: EvaluatePaths, progress: Progress | None = None,
     metrics_path = paths.metrics_dir / METRICS
     report_path = paths.metrics_dir / EVALUATION_REPORT
     result = EvaluateResult(metrics=metrics, metrics_path=metrics_path, report_path=report_path, figures=figures,
-                            skipped=skipped)
+                            skipped=skipped, headline_path=paths.metrics_dir / HEADLINE)
     train_report = paths.model_dir / TRAIN_REPORT
     if log_to_mlflow and train_report.exists():
         step("logging to MLflow")
@@ -189,6 +224,7 @@ def _write_outputs(paths, params, metrics, report, extras, sets, classes, skippe
         d.mkdir(parents=True)
     out: list[Path] = []
     summary = {**metrics, "skipped": skipped} if skipped else metrics
+    write_metrics_json(root / HEADLINE, headline_metrics(metrics, params.evaluate.real.name))
     write_metrics_json(root / METRICS, summary)
     write_metrics_json(root / EVALUATION_REPORT, {**report, "skipped": skipped})
     for s in sets:

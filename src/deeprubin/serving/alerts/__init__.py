@@ -24,7 +24,7 @@ from deeprubin.serving.alerts.consume import (
     read_rejections,
     run,
 )
-from deeprubin.serving.alerts.kafka import KafkaSource
+from deeprubin.serving.alerts.kafka import BrokerUnreachable, KafkaSource
 from deeprubin.serving.alerts.packets import Alert, Malformed, SchemaVersionError, decode_packet, iter_directory
 from deeprubin.serving.alerts.replay import (
     EARLY_BINS,
@@ -41,6 +41,7 @@ __all__ = [
     "Alert",
     "AlertClassifier",
     "AlertWriter",
+    "BrokerUnreachable",
     "ConsumeResult",
     "KafkaSource",
     "LightCurveBook",

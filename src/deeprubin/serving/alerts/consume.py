@@ -373,10 +373,12 @@ def consume_kafka(params, output_dir: Path | str | None = None, model: ServingMo
                   max_alerts: int | None = None, idle_timeout_s: float | None = None,
                   progress: ConsumeProgress | None = None) -> ConsumeResult:
     """Classify the alerts of ``params.alerts.kafka.topic`` until interrupted (or idle for ``idle_timeout_s``, or
-    ``max_alerts`` read), committing offsets after each written batch."""
+    ``max_alerts`` read), committing offsets after each written batch. A broker that cannot be reached fails here
+    (:class:`~deeprubin.serving.alerts.kafka.BrokerUnreachable`, after ``alerts.kafka.connect_timeout_s``), before
+    the model is loaded."""
     a = params.alerts
-    classifier = _classifier(params, model)
     with KafkaSource(a.kafka, a.format, a.lsst_schema_version, idle_timeout_s=idle_timeout_s) as source:
+        classifier = _classifier(params, model)
         writer = AlertWriter(output_dir or a.output_dir)
         try:
             return consume(source, classifier, writer, a.batch_alerts, max_alerts, commit=source.commit,
