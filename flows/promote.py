@@ -12,10 +12,11 @@ from deeprubin_flows.common import Chain, load
 
 @flow(name="promote", log_prints=True)
 def promote(params_path: str = "params.yaml", overrides: list[str] | None = None,
-            version: str | None = None) -> dict[str, Any]:
-    """Promote ``version`` (default: the last one `deeprubin register` wrote) if it beats the champion."""
+            version: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Promote ``version`` (default: the last one `deeprubin register` wrote) if it beats the champion, or anyway
+    with ``force``."""
     params = load(params_path, overrides)
-    return tasks.promote_version(params, version)
+    return tasks.promote_version(params, version, force)
 
 
 @flow(name="rollback", log_prints=True)

@@ -163,10 +163,10 @@ def register(params: Params) -> dict[str, Any]:
 
 
 @task(name="promote")
-def promote(params: Params, version: str | None = None) -> dict[str, Any]:
+def promote(params: Params, version: str | None = None, force: bool = False) -> dict[str, Any]:
     from deeprubin.stages import promote as stage
 
-    return stage.run(params, stage.PromotePaths.from_params(params), version=version).report()
+    return stage.run(params, stage.PromotePaths.from_params(params), version=version, force=force).report()
 
 
 @task(name="rollback")
@@ -247,9 +247,9 @@ def pull_sources(chain: Chain | Params) -> dict[str, Any]:
             "label_changes": sorted(set(pulled["label_changes"]) | set(spectro["label_changes"]))}
 
 
-def promote_version(chain: Chain | Params, version: str | None) -> dict[str, Any]:
-    """promote ``version`` and publish the decision."""
-    decision = chain_of(chain)(promote, version)
+def promote_version(chain: Chain | Params, version: str | None, force: bool = False) -> dict[str, Any]:
+    """promote ``version`` (with ``force``, even when the gate rejects it) and publish the decision."""
+    decision = chain_of(chain)(promote, version, force)
     artifacts.promotion(decision)
     return decision
 

@@ -9,9 +9,13 @@ becomes ``champion`` only when :func:`decide` says so, comparing both versions' 
 - the challenger's metric must beat the champion's by more than ``min_improvement``;
 - no class's recall may drop by more than ``max_recall_drop``.
 
-What a person reads on the registry page: the candidate version is tagged ``promotion/decision`` (promoted, rejected;
-later ``rolled_back``; a replaced champion also ``promotion/replaced_by``), and the decision with its reason and the
-scores goes at the top of the version's description (paragraphs starting ``Promotion:``, :func:`with_decision`),
+``force`` (``deeprubin promote --force``) makes the candidate champion even when the gate rejects it: both versions
+are still scored, and the decision says what the gate said (outcome ``forced``). A retrained model that only ties
+the champion, as a rerun on the same data does, is rejected without it.
+
+What a person reads on the registry page: the candidate version is tagged ``promotion/decision`` (promoted, rejected,
+forced; later ``rolled_back``; a replaced champion also ``promotion/replaced_by``), and the decision with its reason
+and the scores goes at the top of the version's description (paragraphs starting ``Promotion:``, :func:`with_decision`),
 above what ``deeprubin register`` wrote there (the evaluation's headline numbers). A version keeps a handful of tags:
 the numbers are metrics of its run and sentences of its description, never one tag each. The champion history is a
 registered-model tag (``champion_history``: versions, oldest first), so a rollback knows what came before.
@@ -75,9 +79,13 @@ class Decision:
     champion: dict[str, Any] | None = None
     recall_drops: dict[str, float] = field(default_factory=dict)
     decided_at: str = ""
+    #: Promoted by ``force`` although the gate rejected it.
+    forced: bool = False
 
     @property
     def outcome(self) -> str:
+        if self.forced:
+            return "forced"
         return "promoted" if self.promoted else "rejected"
 
     def tags(self) -> dict[str, str]:
@@ -232,8 +240,9 @@ class Registry:
 
 def promote(registry: Registry, version: str, score: Callable[[str], Scores], metric: str = "macro_f1",
             min_improvement: float = 0.0, max_recall_drop: float = 0.05, evaluation_set: str = "",
-            set_hash: str = "", lock_timeout_s: float = 600.0) -> Decision:
-    """Tag ``version`` challenger and promote it to champion when :func:`decide` allows; see the module docstring.
+            set_hash: str = "", lock_timeout_s: float = 600.0, force: bool = False) -> Decision:
+    """Tag ``version`` challenger and promote it to champion when :func:`decide` allows, or anyway with ``force``
+    (outcome ``forced``, the gate's verdict kept in the reason); see the module docstring.
 
     ``score(model_uri)`` scores a version (``models:/<name>/<version>``) on the frozen evaluation set; it is called
     inside the lock, for the challenger and for whichever version is champion at that moment."""
@@ -252,7 +261,10 @@ def promote(registry: Registry, version: str, score: Callable[[str], Scores], me
         champion_scores = None if champion is None else score(f"models:/{registry.name}/{champion}")
         promoted, reason, drops = decide(challenger_scores, champion_scores, metric, min_improvement,
                                          max_recall_drop)
-        decision = Decision(**base, promoted=promoted, reason=reason, recall_drops=drops,
+        forced = force and not promoted
+        if forced:
+            promoted, reason = True, f"--force overrides the promotion gate, which rejects it: {reason}"
+        decision = Decision(**base, promoted=promoted, reason=reason, recall_drops=drops, forced=forced,
                             champion_after=version if promoted else champion,
                             challenger=asdict(challenger_scores),
                             champion=None if champion_scores is None else asdict(champion_scores))
@@ -273,18 +285,32 @@ def promote(registry: Registry, version: str, score: Callable[[str], Scores], me
         return decision
 
 
+def _nothing_to_roll_back(registry: Registry, champion: str) -> str:
+    """Why there is no ``previous`` (no promotion replaced a champion, or rollbacks used up the history) and what to
+    do instead. A rejected candidate, e.g. a retrained model that only ties the champion, never sets it."""
+    why = "the alias `previous` is set only when a promotion replaces a champion"
+    challenger = registry.alias(CHALLENGER)
+    if challenger is not None and challenger != champion:
+        decision = (registry.version(challenger).tags or {}).get(DECISION_TAG)
+        if decision == "rejected":
+            why += f"; the last candidate, version {challenger}, was rejected by the promotion gate"
+    return (f"{registry.name} has no previous champion to roll back to: version {champion} is champion and no "
+            f"older champion is recorded ({why}). Nothing was changed. To serve another version, promote it: "
+            f"deeprubin promote --version N (add --force to override the gate; a later rollback then restores "
+            f"version {champion}).")
+
+
 def rollback(registry: Registry, lock_timeout_s: float = 600.0) -> dict[str, Any]:
     """Make ``previous`` the champion again; the version before it (if any) becomes ``previous``.
 
     The demoted version is tagged ``promotion/decision=rolled_back`` and both versions' descriptions say so; raises
-    RegistryError when there is no champion or nothing to roll back to."""
+    RegistryError when there is no champion or nothing to roll back to (saying why, and what to do instead)."""
     with registry.lock(lock_timeout_s):
         champion, previous = registry.alias(CHAMPION), registry.alias(PREVIOUS)
         if champion is None:
             raise RegistryError(f"{registry.name} has no champion at {registry.tracking_uri}: nothing to roll back")
         if previous is None:
-            raise RegistryError(f"{registry.name} has no previous champion to roll back to (champion is version "
-                                f"{champion})")
+            raise RegistryError(_nothing_to_roll_back(registry, champion))
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         registry.set_alias(CHAMPION, previous)
         history = [v for v in registry.history() if v != champion]

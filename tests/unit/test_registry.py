@@ -137,3 +137,39 @@ def test_register_describes_a_version_with_the_real_numbers_first():
                          "Every parameter and number is on the run.")
     assert describe({}, trained).startswith("Not evaluated yet")
     assert version_tags(trained) == {"git_commit": "c0ffee", "data_hash": "md5.dir", "classes": "QSO,CEP,SNIa,SNII"}
+
+
+def test_a_tie_is_rejected_rollback_says_why_and_force_makes_a_rollback_possible(registry):
+    """The README's walkthrough: a retrained model that only ties the champion is rejected, so there is no
+    `previous` and `rollback` refuses, saying why and what to do; `promote --force` replaces the champion (recorded
+    as forced, with the gate's verdict), and then `rollback` restores the old champion."""
+    tie = lambda uri: s(0.8)  # noqa: E731: every version scores the same, like a rerun on the same data
+
+    assert promote(registry, "1", tie).promoted
+    rejected = promote(registry, "2", tie)
+    assert not rejected.promoted and "(difference +0.0000)" in rejected.reason
+    with pytest.raises(RegistryError) as refused:
+        rollback(registry)
+    message = str(refused.value)
+    assert "no previous champion to roll back to: version 1 is champion" in message
+    assert "the last candidate, version 2, was rejected by the promotion gate" in message
+    assert "Nothing was changed" in message and "deeprubin promote --version N" in message and "--force" in message
+    assert registry.aliases() == {"champion": "1", "challenger": "2"}
+
+    forced = promote(registry, "2", tie, force=True)
+    assert forced.promoted and forced.forced and forced.outcome == "forced" and forced.champion_after == "2"
+    assert forced.reason.startswith("--force overrides the promotion gate, which rejects it: macro_f1 0.8000")
+    assert forced.report()["outcome"] == "forced"
+    assert registry.aliases() == {"champion": "2", "challenger": "2", "previous": "1"}
+    version = registry.version("2")
+    assert version.tags == {"promotion/decision": "forced"}
+    assert version.description.startswith("Promotion: forced (") and forced.reason in version.description
+    # force changes nothing when the gate passes anyway, or when the version already serves
+    assert promote(registry, "2", tie, force=True).reason == "version 2 is already the champion"
+    done = rollback(registry)
+    assert done["champion_after"] == "1" and registry.aliases() == {"champion": "1", "challenger": "2"}
+    with pytest.raises(RegistryError, match="no older champion is recorded") as again:
+        rollback(registry)
+    assert "rejected" not in str(again.value)  # version 2 was rolled back, not rejected: the message does not say so
+    better = promote(registry, "3", lambda uri: s(0.9 if uri.endswith("/3") else 0.8), force=True)
+    assert better.promoted and not better.forced and better.outcome == "promoted"

@@ -52,9 +52,10 @@ class PromotePaths:
         return cls(model_dir=Path(params.train.model_dir))
 
 
-def run(params: Params, paths: PromotePaths, progress: Progress | None = None, version: str | None = None
-        ) -> Decision:
-    """Promote ``version`` (default: the one in ``registered.json``, written by ``deeprubin register``)."""
+def run(params: Params, paths: PromotePaths, progress: Progress | None = None, version: str | None = None,
+        force: bool = False) -> Decision:
+    """Promote ``version`` (default: the one in ``registered.json``, written by ``deeprubin register``); with
+    ``force``, even when the gate rejects it (:func:`deeprubin.registry.promote`)."""
     step = or_silent(progress)
     model_dir = paths.model_dir
     name = params.base.model_name
@@ -75,7 +76,7 @@ def run(params: Params, paths: PromotePaths, progress: Progress | None = None, v
                        min_improvement=params.promote.min_improvement,
                        max_recall_drop=params.promote.max_recall_drop, evaluation_set=eval_set.name,
                        set_hash=objects_hash(eval_set.oids, eval_set.labels),
-                       lock_timeout_s=params.promote.lock_timeout_s)
+                       lock_timeout_s=params.promote.lock_timeout_s, force=force)
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / PROMOTION_REPORT).write_text(json.dumps(decision.report(), indent=2, sort_keys=True) + "\n")
     return decision
