@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python bench/simulate_speed.py
 	$(BIN)/python bench/alerce_pull.py
 	$(BIN)/python bench/gp.py
+	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/baseline_bts.py
 	$(BIN)/python bench/classify_throughput.py --memory 100000
 	$(BIN)/python bench/serve_latency.py

@@ -146,13 +146,13 @@ def test_one_bad_object_never_sinks_the_batch_nor_writes_nan(raw, tmp_path, monk
     def batch(_curves):
         raise RuntimeError("vectorised path broke")
 
-    def one(t, flux, flux_err, band, grid):
+    def one(t, flux, flux_err, band, grid, **settings):
         who = by_key.get((len(t), round(float(np.sum(flux)), 6)))
         if who == raising:
             raise ZeroDivisionError("boom")
         if who == input_error:
             raise gp.GPInputError("no usable points: 0 given")
-        res = real(t, flux, flux_err, band, grid)
+        res = real(t, flux, flux_err, band, grid, **settings)
         if who == nan_one:
             return gp.GPResult(mean=res.mean * np.nan, std=res.std, status="ok", params={})
         return res
@@ -208,3 +208,186 @@ def test_dask_local_cluster_when_no_address(raw, serial, tmp_path):
     out, _ = serial
     result = run_stage(raw, tmp_path / "dask", "preprocess.executor=dask", "preprocess.workers=1")
     assert result.executor == "dask" and files(tmp_path / "dask") == files(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Byte-identity (issue 18): an object's tensor is a function of that object alone, whatever BLAS threads the process
+# had, whichever executor ran it and whichever other objects shared its partition.
+
+def blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def dense_curves(n: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Contract (objects, detections) of ``n`` densely sampled variables: 130-240 points in 200 days, so the GP's
+    matrices are as large as those where OpenBLAS threads its factorisations (N >= ~113)."""
+    rng = np.random.default_rng(seed)
+    objects, detections = [], []
+    for i in range(n):
+        k = int(rng.integers(130, 240))
+        mjd = np.sort(59000 + rng.uniform(0, 199, k))
+        band = rng.integers(0, 2, k)
+        amp, period = rng.uniform(50, 500), rng.uniform(5, 80)
+        err = rng.uniform(5, 30, k)
+        flux = amp * np.sin(2 * np.pi * mjd / period + band) + rng.uniform(-100, 300) + rng.normal(0, err)
+        oid = f"DENSE{i:03d}"
+        mag = 23.9 - 2.5 * np.log10(np.abs(flux))
+        detections.append(pd.DataFrame({"oid": oid, "mjd": mjd, "band": np.where(band == 0, "g", "r"), "mag": mag,
+                                        "mag_err": 1.0857 * err / np.abs(flux), "flux": flux, "flux_err": err,
+                                        "mag_corr": np.nan, "mag_corr_err": np.nan, "source": "test"}))
+        objects.append({"oid": oid, "label": "CEP", "label_source": "simulated", "label_probability": 1.0,
+                        "first_mjd": mjd[0], "last_mjd": mjd[-1], "n_det": k, "source": "test",
+                        "ingested_at": pd.Timestamp(0, tz="UTC")})
+    return pd.DataFrame(objects), pd.concat(detections, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def dense_raw(raw, tmp_path_factory) -> Path:
+    """A store of 8 densely sampled objects (seed 4: before issue 18, partition 0 of 2 came out different on 1 BLAS
+    thread and on 2 or 4)."""
+    root = tmp_path_factory.mktemp("dense") / "raw"
+    shutil.copytree(raw, root)
+    store = RawStore(root)
+    lcs = store.read()
+    objects, detections = dense_curves(8, seed=4)
+    store.commit(type(lcs)(objects=objects.astype(lcs.objects.dtypes.to_dict()),
+                           detections=detections.astype(lcs.detections.dtypes.to_dict()),
+                           non_detections=lcs.non_detections.iloc[:0]), manifest={})
+    return root
+
+
+def test_blas_threads_change_no_byte_and_the_callers_setting_is_restored(dense_raw, tmp_path):
+    """OpenBLAS's threaded factorisations of large matrices round differently from its serial ones: with the BLAS
+    threads as inherited, the same partitions gave different float32 bytes on 1 and on 4 threads."""
+    from threadpoolctl import threadpool_limits
+
+    raw = dense_raw
+    with threadpool_limits(limits=1):
+        run_stage(raw, tmp_path / "one", "preprocess.partitions=2")
+    with threadpool_limits(limits=4):
+        run_stage(raw, tmp_path / "four", "preprocess.partitions=2")
+        assert blas_threads() and set(blas_threads()) == {4}  # the caller's setting, restored after the run
+    assert files(tmp_path / "four") == files(tmp_path / "one")
+
+
+def test_pool_and_dask_worker_processes_run_one_blas_thread_and_write_the_same_bytes(dense_raw, tmp_path,
+                                                                                      monkeypatch):
+    """Workers started with 4 BLAS threads (the pool's through the environment when its forkserver starts here,
+    Dask's through the nanny's) still run every partition on one, and the process pool, Dask worker processes and
+    this process (on one thread) write the same bytes."""
+    from dask.distributed import LocalCluster
+    from threadpoolctl import threadpool_limits
+
+    raw = dense_raw
+    many = {"OPENBLAS_NUM_THREADS": "4", "OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    for name, value in many.items():
+        monkeypatch.setenv(name, value)
+    with threadpool_limits(limits=1):
+        serial = run_stage(raw, tmp_path / "serial", "preprocess.partitions=2")
+    pool = run_stage(raw, tmp_path / "pool", "preprocess.partitions=2", "preprocess.workers=2")
+    assert pool.executor == "processes" and serial.executor == "serial"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env=many) as cluster:
+        dask = run_stage(raw, tmp_path / "dask", "preprocess.partitions=2", "preprocess.executor=dask",
+                         f"preprocess.dask_address={cluster.scheduler_address}")
+        assert dask.executor == "dask"
+        assert files(tmp_path / "dask") == files(tmp_path / "pool") == files(tmp_path / "serial")
+
+        # What the workers saw while they ran a partition (threadpoolctl inside the worker).
+        curves = tensorize_curves_input(raw)
+        tasks = [stage.PartitionTask(p, curves[p::2], 100, 100.0) for p in range(2)]
+        in_dask = list(stage._run_dask(tasks, 2, cluster.scheduler_address, lambda *a, **k: None))
+    in_pool = list(stage._run_pool(tasks, 2, lambda *a, **k: None))
+    assert [o.threads for o in in_dask] == [1, 1] and [o.threads for o in in_pool] == [1, 1]
+
+
+def tensorize_curves_input(raw: Path) -> list[Curve]:
+    from deeprubin.lightcurves.tensorize import curves_from_detections
+
+    return curves_from_detections(RawStore(raw).read().detections)
+
+
+def test_incremental_run_after_new_objects_writes_the_bytes_of_a_full_run(raw, tmp_path):
+    """New objects join the partitions of old ones: the old objects' stored tensors (copied) and the new ones
+    (computed alone or with few others) are those a full run computes with all of them together. Small partitions:
+    a batch of a few short curves is where the GP's default would switch to the dense likelihood."""
+    extra = ("preprocess.partitions=8",)
+    work_raw, out = tmp_path / "raw", tmp_path / "processed"
+    shutil.copytree(raw, work_raw)
+    first = run_stage(work_raw, out, *extra)
+    assert first.recomputed == 32
+
+    newcomers = tmp_path / "raw2"
+    # seed 20: one of its objects, computed alone (the dense likelihood of a tiny batch), came out 1 float32 ulp
+    # from the same object computed with its partition-mates (the Kalman filter), before issue 18
+    p = params_for(newcomers, tmp_path / "unused", "ingest.simulator.seed=20", "ingest.simulator.n_per_class=6")
+    ingest.run(p, ingest.IngestPaths.from_params(p))
+    new = RawStore(newcomers).read()
+    rename = {o: f"new-{o}" for o in new.objects["oid"]}
+    store = RawStore(work_raw)
+    old = store.read()
+    both = type(old)(**{name: pd.concat([getattr(old, name), getattr(new, name).assign(
+        oid=getattr(new, name)["oid"].map(rename))], ignore_index=True)
+        for name in ("objects", "detections", "non_detections")})
+    store.commit(both, manifest={})
+
+    inc = run_stage(work_raw, out, *extra)
+    assert inc.recomputed == 24 and inc.reused == 32
+    full = run_stage(work_raw, tmp_path / "full", *extra, "preprocess.incremental=false")
+    assert full.recomputed == 56
+    assert files(out) == files(tmp_path / "full")
+
+
+def test_one_blas_thread_is_reference_counted_across_threads_of_a_process():
+    """Two partitions on threads of one process (a threaded Dask worker): the first to finish must not restore the
+    thread count under the second. In a fresh process, as a Dask worker is: OpenBLAS (0.3.30 measured) ignores a
+    thread count set from another thread once the main thread has set one, as this test process's have."""
+    script = """
+import threading
+import numpy
+from threadpoolctl import threadpool_info
+from deeprubin.stages import preprocess as stage
+
+def blas():
+    return sorted({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+
+before = blas()
+first_in, first_out, seen = threading.Event(), threading.Event(), []
+
+def first():
+    with stage.one_blas_thread():
+        first_in.set()
+        seen.append(("first", blas()))
+    first_out.set()
+
+def second():
+    with stage.one_blas_thread():
+        first_in.wait()
+        first_out.wait()
+        seen.append(("second, after the first left", blas()))
+
+threads = [threading.Thread(target=second), threading.Thread(target=first)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(60)
+print(before, seen, blas())
+assert seen == [("first", [1]), ("second, after the first left", [1])], seen
+assert blas() == before, (before, blas())
+"""
+    env = {"PATH": str(Path(sys.executable).parent), "OPENBLAS_NUM_THREADS": "2", "HOME": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if proc.stdout.startswith("[1]"):
+        pytest.skip("one core: OpenBLAS starts with one thread, nothing to limit")
+    assert proc.stdout.startswith("[2]"), proc.stdout
+
+
+def test_a_partition_that_ran_on_several_blas_threads_is_named(raw, tmp_path, monkeypatch):
+    """Where the limit cannot take (OpenBLAS ignores a count set from a thread other than the main one once the
+    main thread has set one), the run says which partitions may differ in the last bit."""
+    monkeypatch.setattr(stage, "_threads_now", lambda: 2)
+    with pytest.warns(RuntimeWarning, match=r"partitions \[0, 1\] ran with 2 BLAS threads"):
+        run_stage(raw, tmp_path / "out", "preprocess.partitions=2")

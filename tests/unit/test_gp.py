@@ -364,3 +364,24 @@ def test_failed_fit_falls_back_without_nan(monkeypatch):
     for r in res:
         _assert_clean(r)
         assert r.status.startswith("fallback: ") and "optimiser failed" in r.status
+
+
+def test_batch_invariant_settings_give_each_curve_the_same_bits_alone_and_in_any_batch():
+    """Issue 18: with BATCH_INVARIANT (and one BLAS thread) a curve's result does not depend on the other curves of
+    its call. Before, a curve alone took the dense likelihood and a batch the Kalman filter (equal to ~1e-12 only),
+    and the prediction was padded to the longest chunk-mate (LAPACK's blocking changed the last bits)."""
+    from threadpoolctl import threadpool_limits
+
+    curves = [(*_curve(seed=s, n=n, span=span), GRID) for s, (n, span) in
+              enumerate([(3, 1.0), (8, 60.0), (25, 90.0), (40, 95.0), (70, 99.0), (25, 50.0), (1, 0.0), (130, 99.0)])]
+    with threadpool_limits(limits=1):
+        together = interpolate_batch(curves, settings=gp.BATCH_INVARIANT)
+        reversed_half = interpolate_batch(curves[::-2], settings=gp.BATCH_INVARIANT)[::-1]
+        for i, curve in enumerate(curves):
+            alone = interpolate_batch([curve], settings=gp.BATCH_INVARIANT)[0]
+            for other in (together[i], *([reversed_half[i // 2]] if i % 2 == 1 else [])):
+                assert alone.status == other.status and alone.params == other.params, i
+                assert np.array_equal(alone.mean, other.mean) and np.array_equal(alone.std, other.std), i
+        # the default settings still take the dense likelihood for a tiny batch (what the HTTP service sees)
+        default_alone = interpolate_batch([curves[2]])[0]
+    assert np.allclose(default_alone.mean, together[2].mean, rtol=1e-6, atol=1e-6 * np.abs(together[2].mean).max())

@@ -29,7 +29,12 @@ How it is fast
 * A curve or two alone (the HTTP service, the alert consumer) gets the same likelihood by dense Cholesky
   (:func:`dense_loglik`): the filter's per-time-step Python loop costs the same for one curve as for a thousand.
 * The prediction on the grid (and the leave-one-out residuals used for outlier clipping) is one dense float64
-  solve per object at the fitted hyperparameters (N is small; the O(N^3) cost is paid once, not per evaluation).
+  solve per object at the fitted hyperparameters (N is small; the O(N^3) cost is paid once, not per evaluation),
+  stacked with curves of the same N only (never padded).
+
+Batch invariance: with :data:`BATCH_INVARIANT` settings and one BLAS thread, a curve's result is the same to the bit
+whatever other curves share its call (the Kalman filter is exact under padding; the prediction is never padded).
+With the default settings a tiny batch takes the dense likelihood instead, which agrees to ~1e-12 relative only.
 
 Robustness: every oddity is either repaired (sorted, duplicates kept, non-finite points dropped: ``n_dropped``),
 clipped (a point > 10x every other |flux|, then leave-one-out |z| > 5 with one refit: ``n_clipped``) or handled by
@@ -40,7 +45,7 @@ a fallback whose reason is in ``GPResult.status``; only an object with nothing u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 from scipy.linalg import cho_solve, solve_triangular
@@ -82,9 +87,16 @@ class GPSettings:
     rho_prior: tuple[float, float] | None = None  # (median days, sd in ln) of a log-normal prior on rho, or None
     clip: bool = True  # spike + leave-one-out outlier clipping
     chunk: int = 1024  # curves per vectorised Kalman chunk (at most; chunks also split where lengths double)
+    # "auto": the dense likelihood for a tiny batch (curves x points <= DENSE_MAX_POINTS: the HTTP service, the alert
+    # consumer), the Kalman filter otherwise; "kalman": the filter always. The two agree to ~1e-12 relative, not to
+    # the bit, so under "auto" a curve's fit depends on how many curves share its call; under "kalman" it never does.
+    likelihood: Literal["auto", "kalman"] = "auto"
 
 
 DEFAULT_SETTINGS = GPSettings()
+# What the preprocess stage uses: each curve's result is a function of that curve alone, to the bit, whatever else
+# is in its batch (so partitions, workers, executors and incremental runs cannot change a stored tensor).
+BATCH_INVARIANT = GPSettings(likelihood="kalman")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -332,11 +344,12 @@ def dense_loglik(t, y, e, b, obs, log_rho, log_sigma, correlation: float) -> np.
     return ll[:, 0] if squeeze else ll
 
 
-def loglik(t, y, e, b, obs, log_rho, log_sigma, correlation: float) -> np.ndarray:
+def loglik(t, y, e, b, obs, log_rho, log_sigma, correlation: float, method: str = "auto") -> np.ndarray:
     """The exact log-likelihood by whichever path is faster for this many points: dense for a curve or two (what
     the HTTP service and the alert consumer see), the Kalman filter for a batch. A dense Cholesky that fails
-    (numerically not positive definite) falls back to the filter."""
-    if np.shape(y)[0] * np.shape(y)[1] <= DENSE_MAX_POINTS:
+    (numerically not positive definite) falls back to the filter. ``method="kalman"``: the filter always (its value
+    for one sequence is the same to the bit whatever other sequences and padding share the call)."""
+    if method == "auto" and np.shape(y)[0] * np.shape(y)[1] <= DENSE_MAX_POINTS:
         try:
             return dense_loglik(t, y, e, b, obs, log_rho, log_sigma, correlation)
         except np.linalg.LinAlgError:
@@ -346,7 +359,7 @@ def loglik(t, y, e, b, obs, log_rho, log_sigma, correlation: float) -> np.ndarra
 
 def _objective(T, Y, E, B, O, lr, ls, settings: GPSettings) -> np.ndarray:
     """Log posterior (log-likelihood + optional log-normal prior on rho) for (n, K) candidates."""
-    ll = loglik(T, Y, E, B, O, lr, ls, settings.correlation)
+    ll = loglik(T, Y, E, B, O, lr, ls, settings.correlation, settings.likelihood)
     ll[~np.isfinite(ll)] = -np.inf
     if settings.rho_prior is not None:
         med, sd = settings.rho_prior
@@ -468,39 +481,42 @@ def _predict(c: _Curve, rho: float, sigma: float, correlation: float, loo: bool)
     return mean.reshape(2, G), var.reshape(2, G), z
 
 
-PREDICT_CHUNK_ELEMENTS = 2_000_000  # curves x N_max^2 per dense prediction chunk (memory bound, ~16 MB)
+PREDICT_CHUNK_ELEMENTS = 2_000_000  # curves x N^2 per dense prediction chunk (memory bound, ~16 MB)
+PREDICT_CHUNK_CURVES = 64
 
 
 def _predict_batch(curves: list[_Curve], rho: np.ndarray, sigma: np.ndarray, correlation: float, loo: bool):
-    """:func:`_predict` for many curves: padded, batched Cholesky and triangular inverse (numpy's stacked linalg).
+    """:func:`_predict` for many curves: batched Cholesky and triangular inverse (numpy's stacked linalg).
 
-    Padding is exact: padded points get an identity block in K and zero cross-covariance. Returns a list of
-    (mean, var, z) per curve, or an Exception for a curve whose chunk failed."""
+    A chunk holds curves of the same number of points and grid length only, so nothing is padded: LAPACK's
+    blocking (and so the last bits of a factor) depends on the matrix size, and a curve padded to its longest
+    chunk-mate's size came out ~1e-14 different from the same curve alone. Each matrix of a stack is factored on
+    its own, so a curve's prediction is the same to the bit whatever else is in the batch (with one BLAS thread:
+    OpenBLAS's threaded Cholesky and inverse of a matrix above ~113 rows round differently from its serial ones).
+    Returns a list of (mean, var, z) per curve, or an Exception for a curve whose chunk failed."""
     n = len(curves)
     out: list = [None] * n
-    order = np.argsort([len(c.t) for c in curves], kind="stable")
-    start = 0
-    while start < n:
-        size = 1
-        while start + size < n and size < 64:
-            nn = len(curves[order[start + size]].t)
-            if (size + 1) * nn * nn > PREDICT_CHUNK_ELEMENTS:
-                break
-            size += 1
-        sel = order[start:start + size]
-        start += size
-        try:
-            res = _predict_chunk([curves[i] for i in sel], rho[sel], sigma[sel], correlation, loo)
-        except Exception as exc:  # noqa: BLE001 - fall back to one curve at a time
-            res = []
-            for i in sel:
-                try:
-                    res.append(_predict(curves[i], float(rho[i]), float(sigma[i]), correlation, loo))
-                except Exception as exc1:  # noqa: BLE001
-                    res.append(exc1)
-            _ = exc
-        for i, r in zip(sel, res):
-            out[i] = r
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(curves):
+        groups.setdefault((len(c.t), len(c.grid)), []).append(i)
+    for (size_n, _), members in sorted(groups.items()):
+        size = max(1, min(PREDICT_CHUNK_CURVES, PREDICT_CHUNK_ELEMENTS // (size_n * size_n)))
+        for start in range(0, len(members), size):
+            sel = np.array(members[start:start + size])
+            try:
+                res = _predict_chunk([curves[i] for i in sel], rho[sel], sigma[sel], correlation, loo)
+            except Exception:  # noqa: BLE001 - one curve at a time (as alone: the same bits), then scipy's path
+                res = []
+                for i in sel:
+                    try:
+                        res.append(_predict_chunk([curves[i]], rho[i:i + 1], sigma[i:i + 1], correlation, loo)[0])
+                    except Exception:  # noqa: BLE001
+                        try:
+                            res.append(_predict(curves[i], float(rho[i]), float(sigma[i]), correlation, loo))
+                        except Exception as exc1:  # noqa: BLE001
+                            res.append(exc1)
+            for i, r in zip(sel, res):
+                out[i] = r
     return out
 
 
@@ -665,5 +681,5 @@ def interpolate_batch(curves: Sequence[tuple], *, settings: GPSettings = DEFAULT
     return out  # type: ignore[return-value]
 
 
-__all__ = ["BAND_ORDER", "GPInputError", "GPResult", "GPSettings", "DEFAULT_SETTINGS", "interpolate",
-           "interpolate_batch", "kalman_loglik", "dense_loglik", "loglik", "dense_kernel", "matern32"]
+__all__ = ["BAND_ORDER", "GPInputError", "GPResult", "GPSettings", "DEFAULT_SETTINGS", "BATCH_INVARIANT",
+           "interpolate", "interpolate_batch", "kalman_loglik", "dense_loglik", "loglik", "dense_kernel", "matern32"]

@@ -229,17 +229,23 @@ def assemble(prep: PreparedCurve, mean: np.ndarray, std: np.ndarray) -> np.ndarr
     return x32
 
 
-def interpolate(preps: Sequence[PreparedCurve]) -> list[Any]:
+def interpolate_batch_invariant(preps: Sequence[PreparedCurve]) -> list[Any]:
+    """:func:`interpolate` with :data:`deeprubin.lightcurves.gp.BATCH_INVARIANT`: each curve's result is the same to
+    the bit whatever other curves share the call (the preprocess stage's interpolator)."""
+    return interpolate(preps, gp.BATCH_INVARIANT)
+
+
+def interpolate(preps: Sequence[PreparedCurve], settings: gp.GPSettings = gp.DEFAULT_SETTINGS) -> list[Any]:
     """GP results for many prepared curves; an exception for one curve is returned in its place, never raised."""
     try:
-        results = list(gp.interpolate_batch([p.gp_args() for p in preps]))
+        results = list(gp.interpolate_batch([p.gp_args() for p in preps], settings=settings))
         if len(results) != len(preps):
             raise RuntimeError(f"interpolate_batch returned {len(results)} results for {len(preps)} curves")
     except Exception:  # a bug in the batch path must not take down the other objects: one at a time
         results = []
         for p in preps:
             try:
-                results.append(gp.interpolate(*p.gp_args()))
+                results.append(gp.interpolate(*p.gp_args(), settings=settings))
             except Exception as exc:  # noqa: BLE001 -- recorded as this object's skip reason
                 results.append(exc)
     return results

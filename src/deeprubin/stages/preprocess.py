@@ -9,16 +9,27 @@ number of workers); partitions run in this process (``workers: 1``), on a local 
 (``executor: dask``), with identical output. Incremental: each object's fingerprint is a hash of its detections;
 with the same configuration and code, only objects whose fingerprint changed are recomputed, the rest are copied
 from the previous output, and the result is the same as a full recompute.
+
+Both "identical"s hold to the byte because an object's tensor is a function of that object alone: the GP runs with
+:data:`deeprubin.lightcurves.gp.BATCH_INVARIANT` (never the dense likelihood that a tiny batch would get, never a
+prediction padded to a chunk-mate's size) and every partition runs with one BLAS/OpenMP thread (:func:`one_blas_thread`:
+OpenBLAS's threaded factorisations round differently from its serial ones, and two threads in each of two workers
+on two cores only fought: 1.45-1.84x slower; ``bench/preprocess.py``). Where OpenBLAS ignores the limit, the run
+warns and names the partitions. Across CPU types OpenBLAS picks other kernels: the bytes are the same on one machine
+(or identical ones), not on a mixed cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +43,8 @@ import pyarrow.parquet as pq
 from deeprubin import __version__
 from deeprubin.config import Params, PreprocessParams
 from deeprubin.lightcurves import gp, tensorize, window
-from deeprubin.lightcurves.tensorize import CHANNELS, Curve, Tensors, curves_from_detections, reason_key, \
-    tensorize_curves
+from deeprubin.lightcurves.tensorize import CHANNELS, Curve, Tensors, curves_from_detections, \
+    interpolate_batch_invariant, reason_key, tensorize_curves
 from deeprubin.processed import FORMAT_VERSION, INDEX, INDEX_SCHEMA, MANIFEST, META_COLUMNS, SKIPPED, \
     SKIPPED_SCHEMA, fingerprints, partition_of, read_previous, shard_name
 from deeprubin.progress import Progress, or_silent
@@ -56,13 +67,54 @@ class PartitionOutput:
     partition: int
     tensors: Tensors
     seconds: float
+    threads: int = 1  # the most threads any BLAS library of the process had while the partition ran
+
+
+_LIMIT_LOCK = threading.Lock()
+_LIMIT_USERS = 0
+_LIMIT: Any = None
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Every BLAS and OpenMP library of this process at one thread while inside; the previous settings are restored
+    when the last user leaves (reference-counted, so partitions running on threads of one process, as on a threaded
+    Dask worker, never restore each other's limit early). Nothing outside the block changes."""
+    global _LIMIT_USERS, _LIMIT
+    from threadpoolctl import threadpool_limits
+
+    with _LIMIT_LOCK:
+        if _LIMIT_USERS == 0:
+            _LIMIT = threadpool_limits(limits=1)
+        _LIMIT_USERS += 1
+    try:
+        yield
+    finally:
+        with _LIMIT_LOCK:
+            _LIMIT_USERS -= 1
+            if _LIMIT_USERS == 0:
+                _LIMIT.restore_original_limits()
+                _LIMIT = None
+
+
+def _threads_now() -> int:
+    """The most threads any BLAS library of this process would use now (OpenMP's count is per calling thread, and
+    the GP's bits depend on BLAS's)."""
+    from threadpoolctl import threadpool_info
+
+    return max((int(lib["num_threads"]) for lib in threadpool_info() if lib["user_api"] == "blas"), default=1)
 
 
 def compute_partition(task: PartitionTask) -> PartitionOutput:
-    """Run one partition (in this process, a pool worker or a Dask worker). Never raises for one object."""
+    """Run one partition (in this process, a pool worker or a Dask worker) with one BLAS thread and the
+    batch-invariant GP, so each object's tensor is the same to the byte wherever it runs and whatever objects it
+    runs with. Never raises for one object."""
     started = time.perf_counter()
-    tensors = tensorize_curves(task.curves, task.grid_days, task.fit_context_days)
-    return PartitionOutput(task.partition, tensors, time.perf_counter() - started)
+    with one_blas_thread():
+        threads = _threads_now()
+        tensors = tensorize_curves(task.curves, task.grid_days, task.fit_context_days,
+                                   interpolator=interpolate_batch_invariant)
+    return PartitionOutput(task.partition, tensors, time.perf_counter() - started, threads)
 
 
 def _run_serial(tasks, step):
@@ -71,14 +123,16 @@ def _run_serial(tasks, step):
         step("interpolating", completed=i + 1, total=len(tasks))
 
 
-def _run_pool(tasks, workers, step):
+def _run_pool(tasks, workers, step, fn=compute_partition):
+    """``fn`` (a top-level function) over ``tasks`` on a local process pool; ``bench/preprocess.py`` passes its
+    baseline."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                                       else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(compute_partition, task) for task in tasks]
+        futures = [pool.submit(fn, task) for task in tasks]
         for i, fut in enumerate(as_completed(futures)):
             yield fut.result()
             step("interpolating", completed=i + 1, total=len(tasks))
@@ -225,12 +279,20 @@ def run(params: Params, paths: PreprocessPaths, progress: Progress | None = None
 
     workers = cfg.workers or os.cpu_count() or 1
     step("interpolating", completed=0, total=len(tasks))
-    if cfg.executor == "dask":
-        outputs = list(_run_dask(tasks, workers, cfg.dask_address, step))
-    elif workers == 1 or len(tasks) <= 1:
-        outputs = list(_run_serial(tasks, step))
-    else:
-        outputs = list(_run_pool(tasks, min(workers, len(tasks)), step))
+    # One BLAS thread here too, for the whole phase: partitions that run on threads of this process (a threaded
+    # in-process Dask cluster) use this thread's setting, since OpenBLAS ignores a count set from another thread
+    # once the main thread has set one. Restored when the phase ends.
+    with one_blas_thread():
+        if cfg.executor == "dask":
+            outputs = list(_run_dask(tasks, workers, cfg.dask_address, step))
+        elif workers == 1 or len(tasks) <= 1:
+            outputs = list(_run_serial(tasks, step))
+        else:
+            outputs = list(_run_pool(tasks, min(workers, len(tasks)), step))
+    threaded = sorted({out.partition for out in outputs if out.threads > 1})
+    if threaded:  # the limit did not take (OpenBLAS ignored it): say so, the bytes may differ from other runs'
+        warnings.warn(f"preprocess: partitions {threaded} ran with {max(o.threads for o in outputs)} BLAS threads; "
+                      "their tensors may differ in the last bit from a one-thread run", RuntimeWarning, stacklevel=2)
 
     new_x: dict[str, np.ndarray] = {}
     new_meta: dict[str, dict[str, Any]] = {}
