@@ -276,6 +276,18 @@ class TrainParams(Section):
         1, ge=1, description="Networks trained independently (seeds train.seed, +1, ...: own initialisation, batch "
                              "order, early stop and MLflow child run); the model is their mean probability (one "
                              "exported graph). Costs members x the training and the TCN's inference time.")
+    finetune_epochs: int = Field(
+        0, ge=0, description="After training, each network continues from its best checkpoint on the real objects "
+                             "(and the simulated ones of finetune_simulated_classes) for up to this many epochs at "
+                             "finetune_lr, early-stopped on the same validation objects; the fine-tuned weights are "
+                             "kept only when they score higher there. 0: no fine-tuning.")
+    finetune_lr: float = Field(2e-4, gt=0, description="Adam's learning rate while fine-tuning.")
+    finetune_simulated_classes: list[str] = Field(
+        ["QSO", "CEP"], description="Simulated objects of these classes stay in the fine-tuning set (classes with "
+                                    "no real labelled objects would otherwise be forgotten).")
+    selection_objects: Literal["all", "real"] = Field(
+        "all", description="Validation objects early stopping and the best checkpoint are chosen on: all of them, or "
+                           "the real ones only (label source not the simulator; all when the split has none).")
     selection_views: int = Field(
         0, ge=0, description="Cuts of each validation object (GP refitted, as at inference) added beside its whole "
                              "curve to the set early stopping and the best checkpoint are chosen on (val/macro_f1): "

@@ -288,9 +288,15 @@ class ProcessedDataModule(pl.LightningDataModule):
                  full_view_probability: float | None = None, redshift_views: int = 0,
                  redshifts: Mapping[str, float] | None = None, redshift_max_peak_mag: float = 20.0,
                  shuffle_seed: int | None = None, simulated_classes: Sequence[str] | None = None,
-                 gp_draws: float = 0.0, selection_views: int = 0):
+                 gp_draws: float = 0.0, selection_views: int = 0, selection_objects: str = "all"):
         super().__init__()
         self.gp_draws = gp_draws
+        if selection_objects not in ("all", "real"):
+            raise ValueError(f"selection_objects must be all or real; got {selection_objects!r}")
+        if selection_objects == "real" and raw_dir is None:
+            raise ValueError("selection_objects real reads each object's label source from raw_dir: it needs raw_dir")
+        self.selection_objects = selection_objects
+        self.selection_real: bool = False  # the validation loader holds the real objects only (selection_objects)
         if selection_views and raw_dir is None:
             raise ValueError("selection_views refit the GP on cut validation curves: they need raw_dir")
         self.selection_views = selection_views
@@ -371,6 +377,8 @@ class ProcessedDataModule(pl.LightningDataModule):
             self._add_truncated_views(index)
         if self.selection_views > 0:
             self._add_selection_views(index)
+        if self.selection_objects == "real":
+            self._keep_real_selection(index)
 
     def _label_sources(self) -> pd.Series:
         """oid -> label source (``simulated``, ``bts:spectroscopic``, ...) from ``raw_dir``'s objects table."""
@@ -424,6 +432,32 @@ class ProcessedDataModule(pl.LightningDataModule):
         full_x, full_y = self._data["val"].tensors
         yv = torch.as_tensor(np.array([target[o] for o in owners], dtype=np.int64))
         self._selection = TensorDataset(torch.cat([full_x, torch.from_numpy(xv)]), torch.cat([full_y, yv]))
+        self._selection_owners = np.asarray(owners, dtype=str)
+
+    def real_objects(self, split: str) -> int:
+        """How many objects of ``split`` are real (label source not the simulator; needs ``raw_dir``)."""
+        oids = self.index.loc[self.index["split"] == split, "oid"].astype(str)
+        return int((oids.map(self._label_sources()) != SIMULATED).sum())
+
+    def _keep_real_selection(self, index: pd.DataFrame) -> None:
+        """The validation loader's set restricted to the real objects (label source not the simulator): early
+        stopping and the best checkpoint are then chosen on the objects the model is for. No real validation object:
+        all of them, as with ``all``."""
+        val = index.loc[index["split"] == "val"].reset_index(drop=True)
+        real = (val["oid"].astype(str).map(self._label_sources()) != SIMULATED).to_numpy()
+        if not real.any():
+            return
+        whole_x, whole_y = self._data["val"].tensors
+        keep = torch.from_numpy(real.copy())
+        if self._selection is not None:  # whole curves first, then cuts (``_add_selection_views``)
+            sel_x, sel_y = self._selection.tensors
+            owners = np.concatenate([val["oid"].astype(str).to_numpy(), self._selection_owners])
+            real_oids = set(val["oid"].astype(str)[real])
+            keep = torch.from_numpy(np.array([o in real_oids for o in owners]))
+            self._selection = TensorDataset(sel_x[keep], sel_y[keep])
+        else:
+            self._selection = TensorDataset(whole_x[keep], whole_y[keep])
+        self.selection_real = True
 
     def targets(self, split: str) -> np.ndarray:
         """One target per object of the split (augmented views of training objects are not counted again)."""

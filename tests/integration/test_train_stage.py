@@ -318,3 +318,56 @@ def test_members_are_trained_independently_and_served_as_one_model(trained, tmp_
         mean_of_members = torch.stack([torch.softmax(m(x), dim=1) for m in ensemble.model.members]).mean(dim=0)
         assert torch.allclose(torch.softmax(ensemble(x), dim=1), mean_of_members, atol=1e-6)
         assert torch.allclose(served(x), load_checkpoint(tmp_path / "models" / CHECKPOINT).module(x), atol=1e-5)
+
+
+def test_finetuning_on_real_objects_continues_each_network_and_keeps_it_only_when_better(tmp_path, shared_data):
+    """train.finetune_epochs: after training, the network continues on the real objects (and simulated QSO/CEP) at
+    finetune_lr; its curves are in the run under `finetune-`, and the fine-tuned weights are served only when they
+    score higher on the same validation objects. Simulated data alone: nothing to fine-tune on, said so."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from deeprubin.config import FilesParams
+
+    labels = pd.read_csv(shared_data / "bts" / "labels.csv")
+    labels = pd.concat([labels[labels["label"] == c].head(25) for c in ("SNIa", "SNII")])
+    det = pd.read_parquet(shared_data / "bts" / "detections.parquet")
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    det[det["oid"].isin(labels["oid"])].to_parquet(tmp_path / "detections.parquet")
+    files = FilesParams(detections=tmp_path / "detections.parquet", labels=tmp_path / "labels.csv",
+                        label_source="bts:spectroscopic")
+    ingest.run(Params(ingest=IngestParams(raw_dir=tmp_path / "raw", simulator=SimulatorParams(n_per_class=10),
+                                          files=files, mix_files=True)), ingest.IngestPaths(raw_dir=tmp_path / "raw"))
+    preprocess.run(Params(preprocess=PreprocessParams(processed_dir=tmp_path / "processed", workers=1)),
+                   preprocess.PreprocessPaths(raw_dir=tmp_path / "raw", processed_dir=tmp_path / "processed"))
+    params = TrainParams(max_epochs=2, patience=5, accelerator="cpu", truncations=0, calibration="none",
+                         finetune_epochs=3, finetune_lr=1e-3, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                         artifact_location=(tmp_path / "artifacts").as_uri(), model_dir=tmp_path / "models")
+    paths = train.TrainPaths(processed_dir=tmp_path / "processed", model_dir=tmp_path / "models",
+                             raw_dir=tmp_path / "raw", dvc_lock=tmp_path / "dvc.lock")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train.run(Params(train=params), paths)
+    finetune = result.extra["members"][0]["finetune"]
+    assert 1 <= finetune["epochs"] <= 3 and isinstance(finetune["kept"], bool)
+    assert finetune["kept"] == (finetune["best_val_macro_f1"] > finetune["before"])
+    served = finetune["best_val_macro_f1"] if finetune["kept"] else finetune["before"]
+    assert result.best_val_macro_f1 == pytest.approx(served)
+    client = MlflowClient(tracking_uri=params.tracking_uri)
+    tuned = client.get_metric_history(result.run_id, "finetune-val/macro_f1")
+    assert 1 <= len(tuned) <= 3 and max(m.value for m in tuned) == pytest.approx(finetune["best_val_macro_f1"])
+    assert len(client.get_metric_history(result.run_id, "val/macro_f1")) == 2  # the first phase's curve, apart
+
+    simulated_only = params.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path}/sim.db",
+                                               "model_dir": tmp_path / "sim-models"})
+    root = tmp_path / "sim"
+    ingest.run(Params(ingest=IngestParams(raw_dir=root / "raw", simulator=SimulatorParams(n_per_class=10),
+                                          mix_files=False)), ingest.IngestPaths(raw_dir=root / "raw"))
+    preprocess.run(Params(preprocess=PreprocessParams(processed_dir=root / "processed", workers=1)),
+                   preprocess.PreprocessPaths(raw_dir=root / "raw", processed_dir=root / "processed"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = train.run(Params(train=simulated_only),
+                          train.TrainPaths(processed_dir=root / "processed", model_dir=tmp_path / "sim-models",
+                                           raw_dir=root / "raw", dvc_lock=tmp_path / "dvc.lock"))
+    assert alone.extra["members"][0]["finetune"] == {"skipped": "no real object in the training split"}

@@ -241,3 +241,47 @@ def test_selection_views_add_cuts_of_validation_objects_to_the_validation_loader
     assert float(age_days(x[n:]).mean()) < float(age_days(whole_x).mean())
     with pytest.raises(ValueError, match="raw_dir"):
         ProcessedDataModule(processed, selection_views=2)
+
+
+def test_selection_objects_real_keeps_the_real_validation_objects_and_their_cuts(tmp_path, shared_data, processed):
+    """selection_objects=real: the validation loader (early stopping, the best checkpoint) holds the real
+    validation objects only, with their cuts when selection_views is set; ``dataset("val")`` keeps every object.
+    Simulated data alone: every validation object, as with ``all``."""
+    import pandas as pd
+
+    from deeprubin.config import FilesParams
+
+    labels = pd.read_csv(shared_data / "bts" / "labels.csv")
+    labels = pd.concat([labels[labels["label"] == c].head(30) for c in ("SNIa", "SNII")])
+    det = pd.read_parquet(shared_data / "bts" / "detections.parquet")
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    det[det["oid"].isin(labels["oid"])].to_parquet(tmp_path / "detections.parquet")
+    files = FilesParams(detections=tmp_path / "detections.parquet", labels=tmp_path / "labels.csv",
+                        label_source="bts:spectroscopic")
+    ingest.run(Params(ingest=IngestParams(raw_dir=tmp_path / "raw", simulator=SimulatorParams(n_per_class=10),
+                                          files=files, mix_files=True)), ingest.IngestPaths(raw_dir=tmp_path / "raw"))
+    preprocess.run(Params(preprocess=PreprocessParams(processed_dir=tmp_path / "processed", workers=1)),
+                   preprocess.PreprocessPaths(raw_dir=tmp_path / "raw", processed_dir=tmp_path / "processed"))
+    real_oids = set(labels["oid"].astype(str))
+    for views in (0, 2):
+        dm = ProcessedDataModule(tmp_path / "processed", batch_size=8, seed=3, raw_dir=tmp_path / "raw",
+                                 selection_objects="real", selection_views=views)
+        dm.setup("fit")
+        val = dm.index[dm.index["split"] == "val"]
+        real = val["oid"].astype(str).isin(real_oids).to_numpy()
+        assert 0 < real.sum() < len(val) and dm.selection_real
+        whole_x, whole_y = dm.dataset("val").tensors
+        assert len(whole_y) == len(val)  # calibration and reports see every validation object
+        xs, ys = zip(*dm.val_dataloader())
+        x, y = torch.cat(xs), torch.cat(ys)
+        n = int(real.sum())
+        assert torch.equal(x[:n], whole_x[torch.from_numpy(real)]) and torch.equal(y[:n], whole_y[torch.from_numpy(real)])
+        assert len(y) == n if views == 0 else n < len(y) <= 3 * n
+        assert set(y.tolist()) <= {CLASSES.index("SNIa"), CLASSES.index("SNII")}
+    simulated = ProcessedDataModule(processed, batch_size=8, seed=3, raw_dir=processed.parent / "raw",
+                                    selection_objects="real")
+    simulated.setup("fit")
+    assert not simulated.selection_real
+    assert len(torch.cat([b[1] for b in simulated.val_dataloader()])) == len(simulated.dataset("val"))
+    with pytest.raises(ValueError, match="raw_dir"):
+        ProcessedDataModule(processed, selection_objects="real")

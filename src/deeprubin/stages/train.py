@@ -38,7 +38,7 @@ import json
 import subprocess
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -230,14 +230,15 @@ class MemberResult:
     run_id: str
     seed: int
     accelerator: str
+    finetune: dict[str, Any] | None = None  # the fine-tuning phase (train.finetune_epochs): scores, kept or not
 
     def report(self) -> dict[str, Any]:
         return {"seed": self.seed, "run_id": self.run_id, "best_val_macro_f1": self.best_score,
-                "epochs": self.epochs}
+                "epochs": self.epochs, "finetune": self.finetune}
 
 
 def _fit_member(model, dm: ProcessedDataModule, cfg: TrainParams, logger, checkpoints: Path, step: Progress,
-                label: str) -> MemberResult:
+                label: str, max_epochs: int | None = None, phase: str = "training") -> MemberResult:
     """Train ``model`` with early stopping on validation macro-F1; its best checkpoint goes to ``checkpoints``
     (a fresh folder: Lightning warns about, and may pick up, files already in its checkpoint folder)."""
     import pytorch_lightning as pl
@@ -245,12 +246,13 @@ def _fit_member(model, dm: ProcessedDataModule, cfg: TrainParams, logger, checkp
 
     from deeprubin.models.lit import default_callbacks
 
+    max_epochs = cfg.max_epochs if max_epochs is None else max_epochs
     callbacks = default_callbacks(cfg.patience, dirpath=checkpoints)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1 if cfg.accelerator != "auto" else "auto",
-                         deterministic=True, max_epochs=cfg.max_epochs, logger=logger,
-                         callbacks=[*callbacks, _progress_callback(step, cfg.max_epochs, label)],
+                         deterministic=True, max_epochs=max_epochs, logger=logger,
+                         callbacks=[*callbacks, _progress_callback(step, max_epochs, label)],
                          enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
-    step(f"training {label}".rstrip(", "), completed=0, total=cfg.max_epochs)
+    step(f"{phase} {label}".rstrip(", "), completed=0, total=max_epochs)
     trainer.fit(model, datamodule=dm)
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     if not checkpoint.best_model_path:
@@ -258,6 +260,32 @@ def _fit_member(model, dm: ProcessedDataModule, cfg: TrainParams, logger, checkp
     return MemberResult(checkpoint=Path(checkpoint.best_model_path), best_score=float(checkpoint.best_model_score),
                         epochs=trainer.current_epoch, run_id=logger.run_id, seed=dm.shuffle_seed,
                         accelerator=str(trainer.accelerator.__class__.__name__))
+
+
+def _finetune(member: MemberResult, dm: ProcessedDataModule, cfg: TrainParams, logger, checkpoints: Path,
+              step: Progress, label: str) -> MemberResult:
+    """Continue ``member`` from its best checkpoint on ``dm`` (the same validation objects; in training, the
+    simulated objects of ``train.finetune_simulated_classes`` only, beside the real ones) at ``train.finetune_lr``
+    with its class weights, for up to ``train.finetune_epochs``. The fine-tuned weights are kept only when their
+    best validation macro-F1 beats the member's: the same objects score both. Metrics go to the member's run with
+    the prefix ``finetune``."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from deeprubin.models.lit import LitTCN
+
+    model = LitTCN.load_from_checkpoint(member.checkpoint, map_location="cpu")
+    model.lr = cfg.finetune_lr
+    if dm.class_weights is not None:
+        model.class_weights = dm.class_weights.clone()
+    tuned_logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri, log_model=False,
+                                run_id=logger.run_id, prefix="finetune")
+    tuned = _fit_member(model, dm, cfg, tuned_logger, checkpoints, step, label, max_epochs=cfg.finetune_epochs,
+                        phase="fine-tuning on real objects")
+    kept = tuned.best_score > member.best_score
+    report = {"best_val_macro_f1": tuned.best_score, "epochs": tuned.epochs, "kept": kept,
+              "before": member.best_score}
+    best = tuned if kept else member
+    return replace(best, finetune=report, run_id=member.run_id, seed=member.seed)
 
 
 def assemble(new_model, checkpoints: list[Path], target: Path):
@@ -321,21 +349,23 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
 
     step(f"reading {paths.processed_dir}")
     pl.seed_everything(base.seed if cfg.seed is None else cfg.seed, workers=True, verbose=False)
-    dm = ProcessedDataModule(paths.processed_dir, classes=base.classes, batch_size=cfg.batch_size,
-                             val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=base.seed,
-                             imbalance=cfg.imbalance, holdout=holdout,
-                             raw_dir=paths.raw_dir if cfg.truncations or cfg.redshift_views
-                             or cfg.imbalance == "source_sampler" or cfg.simulated_classes is not None
-                             or cfg.selection_views else None,
-                             truncations=cfg.truncations if paths.raw_dir is not None else 0,
-                             truncation_min_days=cfg.truncation_min_days,
-                             truncation_max_days=cfg.truncation_max_days,
-                             full_view_probability=cfg.full_view_probability,
-                             redshift_views=cfg.redshift_views if paths.raw_dir is not None else 0,
-                             redshifts=redshifts_of(paths.redshift_labels) if cfg.redshift_views else None,
-                             redshift_max_peak_mag=cfg.redshift_max_peak_mag, shuffle_seed=cfg.seed,
-                             simulated_classes=cfg.simulated_classes, gp_draws=cfg.gp_draws,
-                             selection_views=cfg.selection_views if paths.raw_dir is not None else 0)
+    def new_datamodule(simulated_classes) -> ProcessedDataModule:
+        return ProcessedDataModule(
+            paths.processed_dir, classes=base.classes, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction, seed=base.seed, imbalance=cfg.imbalance, holdout=holdout,
+            raw_dir=paths.raw_dir if cfg.truncations or cfg.redshift_views or cfg.imbalance == "source_sampler"
+            or simulated_classes is not None or cfg.selection_views or cfg.selection_objects == "real" else None,
+            truncations=cfg.truncations if paths.raw_dir is not None else 0,
+            truncation_min_days=cfg.truncation_min_days, truncation_max_days=cfg.truncation_max_days,
+            full_view_probability=cfg.full_view_probability,
+            redshift_views=cfg.redshift_views if paths.raw_dir is not None else 0,
+            redshifts=redshifts_of(paths.redshift_labels) if cfg.redshift_views else None,
+            redshift_max_peak_mag=cfg.redshift_max_peak_mag, shuffle_seed=cfg.seed,
+            simulated_classes=simulated_classes, gp_draws=cfg.gp_draws,
+            selection_views=cfg.selection_views if paths.raw_dir is not None else 0,
+            selection_objects=cfg.selection_objects if paths.raw_dir is not None else "all")
+
+    dm = new_datamodule(cfg.simulated_classes)
     step("cutting training light curves (augmentation)" if dm.truncations else "splitting objects")
     dm.setup("fit")
     if len(dm.dataset("val")) == 0:
@@ -380,6 +410,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                                      "class_weights": weights}})
     seeds = member_seeds(cfg, base)
     members: list[MemberResult] = []
+    finetune_dm: ProcessedDataModule | None = None
     with scratch.folder(".lightning-", model_dir) as checkpoints:
         for i, seed in enumerate(seeds):
             if i > 0:  # member 0 keeps the seeding of a single network: members=1 trains exactly what it did
@@ -390,8 +421,19 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
                 experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri, log_model=False,
                 run_id=child_run(cfg.tracking_uri, experiment_id, logger.run_id, f"member-{i + 1}",
                                  {**tags, "member_seed": str(seed)}))
-            members.append(_fit_member(new_model(), dm, cfg, member_logger, checkpoints / f"member-{i + 1}",
-                                       step, label))
+            member = _fit_member(new_model(), dm, cfg, member_logger, checkpoints / f"member-{i + 1}", step, label)
+            if cfg.finetune_epochs > 0 and paths.raw_dir is not None:
+                if finetune_dm is None:
+                    step("preparing the fine-tuning set (real objects)")
+                    finetune_dm = new_datamodule(cfg.finetune_simulated_classes)
+                    finetune_dm.setup("fit")
+                if finetune_dm.real_objects("train"):
+                    finetune_dm.shuffle_seed = seed
+                    member = _finetune(member, finetune_dm, cfg, member_logger, checkpoints / f"finetune-{i + 1}",
+                                       step, label)
+                else:  # nothing real to adapt to: the simulated supernovae would only be dropped
+                    member = replace(member, finetune={"skipped": "no real object in the training split"})
+            members.append(member)
         best = assemble(new_model, [m.checkpoint for m in members], target := model_dir / CHECKPOINT)
     best_f1 = members[0].best_score if len(members) == 1 else validation_macro_f1(best, dm)
     best.eval()
