@@ -19,7 +19,9 @@ of the summed PSS of that process, the forkserver and the GP workers (sampled ev
 shared page once across processes), imports -- torch, MLflow -- included. Flat means the ratio of
 the two peaks stays near 1 while the input grows N/10,000 times.
 
-GPU: when torch sees a CUDA device, the TCN also runs there (``classify.device=cuda``) and its rate is printed.
+GPU: when torch sees a CUDA device, the TCN also runs there (``classify.device=cuda``), then the GP too
+(``classify.gp_device=cuda``), and both rates are printed; ``bench/gp_torch.py`` measures that path on 100,000
+curves.
 
 The model: ``--model`` (default the champion of ``sqlite:///mlflow.db``, what `make run` leaves). Without one, an
 untrained TCN of the configured shape (`train.hidden`, `train.levels`, `train.kernel_size`) is used: speed does not
@@ -268,6 +270,13 @@ def main() -> int:
             print(f"classify, TCN on {torch.cuda.get_device_name(0)}: {rate_gpu:8.1f} curves/s; "
                   f"ratio vs CPU TCN {rate_gpu / rate:.2f}")
             report.update(gpu=torch.cuda.get_device_name(0), curves_per_s_gpu=rate_gpu)
+            # the GP on the GPU too (lightcurves/gp_torch.py); bench/gp_torch.py measures this path on 100,000 curves
+            gp_params = load_params(None, ["classify.device=cuda", "classify.gp_device=cuda"])
+            t_gp, r_gp = timed_run(gp_params, src, tmp / "gpu-gp.parquet", model, workers)
+            rate_gp = r_gp.n_classified / t_gp
+            print(f"classify, GP and TCN on {torch.cuda.get_device_name(0)} (classify.gp_device=cuda): "
+                  f"{rate_gp:8.1f} curves/s; ratio vs the CPU GP {rate_gp / rate:.2f}")
+            report.update(curves_per_s_gpu_gp=rate_gp)
         else:
             print("GPU: none visible to torch here; the GPU figure needs a machine with one")
 

@@ -397,6 +397,15 @@ class ClassifyParams(Section):
                                               "process).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the TCN runs (auto: cuda when "
                                                                        "available).")
+    gp_device: Literal["cpu", "auto", "cuda", "torch-cpu"] = Field(
+        "cpu", description="Where the GP runs. cpu: the numpy GP on the `workers` processes (the default); cuda: the "
+                           "torch GP (lightcurves/gp_torch.py, equal to the numpy one to 1e-6) batched on the GPU in "
+                           "the main process, the TCN on the same GPU unless `device` says cpu, the workers doing the "
+                           "per-curve window and input preparation; auto: cuda when torch sees one, else cpu; "
+                           "torch-cpu: the torch GP on the CPU (the cuda path's code, to check it without a GPU).")
+    device_batch_size: int = Field(
+        32768, ge=1, description="Objects per GP + TCN call on the device when the GP runs in torch (gp_device not "
+                                 "cpu): the workers' batches of `batch_size` are merged up to this many.")
     photometry: Literal["auto", "difference", "apparent"] = Field(
         "auto", description="What input brightness is when its rows do not say (a `photometry` column): difference "
                             "flux, as the model learned; apparent magnitudes, turned into difference flux first; "

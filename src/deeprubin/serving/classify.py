@@ -37,7 +37,7 @@ from deeprubin.models.served import ServingModel, load_model
 from deeprubin.processed import Preprocessing
 from deeprubin.progress import Progress, or_silent
 from deeprubin.schema import CLASSES
-from deeprubin.serving.pool import Tensorizer, resolve_workers, tensorize_job
+from deeprubin.serving.pool import Tensorizer, prepare_job, resolve_workers, tensorize_job
 from deeprubin.serving.reading import READ_ROWS, CurveBatch, NotGroupedError, check_input, count_rows, \
     curve_batches, grouped_objects, partitioned_objects, read_detections, spill_partitions
 
@@ -231,9 +231,39 @@ class _Written:
     per_photometry: Counter = field(default_factory=Counter)
 
 
+def resolve_gp_device(setting: str) -> str | None:
+    """``classify.gp_device`` -> the torch device of the GP, or None for the numpy GP on the CPU workers."""
+    if setting == "cpu":
+        return None
+    if setting == "torch-cpu":
+        return "cpu"
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        raise ValueError("classify.gp_device is 'cuda' but torch sees no CUDA device")
+    return "cuda"
+
+
+def _predict_tensor(model: ServingModel, x, batch: int) -> np.ndarray:
+    """:meth:`ServingModel.predict_proba` of a float32 tensor already on a device (no trip through the host)."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            out.append(np.asarray(model.module(x[i:i + batch].to(model.device)).detach().cpu().numpy(),
+                                  dtype=np.float64))
+    return np.concatenate(out) if out else np.zeros((0, len(model.classes)), dtype=np.float64)
+
+
 def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params, tmp: Path, workers: int,
                       step: Progress, total_rows: int | None, interpolator=None) -> _Written:
     """GP (``workers`` processes) -> TCN -> one Parquet file and one rejections CSV in ``tmp``, batch by batch."""
+    gp_device = resolve_gp_device(params.classify.gp_device)
+    if gp_device is not None:
+        return _classify_batches_on_device(batches, model, params, tmp, workers, step, total_rows, gp_device)
     settings = serving_settings(model, params)
     grid, context, batch_size = settings.grid_days, settings.fit_context_days, params.classify.batch_size
     written = _Written(per_class=Counter())
@@ -263,6 +293,69 @@ def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params
                 rows_done += batch.rows_read
                 step("classifying", completed=rows_done if total_rows else written.n_classified,
                      total=total_rows)
+    finally:
+        writer.close()
+        tensorizer.close()
+    return written
+
+
+def _classify_batches_on_device(batches: Iterable[CurveBatch], model: ServingModel, params, tmp: Path, workers: int,
+                                step: Progress, total_rows: int | None, device: str) -> _Written:
+    """:func:`_classify_batches` with the GP in torch on ``device`` (``classify.gp_device``): the ``workers``
+    processes prepare each batch (window, screening, the GP's input: :func:`pool.prepare_job`), this process merges
+    them up to ``classify.device_batch_size`` objects and runs the GP and the TCN on the device in one go."""
+    from deeprubin.lightcurves.tensorize_device import PreparedBatch, tensorize_prepared
+
+    settings = serving_settings(model, params)
+    grid, context = settings.grid_days, settings.fit_context_days
+    batch_size, merge_size = params.classify.batch_size, params.classify.device_batch_size
+    written = _Written(per_class=Counter())
+    done = {"rows": 0}
+    tensorizer = Tensorizer(workers, model, job=prepare_job)
+    writer = pq.ParquetWriter(tmp / "out.parquet", OUTPUT_SCHEMA)
+    try:
+        with open(tmp / "rejected.csv", "w", newline="") as side:
+            pd.DataFrame(columns=REJECTION_COLUMNS).to_csv(side, index=False)
+
+            def flush(group: list) -> None:
+                if not group:
+                    return
+                merged = PreparedBatch.concat([prepared for _, prepared in group])
+                merged.skipped = []  # written per input batch below
+                t, x = tensorize_prepared(merged, device)
+                rejected = [r for batch, prepared in group for r in (*batch.rejected, *prepared.skipped)]
+                rejected += t.skipped
+                if rejected:
+                    pd.DataFrame(rejected, columns=REJECTION_COLUMNS).to_csv(side, header=False, index=False)
+                if len(t.rows):
+                    proba = _predict_tensor(model, x, max(batch_size, len(x)) if model.device != "cpu"
+                                            else batch_size)
+                    n_det, paths = {}, {}
+                    for batch, _ in group:
+                        n_det.update(_n_det(batch.curves))
+                        paths.update(batch.paths or {})
+                    frame = _rows(t, proba, model, n_det, pd.Timestamp.now(tz="UTC"), paths)
+                    writer.write_table(pa.Table.from_pandas(frame[COLUMNS], schema=OUTPUT_SCHEMA,
+                                                            preserve_index=False))
+                    written.n_classified += len(frame)
+                    written.per_class.update(frame["predicted_class"])
+                    written.per_photometry.update(
+                        f"{p} ({'declared' if d else 'recognised'})"
+                        for p, d in zip(frame["photometry"], frame["photometry_declared"]))
+                written.n_rejected += len(rejected)
+                done["rows"] += sum(batch.rows_read for batch, _ in group)
+                step("classifying", completed=done["rows"] if total_rows else written.n_classified,
+                     total=total_rows)
+
+            group: list = []
+            pending = 0
+            for batch, (prepared, _) in tensorizer.map((b, (b.curves, grid, context)) for b in batches):
+                group.append((batch, prepared))
+                pending += len(prepared)
+                if pending >= merge_size:
+                    flush(group)
+                    group, pending = [], 0
+            flush(group)
     finally:
         writer.close()
         tensorizer.close()

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, Iterable, Iterator
 
 from deeprubin.lightcurves.tensorize import tensorize_curves
+from deeprubin.lightcurves.tensorize_device import prepare_batch
 from deeprubin.models.served import ServingModel, load_exported, predict
 
 
@@ -37,8 +38,16 @@ def tensorize_job(job):
         return tensorize_curves(curves, grid_days, fit_context_days, interpolator=interpolator)
 
 
+def prepare_job(job):
+    """The CPU half of one batch for a GP on a device (:func:`deeprubin.lightcurves.tensorize_device.prepare_batch`):
+    window, screening and the GP's input, packed; the device's process does the rest."""
+    curves, grid_days, fit_context_days, *_ = job
+    return prepare_batch(curves, grid_days, fit_context_days)
+
+
 _WORKER_MODEL: Any = None  # the network in a worker process (see Tensorizer)
-WORKER_PRELOAD = ["deeprubin.serving.pool", "deeprubin.lightcurves.tensorize", "threadpoolctl", "torch",
+WORKER_PRELOAD = ["deeprubin.serving.pool", "deeprubin.lightcurves.tensorize", "deeprubin.lightcurves.tensorize_device",
+                  "threadpoolctl", "torch",
                   "torch.export.pt2_archive._package", "torch._export.serde.serialize"]
 
 
@@ -106,10 +115,15 @@ class Tensorizer:
 
     With a pool and a CPU model that has a local copy, each worker also loads the network and runs the TCN on its
     own batch (single-threaded), so the main process only reads, validates and writes: the TCN in the main process
-    fought the GP workers for the two cores. Results are ``(Tensors, probabilities or None)``."""
+    fought the GP workers for the two cores. Results are ``(Tensors, probabilities or None)``.
 
-    def __init__(self, workers: int, model: ServingModel | None = None):
+    ``job`` (a top-level function of one job) replaces the GP and TCN: e.g. :func:`prepare_job`, the CPU half of a
+    batch whose GP and TCN run on a device in this process; results are then ``(job's result, None)`` and the
+    workers load no network."""
+
+    def __init__(self, workers: int, model: ServingModel | None = None, job=None):
         self.workers = workers
+        self.job = job
         self.pool = None
         if workers > 1:
             import multiprocessing
@@ -121,7 +135,7 @@ class Tensorizer:
                 # Workers fork from a server that imported the GP path, torch and torch.export's loader once
                 # (~5 s of imports per worker otherwise; a module missing from this torch is skipped).
                 ctx.set_forkserver_preload(WORKER_PRELOAD)
-            shipped = model is not None and model.device == "cpu" and model.local_path is not None
+            shipped = job is None and model is not None and model.device == "cpu" and model.local_path is not None
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                             initargs=(model.local_path if shipped else None, os.getpid()))
 
@@ -129,17 +143,20 @@ class Tensorizer:
         """``(key, job)`` pairs -> ``(key, (Tensors, probabilities or None))`` in order."""
         if self.pool is None:
             for key, job in jobs:
-                yield key, (tensorize_job(job), None)
+                yield key, ((self.job or tensorize_job)(job), None)
             return
         inflight: deque = deque()
         for key, job in jobs:
-            inflight.append((key, self.pool.submit(_classify_job, job)))
+            inflight.append((key, self.pool.submit(self.job or _classify_job, job)))
             if len(inflight) >= 2 * self.workers:
                 k, fut = inflight.popleft()
-                yield k, fut.result()
+                yield k, self._result(fut)
         while inflight:
             k, fut = inflight.popleft()
-            yield k, fut.result()
+            yield k, self._result(fut)
+
+    def _result(self, fut):
+        return (fut.result(), None) if self.job is not None else fut.result()
 
     def close(self) -> None:
         if self.pool is not None:
