@@ -150,6 +150,13 @@ class ValidationReport:
     rows_in: int = 0
     rows_out: int = 0
     rejections: list[Rejection] = field(default_factory=list)
+    # Where each validation step's rejections start in ``rejections`` (one entry per step, whatever it found): the
+    # reports of consecutive blocks of one table merge into the whole table's report (:meth:`merge_blocks`).
+    steps: list[int] = field(default_factory=list, repr=False, compare=False)
+
+    def step(self) -> None:
+        """Start the next validation step (the rejections recorded until the next one belong to it)."""
+        self.steps.append(len(self.rejections))
 
     @property
     def rows_dropped(self) -> int:
@@ -162,7 +169,11 @@ class ValidationReport:
         return dict(counts)
 
     def reject(self, frame: pd.DataFrame, mask: pd.Series | np.ndarray, reason: str) -> pd.DataFrame:
-        """Record the rows under ``mask`` as rejected for ``reason``, per object, and return the rest."""
+        """Record the rows under ``mask`` as rejected for ``reason``, per object, and return the rest (one step)."""
+        self.step()
+        return self._reject(frame, mask, reason)
+
+    def _reject(self, frame: pd.DataFrame, mask: pd.Series | np.ndarray, reason: str) -> pd.DataFrame:
         mask = np.asarray(mask, dtype=bool)
         if mask.any():
             oids = frame.loc[mask, "oid"]
@@ -178,6 +189,28 @@ class ValidationReport:
             rows_out=self.rows_out + other.rows_out,
             rejections=self.rejections + other.rejections,
         )
+
+    @staticmethod
+    def merge_blocks(reports: list["ValidationReport"]) -> "ValidationReport":
+        """The report of a table validated block by block (consecutive oid ranges of one table, each through the
+        same steps): the report that validating the whole table at once gives, with the rejections in the same order
+        (step by step, and within a step in table order)."""
+        first = reports[0]
+        merged = ValidationReport(table=first.table, rows_in=sum(r.rows_in for r in reports),
+                                  rows_out=sum(r.rows_out for r in reports))
+        n_steps = len(first.steps)
+        if any(len(r.steps) != n_steps for r in reports):
+            raise ValueError("blocks of one table went through different validation steps")
+        groups: list[list[Rejection]] = [[] for _ in range(n_steps + 1)]
+        for r in reports:
+            bounds = [0, *r.steps, len(r.rejections)]
+            for k in range(n_steps + 1):
+                groups[k].extend(r.rejections[bounds[k]:bounds[k + 1]])
+        for group in groups:
+            merged.step()
+            merged.rejections.extend(group)
+        merged.steps = merged.steps[1:]
+        return merged
 
     def summary(self) -> str:
         head = f"{self.table}: {self.rows_in} in, {self.rows_out} kept, {self.rows_dropped} dropped"
@@ -452,11 +485,12 @@ def _drop_unsorted_and_duplicates(frame: pd.DataFrame, report: ValidationReport,
     # Rows of an object whose times run backwards are reported; then sorted (policy "sort") or dropped ("reject").
     order = frame.groupby("oid", sort=False)["mjd"].diff()
     backwards = (order < 0).to_numpy()
+    report.step()  # a step whether or not it finds anything, so that every block goes through the same steps
     if backwards.any():
         oids = frame.loc[backwards, "oid"].unique()
         unsorted_rows = frame["oid"].isin(oids).to_numpy()
         if on_unsorted == "reject":
-            frame = report.reject(frame, unsorted_rows, "times not sorted")
+            frame = report._reject(frame, unsorted_rows, "times not sorted")
         else:
             for oid in oids:
                 report.rejections.append(Rejection(oid=str(oid), reason="times not sorted (re-sorted, kept)", rows=0))

@@ -17,11 +17,13 @@ import secrets
 import shutil
 import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deeprubin.schema import (
@@ -33,6 +35,7 @@ from deeprubin.schema import (
     SPECTROSCOPIC,
     LightCurves,
     empty_frame,
+    to_arrow,
 )
 
 TABLES = {"objects": OBJECTS_SCHEMA, "detections": DETECTIONS_SCHEMA, "non_detections": NON_DETECTIONS_SCHEMA}
@@ -42,6 +45,10 @@ STATE = "state.json"  # incremental-pull state (watermarks), committed with the 
 # In every folder a commit makes beside the store (and in the store while it is being set aside): recovery touches
 # only folders that bear it.
 MARKER = ".deeprubin-raw-store-commit"
+SCRATCH = ".scratch"  # a streaming commit's working files, inside its commit folder, removed before the swap
+# pq.write_table's row-group size: a table streamed in blocks is cut into the same row groups, so the same bytes.
+ROW_GROUP_ROWS = 1024 * 1024
+INGESTED_AT_DTYPE = "datetime64[us, UTC]"  # objects.ingested_at as the store reads it back
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,9 @@ def upsert(existing: LightCurves, incoming: LightCurves) -> tuple[LightCurves, U
     detections, det_added, det_replaced = _upsert_rows(existing.detections, incoming.detections, DETECTION_KEY)
     non_det, nd_added, _ = _upsert_rows(existing.non_detections, incoming.non_detections, NON_DETECTION_KEY)
 
-    old_objects = existing.objects.set_index("oid")
-    new_objects = incoming.objects.set_index("oid")
+    # One time unit on both sides (the stored one), else pandas concatenates two units into an object column.
+    old_objects = existing.objects.astype({"ingested_at": INGESTED_AT_DTYPE}).set_index("oid")
+    new_objects = incoming.objects.astype({"ingested_at": INGESTED_AT_DTYPE}).set_index("oid")
     is_new = ~new_objects.index.isin(old_objects.index)
     # A newer row without a label keeps the label it had, and so does an object labelled spectroscopically that
     # another source (a classifier) labels again: a spectroscopic label is replaced only by a spectroscopic one.
@@ -184,6 +192,10 @@ class RawStore:
     def exists(self) -> bool:
         return (self._current() / "detections.parquet").exists()
 
+    def detections_path(self) -> Path:
+        """Where the stored detections are now (what :meth:`read` reads)."""
+        return self._current() / "detections.parquet"
+
     def read(self) -> LightCurves:
         """The stored tables, or empty contract tables when nothing has been stored yet."""
         root = self._current()
@@ -211,37 +223,156 @@ class RawStore:
         what validation dropped in this ingest. ``state`` (watermarks) is stored with the tables; None keeps the
         state already stored.
         """
+        with self.writing() as new:
+            for name, table in lcs.to_arrow().items():
+                pq.write_table(table, new.folder / f"{name}.parquet", compression="zstd")
+            new.finish(manifest, rejections=rejections, state=state)
+
+    @contextmanager
+    def writing(self) -> Iterator["CommitInProgress"]:
+        """A commit written piece by piece (:meth:`CommitInProgress.write`, then :meth:`CommitInProgress.finish`):
+        the same atomic swap as :meth:`commit`, with the tables streamed in blocks of rows. Leaving the block
+        without ``finish`` (an error, or no call) discards everything written and leaves the stored state whole."""
         self.recover()
-        tmp = self._make_commit_dir()
+        new = CommitInProgress(self, self._make_commit_dir())
+        try:
+            yield new
+        finally:
+            new._close_writers()
+            if not new.done:
+                shutil.rmtree(new.folder, ignore_errors=True)
+                (self.root / MARKER).unlink(missing_ok=True)
+
+    def read_range(self, low: str | None, high: str | None) -> LightCurves:
+        """The stored rows whose oid is in [low, high) (None: unbounded), as :meth:`read` returns them."""
+        root = self._current()
+        filters = ([("oid", ">=", low)] if low is not None else []) + ([("oid", "<", high)] if high is not None else [])
+        frames = {}
+        for name, schema in TABLES.items():
+            path = root / f"{name}.parquet"
+            if not path.exists():
+                frames[name] = empty_frame(schema)
+                continue
+            table = pq.read_table(path, schema=schema, filters=filters or None)
+            frames[name] = table.to_pandas()
+        return LightCurves(**frames)
+
+
+class _TableStream:
+    """One contract table written block by block, cut into the row groups ``pq.write_table`` makes of the whole
+    table (:data:`ROW_GROUP_ROWS` rows each, the last one shorter), so the file has the same bytes."""
+
+    def __init__(self, path: Path, schema: Any):
+        self.path, self.schema = path, schema
+        self.writer: pq.ParquetWriter | None = None
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
+        self.rows = 0
+        self.empty: pa.Table | None = None  # the first empty block, written when no block has rows
+        self.closed = False
+
+    def write(self, frame: pd.DataFrame) -> None:
+        table = to_arrow(frame, self.schema)
+        if table.num_rows == 0:
+            if self.empty is None and self.writer is None:
+                self.empty = table
+            return
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self.pending.append(table)
+        self.n_pending += table.num_rows
+        self.rows += table.num_rows
+        while self.n_pending >= ROW_GROUP_ROWS:
+            self._flush(ROW_GROUP_ROWS)
+
+    def _flush(self, rows: int) -> None:
+        assert self.writer is not None
+        whole = pa.concat_tables(self.pending).combine_chunks()  # contiguous, as a slice of the whole table is
+        self.writer.write_table(whole.slice(0, rows), row_group_size=ROW_GROUP_ROWS)
+        rest = whole.slice(rows)
+        self.pending = [rest] if rest.num_rows else []
+        self.n_pending = rest.num_rows
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.writer is None:
+            table = self.empty if self.empty is not None else to_arrow(empty_frame(self.schema), self.schema)
+            pq.write_table(table, self.path, compression="zstd")
+            return
+        if self.n_pending:
+            self._flush(self.n_pending)
+        self.writer.close()
+
+    def abort(self) -> None:
+        if self.writer is not None and not self.closed:
+            self.closed = True
+            self.writer.close()
+
+
+class CommitInProgress:
+    """The new state being written beside the store (:meth:`RawStore.writing`): tables streamed in blocks, a
+    scratch folder inside it (removed before the swap; a crashed run's is removed with its commit folder by the
+    next writer's :meth:`RawStore.recover`), and :meth:`finish`, which swaps it in."""
+
+    def __init__(self, store: RawStore, folder: Path):
+        self.store, self.folder = store, folder
+        self.done = False
+        self._tables: dict[str, _TableStream] = {}
+
+    @property
+    def scratch(self) -> Path:
+        path = self.folder / SCRATCH
+        path.mkdir(exist_ok=True)
+        return path
+
+    def write(self, lcs: LightCurves) -> None:
+        """Append a block of rows to each table; blocks come in key order (oid, then mjd and band)."""
+        for name, frame, schema in lcs._tables():
+            if name not in self._tables:
+                self._tables[name] = _TableStream(self.folder / f"{name}.parquet", schema)
+            self._tables[name].write(frame)
+
+    def rows(self, name: str) -> int:
+        return self._tables[name].rows if name in self._tables else 0
+
+    def _close_writers(self) -> None:
+        for table in self._tables.values():
+            table.abort()
+
+    def finish(self, manifest: dict[str, Any], rejections: pd.DataFrame | None = None,
+               state: dict[str, Any] | None = None) -> None:
+        """Write what remains (tables, rejections, state, manifest), fsync, and swap the new state in."""
+        store, tmp = self.store, self.folder
+        for table in self._tables.values():
+            table.close()
+        shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
+        if rejections is not None:
+            rejections.to_csv(tmp / REJECTIONS, index=False)
+        if state is not None:
+            (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+        elif (store.root / STATE).exists():
+            shutil.copyfile(store.root / STATE, tmp / STATE)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        for path in tmp.iterdir():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
         previous: Path | None = None
         try:
-            for name, table in lcs.to_arrow().items():
-                pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
-            if rejections is not None:
-                rejections.to_csv(tmp / REJECTIONS, index=False)
-            if state is not None:
-                (tmp / STATE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-            elif (self.root / STATE).exists():
-                shutil.copyfile(self.root / STATE, tmp / STATE)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-            for path in tmp.iterdir():
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if self.root.exists():
-                _mark(self.root)  # set aside, it is this store's previous state: the next writer may remove it
-                previous = self._previous_name()
-                self.root.rename(previous)
-            tmp.rename(self.root)
+            if store.root.exists():
+                _mark(store.root)  # set aside, it is this store's previous state: the next writer may remove it
+                previous = store._previous_name()
+                store.root.rename(previous)
+            tmp.rename(store.root)
         except BaseException:
-            if previous is not None and not self.root.exists() and previous.exists():
-                previous.rename(self.root)  # the swap failed half way: the previous state goes back
-                previous = None
-            shutil.rmtree(tmp, ignore_errors=True)
-            (self.root / MARKER).unlink(missing_ok=True)
+            if previous is not None and not store.root.exists() and previous.exists():
+                previous.rename(store.root)  # the swap failed half way: the previous state goes back
             raise
+        self.done = True
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
-        (self.root / MARKER).unlink(missing_ok=True)
+        (store.root / MARKER).unlink(missing_ok=True)
 
 
 def _mark(folder: Path) -> None:

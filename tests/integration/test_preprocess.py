@@ -96,6 +96,68 @@ def test_process_pool_and_dask_give_identical_output(raw, serial, tmp_path):
     assert files(tmp_path / "dask") == files(out)
 
 
+def _spy_dask_map(monkeypatch) -> list:
+    from dask.distributed import Client
+
+    sent = []
+    real_map = Client.map
+
+    def spy(self, fn, *iterables, **kwargs):
+        sent.append((fn, list(iterables[0])))
+        return real_map(self, fn, *iterables, **kwargs)
+
+    monkeypatch.setattr(Client, "map", spy)
+    return sent
+
+
+def test_dask_tasks_carry_the_detections_path_not_the_curves(raw, serial, tmp_path, monkeypatch):
+    """Issue 18: workers that see the raw store's file get the path, their oids and fingerprints (each reads its own
+    rows), not the curves; the same bytes as the process pool."""
+    import pickle
+
+    from dask.distributed import LocalCluster
+
+    out, _ = serial
+    sent = _spy_dask_map(monkeypatch)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        run_stage(raw, tmp_path / "dask", "preprocess.executor=dask",
+                  f"preprocess.dask_address={cluster.scheduler_address}")
+    assert files(tmp_path / "dask") == files(out)
+    (fn, refs), = sent
+    assert fn is stage.compute_partition_ref and all(isinstance(r, stage.PartitionRef) for r in refs)
+    assert all(Path(r.detections_path) == (raw / "detections.parquet").resolve() for r in refs)
+    tasks = [stage.load_partition(r) for r in refs]  # what the workers read: the curves the pool gets
+    assert sum(len(t.curves) for t in tasks) == len(RawStore(raw).read().objects)
+    assert len(pickle.dumps(refs)) * 5 < len(pickle.dumps(tasks))
+
+
+def test_dask_workers_without_the_raw_files_get_the_curves(raw, serial, tmp_path, monkeypatch):
+    """Workers that do not see the raw store's file as this process does (infra/'s, without the data volume) are
+    sent the curves, as before."""
+    import threading
+
+    from dask.distributed import LocalCluster
+
+    out, _ = serial
+    real_stamp = stage._file_stamp
+    monkeypatch.setattr(stage, "_file_stamp", lambda path: real_stamp(path)
+                        if threading.current_thread() is threading.main_thread() else None)
+    sent = _spy_dask_map(monkeypatch)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        run_stage(raw, tmp_path / "dask", "preprocess.executor=dask",
+                  f"preprocess.dask_address={cluster.scheduler_address}")
+    assert files(tmp_path / "dask") == files(out)
+    (fn, tasks), = sent
+    assert fn is stage.compute_partition and all(isinstance(t, stage.PartitionTask) for t in tasks)
+
+
+def test_a_dask_worker_refuses_rows_that_changed_since_the_stage_read_them(raw):
+    oid = str(RawStore(raw).read().objects["oid"].iloc[0])
+    ref = stage.PartitionRef(0, str(raw / "detections.parquet"), (oid,), ("not its fingerprint",), 100, 100.0)
+    with pytest.raises(RuntimeError, match="changed while the stage ran"):
+        stage.load_partition(ref)
+
+
 def test_incremental_recomputes_only_changed_objects(raw, serial, tmp_path):
     out0, _ = serial
     work_raw, out = tmp_path / "raw", tmp_path / "processed"

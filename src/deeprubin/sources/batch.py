@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from deeprubin import __version__
@@ -89,9 +90,21 @@ def select_objects(detections: pd.DataFrame, labels: pd.DataFrame | None, classe
         n_det = n_det[~off_target]
     too_few = n_det < min_detections
     for oid, n in n_det[too_few].items():
-        dropped.append(Rejection(oid=str(oid), reason=f"fewer than {min_detections} valid detections", rows=int(n)))
+        dropped.append(Rejection(oid=str(oid), reason=too_few_reason(min_detections), rows=int(n)))
     keep = n_det.index[~too_few.to_numpy()]
     return detections.loc[detections["oid"].isin(keep)].reset_index(drop=True), dropped
+
+
+def too_few_reason(min_detections: int) -> str:
+    return f"fewer than {min_detections} valid detections"
+
+
+def merge_dropped(blocks: list[list[Rejection]], min_detections: int) -> list[Rejection]:
+    """The objects :func:`select_objects` dropped from consecutive blocks of one table, in the order it names them
+    for the whole table (off-target objects first, then those with too few detections, each in table order)."""
+    few = too_few_reason(min_detections)
+    merged = [r for block in blocks for r in block]
+    return [r for r in merged if r.reason != few] + [r for r in merged if r.reason == few]
 
 
 def prepare_batch(mapped: MappedTables, params: IngestParams, base: BaseParams, ingested_at: pd.Timestamp,
@@ -116,12 +129,20 @@ def prepare_batch(mapped: MappedTables, params: IngestParams, base: BaseParams, 
         dropped
 
 
-def concat_batches(first: LightCurves, second: LightCurves) -> LightCurves:
-    """Two sources' objects in one store; an oid in both would mix two light curves, so it is an error."""
-    shared = set(first.objects["oid"]) & set(second.objects["oid"])
-    if shared:
-        raise ValueError(f"{len(shared)} oid(s) come from both sources, e.g. {sorted(shared)[0]}: "
-                         "rename one source's objects (e.g. ingest.simulator.oid_prefix)")
+def shared_oids(first: LightCurves, second: LightCurves) -> set[str]:
+    return set(first.objects["oid"]) & set(second.objects["oid"])
+
+
+def shared_oids_error(shared: set[str]) -> ValueError:
+    return ValueError(f"{len(shared)} oid(s) come from both sources, e.g. {sorted(shared)[0]}: "
+                      "rename one source's objects (e.g. ingest.simulator.oid_prefix)")
+
+
+def concat_batches(first: LightCurves, second: LightCurves, check: bool = True) -> LightCurves:
+    """Two sources' objects in one store; an oid in both would mix two light curves, so it is an error (``check``
+    False: the caller checks, :func:`shared_oids`)."""
+    if check and (shared := shared_oids(first, second)):
+        raise shared_oids_error(shared)
     objects = pd.concat([first.objects, second.objects], ignore_index=True).sort_values("oid", kind="mergesort")
     frames = {}
     for name in ("detections", "non_detections"):
@@ -129,6 +150,19 @@ def concat_batches(first: LightCurves, second: LightCurves) -> LightCurves:
         frame = pd.concat([f for f in (a, b) if len(f)] or [a], ignore_index=True)
         frames[name] = frame.sort_values(["oid", "mjd", "band"], kind="mergesort").reset_index(drop=True)
     return LightCurves(objects=objects.reset_index(drop=True), **frames)
+
+
+def oid_range(lcs: LightCurves, low: str | None, high: str | None) -> LightCurves:
+    """The rows of ``lcs`` whose oid is in [low, high) (None: unbounded)."""
+    def part(frame: pd.DataFrame) -> pd.DataFrame:
+        keep = np.ones(len(frame), dtype=bool)
+        if low is not None:
+            keep &= (frame["oid"] >= low).to_numpy()
+        if high is not None:
+            keep &= (frame["oid"] < high).to_numpy()
+        return frame.loc[keep].reset_index(drop=True)
+    return LightCurves(objects=part(lcs.objects), detections=part(lcs.detections),
+                       non_detections=part(lcs.non_detections))
 
 
 def class_counts(lcs: LightCurves) -> dict[str, int]:

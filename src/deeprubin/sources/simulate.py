@@ -46,7 +46,8 @@ import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -792,15 +793,7 @@ def _simulate_chunk(task: tuple) -> _Batch:
 
 def _run_chunks(tasks: list[tuple], workers: int | None) -> list[_Batch]:
     """Simulate the chunks, in worker processes when there are enough objects to pay for them."""
-    n_objects = sum(t[1] for t in tasks)
-    workers = min(len(tasks), os.cpu_count() or 1) if workers is None else workers
-    if workers <= 1 or n_objects < PARALLEL_MIN_OBJECTS:
-        return [_simulate_chunk(t) for t in tasks]
-    # Longest chunks first (quasars need the most redraws); map keeps the task order in the results.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-        futures = {i: pool.submit(_simulate_chunk, tasks[i])
-                   for i in sorted(range(len(tasks)), key=lambda i: tasks[i][0] != "QSO")}
-        return [futures[i].result() for i in range(len(tasks))]
+    return _run_tasks(_simulate_chunk, tasks, workers)
 
 
 def simulate(params: SimulatorParams, classes: Sequence[str] = CLASSES, seed: int | None = None,
@@ -898,8 +891,192 @@ def simulate(params: SimulatorParams, classes: Sequence[str] = CLASSES, seed: in
     return SimulatedLightCurves(objects=objects, detections=detections, non_detections=non_detections, truth=truth)
 
 
+
+# --------------------------------------------------------------------------------------------------------------
+# The same tables streamed: blocks of consecutive oids, memory independent of the number of objects
+# --------------------------------------------------------------------------------------------------------------
+BLOCK_OBJECTS = 2000  # objects per block that simulate_blocks yields
+_DET_COLUMNS = (("mjd", "f8"), ("flux", "f8"), ("flux_err", "f8"), ("f_ref", "f8"), ("band", "i1"))
+_ND_COLUMNS = (("mjd", "f8"), ("diffmaglim", "f8"), ("band", "i1"))
+
+
+@dataclass
+class _Spilled:
+    """One chunk's rows, written by its worker to ``path`` column after column (detections, then non-detections),
+    each sorted as the tables are (global index, mjd, band); its objects listed by global index."""
+
+    path: str
+    label: str
+    gidx: np.ndarray  # int64, the chunk's objects' global indices (= oid numbers), ascending
+    det_start: np.ndarray  # int64, len(gidx) + 1: the object's first detection row (and the end)
+    nd_start: np.ndarray
+
+    def read(self, columns: tuple, base: int, n_rows: int, lo: int, hi: int, fh) -> dict[str, np.ndarray]:
+        out, offset = {}, base
+        for name, dtype in columns:
+            size = np.dtype(dtype).itemsize
+            fh.seek(offset + lo * size)
+            out[name] = np.frombuffer(fh.read((hi - lo) * size), dtype=dtype)
+            offset += n_rows * size
+        return out
+
+
+def _spill_chunk(task: tuple) -> _Spilled:
+    """A worker: simulate one chunk (as :func:`_simulate_chunk`), select and sort its rows as :func:`simulate`
+    does for the whole set (every step is per object, so a chunk gives its objects' rows exactly), write them."""
+    kind, size, params, stream, weather_ok, gidx_local, path = task
+    b = _simulate_chunk((kind, size, params, stream, weather_ok))
+    row_g = gidx_local[b.obj]
+    d = b.detected
+    order = np.lexsort((b.band[d], b.mjd[d], row_g[d]))
+    di = np.nonzero(d)[0][order]
+    span = params.survey_days + 2000.0
+    key_det = row_g[di] * span + (b.mjd[di] - params.survey_start_mjd + 500.0)
+    nd = np.nonzero(~d)[0]
+    key_nd = row_g[nd] * span + (b.mjd[nd] - params.survey_start_mjd + 500.0)
+    nxt = np.searchsorted(key_det, key_nd, side="right")
+    valid = nxt < len(key_det)
+    nxt_c = np.minimum(nxt, len(key_det) - 1)
+    valid &= (row_g[di][nxt_c] == row_g[nd]) & (b.mjd[di][nxt_c] - b.mjd[nd] <= PRV_CANDIDATES_DAYS)
+    nd = nd[valid]
+    nd = nd[np.lexsort((b.band[nd], b.mjd[nd], row_g[nd]))]
+    gidx = np.sort(gidx_local)
+    det_g, nd_g = row_g[di], row_g[nd]
+    bounds = np.append(gidx, np.iinfo(np.int64).max)
+    with open(path, "wb") as fh:
+        for name, dtype in _DET_COLUMNS:
+            np.ascontiguousarray(getattr(b, name)[di], dtype=dtype).tofile(fh)
+        for name, dtype in _ND_COLUMNS:
+            np.ascontiguousarray(getattr(b, name)[nd], dtype=dtype).tofile(fh)
+    return _Spilled(path=str(path), label=kind, gidx=gidx.astype(np.int64),
+                    det_start=np.searchsorted(det_g, bounds, side="left").astype(np.int64),
+                    nd_start=np.searchsorted(nd_g, bounds, side="left").astype(np.int64))
+
+
+def simulate_blocks(params: SimulatorParams, scratch: Path | str, classes: Sequence[str] = CLASSES,
+                    seed: int | None = None, workers: int | None = None,
+                    block_objects: int = BLOCK_OBJECTS) -> Iterator[LightCurves]:
+    """:func:`simulate`'s contract tables (no truth) as blocks of ``block_objects`` consecutive oids, in oid order:
+    concatenated, they are :func:`simulate`'s tables, row for row and value for value, for any block size and any
+    number of workers.
+
+    The workers write each chunk's rows into the folder ``scratch`` (one file per chunk, removed as the last block
+    is yielded) instead of sending them back, and each block reads its objects' rows from there: the memory held
+    is one block's, whatever the number of objects. Yields :class:`LightCurves` (objects with the simulator's
+    columns, detections, non-detections).
+    """
+    seed = resolve_seed(params, seed)
+    classes = list(classes)
+    unknown = [c for c in classes if c not in CLASSES]
+    if unknown or len(set(classes)) != len(classes) or not classes:
+        raise ValueError(f"classes must be distinct members of {list(CLASSES)}; got {classes}")
+    if block_objects < 1:
+        raise ValueError("block_objects must be at least 1")
+    n = params.n_per_class
+    root = np.random.SeedSequence(seed)
+    streams = root.spawn(len(CLASSES) + 2)
+    weather_ok = weather(np.random.default_rng(streams[-1]), int(np.ceil(params.survey_days)) + 1)
+    total = n * len(classes)
+    perm = np.random.default_rng(streams[-2]).permutation(total)  # as simulate(): concatenation position -> oid
+    scratch = Path(scratch)
+    tasks, position = [], 0
+    for c in classes:
+        sizes = [min(CHUNK_OBJECTS, n - start) for start in range(0, n, CHUNK_OBJECTS)]
+        for size, stream in zip(sizes, streams[CLASSES.index(c)].spawn(len(sizes))):
+            path = scratch / f"chunk-{len(tasks):06d}.bin"
+            tasks.append((c, size, params, stream, weather_ok, perm[position:position + size].copy(), path))
+            position += size
+    del perm
+    spilled = _run_tasks(_spill_chunk, tasks, workers)
+    width = max(7, len(str(total - 1)))
+    tag = _oid_tag(seed)
+    ingested_at = (MJD_EPOCH + pd.to_timedelta(params.survey_start_mjd + params.survey_days, unit="D")).floor("us")
+    band_names = np.array(BANDS, dtype=object)
+    try:
+        for start in range(0, total, block_objects):
+            yield _block(spilled, start, min(total, start + block_objects), params, tag, width, band_names,
+                         ingested_at)
+    finally:
+        for sp in spilled:
+            Path(sp.path).unlink(missing_ok=True)
+
+
+def _block(spilled: list[_Spilled], start: int, end: int, params: SimulatorParams, tag: str, width: int,
+           band_names: np.ndarray, ingested_at: pd.Timestamp) -> LightCurves:
+    """The tables of the objects with global index in [start, end), built as :func:`simulate` builds them."""
+    det_parts, nd_parts, det_g, nd_g = [], [], [], []
+    labels = np.empty(end - start, dtype=object)
+    for sp in spilled:
+        i0, i1 = np.searchsorted(sp.gidx, [start, end])
+        if i0 == i1:
+            continue
+        g = sp.gidx[i0:i1]
+        labels[g - start] = sp.label
+        n_det_rows, n_nd_rows = int(sp.det_start[-1]), int(sp.nd_start[-1])
+        det_counts, nd_counts = np.diff(sp.det_start[i0:i1 + 1]), np.diff(sp.nd_start[i0:i1 + 1])
+        with open(sp.path, "rb") as fh:
+            det_parts.append(sp.read(_DET_COLUMNS, 0, n_det_rows, int(sp.det_start[i0]), int(sp.det_start[i1]), fh))
+            nd_base = sum(n_det_rows * np.dtype(t).itemsize for _, t in _DET_COLUMNS)
+            nd_parts.append(sp.read(_ND_COLUMNS, nd_base, n_nd_rows, int(sp.nd_start[i0]), int(sp.nd_start[i1]),
+                                    fh))
+        det_g.append(np.repeat(g, det_counts))
+        nd_g.append(np.repeat(g, nd_counts))
+
+    def gather(parts: list[dict[str, np.ndarray]], columns: tuple, g: list[np.ndarray]):
+        cols = {name: np.concatenate([p[name] for p in parts]) for name, _ in columns}
+        rows = np.concatenate(g)
+        order = np.lexsort((cols["band"], cols["mjd"], rows))
+        return {k: v[order] for k, v in cols.items()}, rows[order]
+
+    oid_of = np.array([f"{params.oid_prefix}{tag}{i:0{width}d}" for i in range(start, end)], dtype=object)
+    det, det_rows = gather(det_parts, _DET_COLUMNS, det_g)
+    flux, flux_err, f_ref = det["flux"], det["flux_err"], det["f_ref"]
+    mag = mag_from_flux(flux)
+    mag_err = LN10_25 * flux_err / np.abs(flux)
+    is_sn = f_ref <= 0
+    f_corr = f_ref + flux
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag_corr = np.where(is_sn | (f_corr <= 0), np.nan, mag_from_flux(f_corr))
+        mag_corr_err = np.where(np.isnan(mag_corr), np.nan, LN10_25 * flux_err / f_corr)
+    local = det_rows - start
+    detections = pd.DataFrame({
+        "oid": oid_of[local], "mjd": det["mjd"], "band": band_names[det["band"]], "mag": mag, "mag_err": mag_err,
+        "flux": flux, "flux_err": flux_err, "mag_corr": mag_corr, "mag_corr_err": mag_corr_err, "source": SOURCE,
+    })
+    nd, nd_rows = gather(nd_parts, _ND_COLUMNS, nd_g)
+    non_detections = pd.DataFrame({"oid": oid_of[nd_rows - start], "mjd": nd["mjd"], "band": band_names[nd["band"]],
+                                   "diffmaglim": nd["diffmaglim"]})
+    count = end - start
+    n_det = np.bincount(local, minlength=count)
+    first = np.full(count, np.nan)
+    last = np.full(count, np.nan)
+    starts = np.searchsorted(local, np.arange(count), side="left")
+    ends = np.searchsorted(local, np.arange(count), side="right")
+    first[n_det > 0] = det["mjd"][starts[n_det > 0]]
+    last[n_det > 0] = det["mjd"][ends[n_det > 0] - 1]
+    objects = pd.DataFrame({
+        "oid": oid_of, "label": labels, "label_source": LABEL_SOURCE, "label_probability": 1.0,
+        "first_mjd": first, "last_mjd": last, "n_det": n_det.astype("int64"), "source": SOURCE,
+        "ingested_at": pd.Series([ingested_at] * count, dtype="datetime64[us, UTC]"),
+    })
+    return LightCurves(objects=objects, detections=detections, non_detections=non_detections)
+
+
+def _run_tasks(fn, tasks: list[tuple], workers: int | None) -> list:
+    """``fn`` over the chunk tasks, in worker processes when there are enough objects to pay for them (as
+    :func:`_run_chunks`); results in task order."""
+    n_objects = sum(t[1] for t in tasks)
+    workers = min(len(tasks), os.cpu_count() or 1) if workers is None else workers
+    if workers <= 1 or n_objects < PARALLEL_MIN_OBJECTS:
+        return [fn(t) for t in tasks]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        futures = {i: pool.submit(fn, tasks[i])
+                   for i in sorted(range(len(tasks)), key=lambda i: tasks[i][0] != "QSO")}
+        return [futures[i].result() for i in range(len(tasks))]
+
+
 __all__ = [
-    "SimulatedLightCurves", "simulate", "simulate_class", "observe", "flux_error", "ou_process",
+    "SimulatedLightCurves", "simulate", "simulate_blocks", "simulate_class", "observe", "flux_error", "ou_process",
     "ou_process_reference", "cepheid_template", "distance_modulus", "sigma_mag_model", "weather",
     "DETECTIONS_SCHEMA", "NON_DETECTIONS_SCHEMA", "OBJECTS_SCHEMA",
 ]
