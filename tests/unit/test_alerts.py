@@ -584,3 +584,34 @@ def test_a_missing_directory_is_named_before_anything_is_written(tmp_path, model
     with pytest.raises(FileNotFoundError, match="nowhere"):
         alerts.consume_directory(load_params(None), tmp_path / "nowhere", tmp_path / "out", model=model)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_consumer_on_a_worker_pool_classifies_as_in_process_and_keeps_its_pool(monkeypatch, model):
+    """Issue 18: with ``workers`` > 1 each batch is split across a pool started once for the consumer (not per
+    batch); every alert gets the same probabilities as in this process (within 1e-6), in order, nothing twice."""
+    import importlib
+
+    from deeprubin.serving import classify as clf
+    from deeprubin.sources import simulate
+
+    consume_module = importlib.import_module("deeprubin.serving.alerts.consume")
+
+    monkeypatch.setattr(clf, "MIN_SLICE", 4)
+    monkeypatch.setattr(consume_module, "MIN_SLICE", 4)
+    sim = simulate.simulate(load_params(None).ingest.simulator.model_copy(update={"n_per_class": 2}), seed=11)
+    det = sim.detections.loc[lambda d: d["band"].isin(["g", "r"])]
+    det = det.loc[det.groupby("oid")["mjd"].rank(method="first") <= 12]  # 8 objects, at most 12 alerts each
+    here = replay_detections(det, model, batch_alerts=40).classifications
+    pooled = AlertClassifier(model, max_objects=100, workers=2)
+    try:
+        result = consume(alerts.alerts_from_detections(det), pooled, None, batch_alerts=40)
+        pool = pooled._tensorizer
+        assert pool is not None and pool.pool is not None and result.batches > 1
+        assert pooled._tensorizer is pool  # one pool for every batch
+    finally:
+        pooled.close()
+    rows = result.classifications
+    assert rows["alert_id"].tolist() == here["alert_id"].tolist() and rows["alert_id"].is_unique
+    p = [f"p_{c}" for c in CLASSES]
+    np.testing.assert_allclose(rows[p].to_numpy(float), here[p].to_numpy(float), rtol=0, atol=1e-6)
+    assert rows["n_det"].tolist() == here["n_det"].tolist()

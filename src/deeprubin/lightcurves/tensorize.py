@@ -37,7 +37,7 @@ import pandas as pd
 
 from deeprubin.lightcurves import gp
 from deeprubin.lightcurves.window import Window, early_cut, fit_start, truncate, window_for
-from deeprubin.schema import BAND_INDEX, DETECTION_KEY, implausible_brightness, implausible_time
+from deeprubin.schema import BAND_INDEX, DETECTION_KEY, PLAUSIBLE_MJD, implausible_brightness, implausible_time
 
 CHANNELS: tuple[str, ...] = ("gp_mean_g", "gp_mean_r", "gp_std_g", "gp_std_r", "since_g", "since_r")
 
@@ -194,6 +194,84 @@ def prepare(curve: Curve, grid_days: int = 100, fit_context_days: float = 100.0,
                          in_window=in_window, flux_scale=scale)
 
 
+def prepare_many(curves: Sequence[Curve], grid_days: int = 100, fit_context_days: float = 100.0,
+                 until_mjd: float | None = None) -> list[PreparedCurve | Exception]:
+    """:func:`prepare` of each curve, the same to the bit, with the per-curve work done once for the whole batch
+    (numpy over the concatenated points): a PreparedCurve, or the exception :func:`prepare` raises, per curve.
+
+    Only ordinary curves take the batched path: arrays of the right types, every point usable and plausible.
+    Any other (a point to screen out or drop, an empty curve, odd types) goes through :func:`prepare` itself, so
+    its Skip and its reason are those of the one-curve path."""
+    n = len(curves)
+    out: list[PreparedCurve | Exception | None] = [None] * n
+    plain = np.zeros(n, dtype=bool)
+    if grid_days >= 2:
+        for i, c in enumerate(curves):
+            plain[i] = (isinstance(c.mjd, np.ndarray) and c.mjd.dtype == np.float64 and c.mjd.ndim == 1
+                        and isinstance(c.flux, np.ndarray) and c.flux.dtype == np.float64
+                        and isinstance(c.flux_err, np.ndarray) and c.flux_err.dtype == np.float64
+                        and isinstance(c.band, np.ndarray) and c.band.dtype == np.int64
+                        and len(c.mjd) > 0 and c.flux.shape == c.flux_err.shape == c.band.shape == c.mjd.shape)
+    idx = np.flatnonzero(plain)
+    if len(idx):
+        batch = [curves[i] for i in idx]
+        lens = np.fromiter((len(c.mjd) for c in batch), dtype=np.int64, count=len(batch))
+        seg = np.repeat(np.arange(len(batch)), lens)
+        mjd = np.concatenate([c.mjd for c in batch])
+        band = np.concatenate([c.band for c in batch])
+        flux = np.concatenate([c.flux for c in batch])
+        err = np.concatenate([c.flux_err for c in batch])
+        with np.errstate(invalid="ignore"):
+            odd = ~np.isfinite(mjd) | (mjd < PLAUSIBLE_MJD[0]) | (mjd > PLAUSIBLE_MJD[1])  # screen()'s time rule
+            for mask, _ in implausible_brightness(flux, err):  # and its brightness rules
+                odd |= mask
+            odd |= ~(np.isfinite(flux) & np.isfinite(err) & (err > 0) & ((band == 0) | (band == 1)))
+            if until_mjd is not None:
+                odd |= ~(mjd <= until_mjd)
+        fine = np.bincount(seg, weights=odd, minlength=len(batch)) == 0
+        plain[idx[~fine]] = False
+        if fine.any():
+            take = fine[seg]
+            g_lens = lens[fine]
+            m, b, f, e = mjd[take], band[take], flux[take], err[take]
+            g = np.repeat(np.arange(len(g_lens)), g_lens)
+            starts = np.r_[0, np.cumsum(g_lens)[:-1]]
+            first = np.minimum.reduceat(m, starts)
+            last = np.maximum.reduceat(m, starts)
+            start = np.maximum(first, last - (grid_days - 1))  # window_for's rule
+            keep = m >= (start - float(fit_context_days))[g]  # fit_start
+            g, m, b, f, e = g[keep], m[keep], b[keep], f[keep], e[keep]
+            t = m - start[g]
+            order = np.lexsort((b, t, g))  # per curve: lexsort((band, t)), stable
+            g, t, b, f, e = g[order], t[order], b[order], f[order], e[order]
+            in_window = t >= 0
+            k_lens = np.bincount(g, minlength=len(g_lens))
+            k_starts = np.r_[0, np.cumsum(k_lens)[:-1]]
+            scale = np.maximum.reduceat(np.where(in_window, np.abs(f), -np.inf), k_starts)
+            # the median of each curve's in-window errors, as np.median computes it
+            gw, ew = g[in_window], e[in_window]
+            srt = ew[np.lexsort((ew, gw))]
+            w_lens = np.bincount(gw, minlength=len(g_lens))
+            w_starts = np.r_[0, np.cumsum(w_lens)[:-1]]
+            hi = srt[w_starts + w_lens // 2]
+            lo = srt[w_starts + np.maximum(w_lens // 2 - 1, 0)]
+            median = np.where(w_lens % 2 == 1, hi, (lo + hi) / 2.0)
+            scale = np.maximum(scale, median)
+            ends = k_starts + k_lens
+            for j, i in enumerate(idx[fine]):
+                a, z = k_starts[j], ends[j]
+                window = Window(start_mjd=float(start[j]), grid_days=int(grid_days), first_mjd=float(first[j]),
+                                last_mjd=float(last[j]))
+                out[i] = PreparedCurve(oid=curves[i].oid, window=window, t=t[a:z], flux=f[a:z], flux_err=e[a:z],
+                                       band=b[a:z], in_window=in_window[a:z], flux_scale=float(scale[j]))
+    for i in np.flatnonzero(~plain):
+        try:
+            out[i] = prepare(curves[i], grid_days, fit_context_days, until_mjd)
+        except Exception as exc:  # noqa: BLE001 - the caller names the reason
+            out[i] = exc
+    return out  # type: ignore[return-value]
+
+
 def time_since_detection(t: np.ndarray, band: np.ndarray, grid: np.ndarray, grid_days: int) -> np.ndarray:
     """(2, G): for each band, ``log1p(dt) / log1p(grid_days)`` with dt the days since the latest detection at or
     before the grid point, capped at ``grid_days`` (1.0 before the band's first detection)."""
@@ -276,12 +354,12 @@ def tensorize_curves(curves: Sequence[Curve], grid_days: int = 100, fit_context_
     ``interpolator`` replaces :func:`interpolate` (benchmarks run the same path with a baseline GP)."""
     preps: list[PreparedCurve] = []
     skipped: list[dict[str, str]] = []
-    for curve in curves:
-        try:
-            preps.append(prepare(curve, grid_days, fit_context_days, until_mjd))
-        except Exception as exc:  # noqa: BLE001
-            skip = exc if isinstance(exc, Skip) else Skip(f"bad light curve: {type(exc).__name__}", str(exc))
-            skipped.append({"oid": curve.oid, "reason": skip.reason, "detail": skip.detail})
+    for curve, prep in zip(curves, prepare_many(curves, grid_days, fit_context_days, until_mjd)):
+        if isinstance(prep, PreparedCurve):
+            preps.append(prep)
+            continue
+        skip = prep if isinstance(prep, Skip) else Skip(f"bad light curve: {type(prep).__name__}", str(prep))
+        skipped.append({"oid": curve.oid, "reason": skip.reason, "detail": skip.detail})
     results = (interpolator or interpolate)(preps) if preps else []
     xs, rows = [], []
     for prep, res in zip(preps, results):

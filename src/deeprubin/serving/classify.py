@@ -37,7 +37,7 @@ from deeprubin.models.served import ServingModel, load_model
 from deeprubin.processed import Preprocessing
 from deeprubin.progress import Progress, or_silent
 from deeprubin.schema import CLASSES
-from deeprubin.serving.pool import Tensorizer, prepare_job, resolve_workers, tensorize_job
+from deeprubin.serving.pool import TCN_BATCH, Tensorizer, prepare_job, resolve_workers, tensorize_job
 from deeprubin.serving.reading import READ_ROWS, CurveBatch, NotGroupedError, check_input, count_rows, \
     curve_batches, grouped_objects, partitioned_objects, read_detections, spill_partitions
 
@@ -54,23 +54,63 @@ def serving_settings(model: Any, params: Params) -> Preprocessing:
 
 def classify_curves(curves: list, model: ServingModel, grid_days: int = 100, fit_context_days: float = 100.0,
                     batch_size: int = 1024, progress: Progress | None = None,
-                    paths: dict[str, PhotometryPath] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    paths: dict[str, PhotometryPath] | None = None,
+                    tensorizer: Tensorizer | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(classifications, rejections)`` of ``curves`` (:class:`deeprubin.lightcurves.tensorize.Curve`), batch by batch,
     in this process (the HTTP service and the alert consumer; files go through :func:`run_file`). ``paths``: how
     each curve was read (:func:`deeprubin.lightcurves.presentation.resolve`); a curve not in it is difference flux,
-    declared (an alert stream's)."""
+    declared (an alert stream's).
+
+    ``tensorizer``: a running :class:`deeprubin.serving.pool.Tensorizer` (a long-lived consumer keeps one, so its
+    workers start once, not per call): the curves are then split into one slice per worker (at least
+    :data:`MIN_SLICE` curves each) and classified on the pool, in order."""
     step = or_silent(progress)
     frames, rejected = [], []
     stamp = pd.Timestamp.now(tz="UTC")
-    for start in range(0, len(curves), batch_size):
-        batch = curves[start:start + batch_size]
-        t = tensorize_job((batch, grid_days, fit_context_days))
+    if tensorizer is not None and tensorizer.pool is not None and len(curves) > MIN_SLICE:
+        size = max(MIN_SLICE, min(batch_size, -(-len(curves) // (2 * tensorizer.workers))))
+    else:
+        tensorizer, size = None, batch_size
+    slices = [curves[start:start + size] for start in range(0, len(curves), size)]
+    if tensorizer is not None:
+        results = tensorizer.map((batch, (batch, grid_days, fit_context_days)) for batch in slices)
+    else:
+        results = ((batch, (tensorize_job((batch, grid_days, fit_context_days)), None)) for batch in slices)
+    done = 0
+    for batch, (t, proba) in results:
         rejected.extend(t.skipped)
         if len(t.rows):
-            frames.append(_rows(t, model.predict_proba(t.x, batch_size), model, _n_det(batch), stamp, paths))
-        step("classifying", completed=min(start + batch_size, len(curves)), total=len(curves))
+            if proba is None:
+                proba = _predict_here(model, t.x, batch_size, tensorizer is not None)
+            frames.append(_rows(t, proba, model, _n_det(batch), stamp, paths))
+        done += len(batch)
+        step("classifying", completed=done, total=len(curves))
     out = pd.concat(frames, ignore_index=True) if frames else empty_classifications()
     return out[COLUMNS], pd.DataFrame(rejected, columns=REJECTION_COLUMNS)
+
+
+def _tcn_batch(model: ServingModel, batch_size: int) -> int:
+    """Curves per TCN call: at most :data:`deeprubin.serving.pool.TCN_BATCH` on a CPU (cache-sized), the batch on a
+    GPU."""
+    return min(batch_size, TCN_BATCH) if getattr(model, "device", "cpu") == "cpu" else batch_size
+
+
+def _predict_here(model: ServingModel, x: np.ndarray, batch_size: int, beside_pool: bool) -> np.ndarray:
+    """The network in this process; on one torch thread when worker processes hold the other cores (two threads
+    spinning beside them slowed the whole run)."""
+    if not beside_pool or getattr(model, "device", "cpu") != "cpu":
+        return model.predict_proba(x, _tcn_batch(model, batch_size))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return model.predict_proba(x, _tcn_batch(model, batch_size))
+    finally:
+        torch.set_num_threads(threads)
+
+
+MIN_SLICE = 128  # curves per worker's slice in classify_curves: smaller slices cost more in overhead than they save
 
 
 def empty_classifications() -> pd.DataFrame:
@@ -280,7 +320,8 @@ def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params
                 if rejected:
                     pd.DataFrame(rejected, columns=REJECTION_COLUMNS).to_csv(side, header=False, index=False)
                 if len(t.rows):
-                    proba = model.predict_proba(t.x, batch_size) if proba is None else proba
+                    if proba is None:  # a network the workers could not load: here, on one thread beside them
+                        proba = _predict_here(model, t.x, batch_size, tensorizer.pool is not None)
                     frame = _rows(t, proba, model, _n_det(batch.curves), stamp, batch.paths)
                     writer.write_table(pa.Table.from_pandas(frame[COLUMNS], schema=OUTPUT_SCHEMA,
                                                             preserve_index=False))

@@ -196,7 +196,9 @@ def _validated(frame: pd.DataFrame, dropped: Counter) -> tuple[pd.DataFrame, lis
             dropped[r.reason] += r.rows
             reasons.setdefault(r.oid, []).append(r)
     named = frame.loc[~missing_oid(frame["oid"]), "oid"].astype(str)  # rows without an oid are no object
-    gone = set(named) - set(clean["oid"].astype(str))
+    # distinct values first: iterating an Arrow-backed string column row by row was a tenth of classify's main process
+    kept = pd.unique(clean["oid"].astype(str).to_numpy(dtype=object))
+    gone = set(pd.unique(named.to_numpy(dtype=object))) - set(kept)
     rejected = [_rejection(o, reasons.get(o, []), frame) for o in sorted(gone)]
     return clean, rejected
 

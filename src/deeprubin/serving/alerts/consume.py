@@ -38,7 +38,8 @@ from deeprubin.models.served import ServingModel, load_model
 from deeprubin.serving.alerts.book import LateAlert, LightCurveBook, keep_days_for, window_days
 from deeprubin.serving.alerts.kafka import KafkaSource
 from deeprubin.serving.alerts.packets import Alert, Item, Malformed, _Idle, iter_directory
-from deeprubin.serving.classify import COLUMNS, classify_curves, serving_settings, write_atomically
+from deeprubin.serving.classify import COLUMNS, MIN_SLICE, classify_curves, serving_settings, write_atomically
+from deeprubin.serving.pool import Tensorizer, resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,16 @@ class BatchOutput:
 class AlertClassifier:
     """The book plus the model: a batch of alerts -> one row per new alert, each from its as-of curve.
 
-    One :func:`deeprubin.serving.classify.classify_curves` call per batch (the GP and TCN batched across objects)."""
+    One :func:`deeprubin.serving.classify.classify_curves` call per batch (the GP and TCN batched across objects).
+    ``workers`` > 1: the batch is split across that many worker processes (:class:`deeprubin.serving.pool.Tensorizer`),
+    started at the first batch and kept until :meth:`close`, so a long-running consumer pays their start once."""
 
     def __init__(self, model: ServingModel, grid_days: int = 100, fit_context_days: float = 100.0,
-                 batch_size: int = 1024, max_objects: int = 1_000_000, trim: bool = True):
+                 batch_size: int = 1024, max_objects: int = 1_000_000, trim: bool = True, workers: int = 1):
         self.model, self.grid_days, self.fit_context_days = model, int(grid_days), float(fit_context_days)
         self.batch_size = int(batch_size)
+        self.workers = int(workers)
+        self._tensorizer: Tensorizer | None = None
         self.needed_days = window_days(grid_days, fit_context_days)
         self.book = LightCurveBook(max_objects, keep_days_for(grid_days, fit_context_days) if trim else None)
 
@@ -108,7 +113,7 @@ class AlertClassifier:
         rows = pd.DataFrame(columns=OUTPUT_COLUMNS)
         if curves:
             out, skipped = classify_curves(curves, self.model, self.grid_days, self.fit_context_days,
-                                           self.batch_size)
+                                           self.batch_size, tensorizer=self._pool(len(curves)))
             rows = self._rows(out, meta)
             for r in skipped.itertuples(index=False):
                 alert = meta[int(r.oid)][0]
@@ -117,6 +122,18 @@ class AlertClassifier:
         rejections = pd.DataFrame(rejected, columns=[*REJECTION_COLUMNS, "key"])
         return BatchOutput(rows=rows, rejections=rejections, keys=keys, n_alerts=n_alerts, n_malformed=n_malformed,
                            n_duplicates=n_dup)
+
+    def _pool(self, n_curves: int) -> Tensorizer | None:
+        """The worker pool, started at the first batch big enough to be split (kept for the next ones)."""
+        if self._tensorizer is None and self.workers > 1 and n_curves > MIN_SLICE:
+            self._tensorizer = Tensorizer(self.workers, self.model)
+        return self._tensorizer
+
+    def close(self) -> None:
+        """Stop the worker pool, if one was started."""
+        if self._tensorizer is not None:
+            self._tensorizer.close()
+            self._tensorizer = None
 
     def _rows(self, out: pd.DataFrame, meta: list[tuple[Alert, int]]) -> pd.DataFrame:
         if out.empty:
@@ -352,7 +369,8 @@ def _classifier(params, model: ServingModel | None) -> AlertClassifier:
     model = model or load_model(params.model_uri(), params.train.tracking_uri, params.base.classes)
     settings = serving_settings(model, params)  # the model's own window and GP context
     return AlertClassifier(model, settings.grid_days, settings.fit_context_days,
-                           params.classify.batch_size, params.alerts.max_objects)
+                           params.classify.batch_size, params.alerts.max_objects,
+                           workers=resolve_workers(params.classify.workers))
 
 
 def consume_directory(params, directory: Path | str, output_dir: Path | str | None = None,
@@ -367,6 +385,7 @@ def consume_directory(params, directory: Path | str, output_dir: Path | str | No
         return consume(source, classifier, writer, a.batch_alerts, max_alerts, progress=progress)
     finally:
         writer.close()
+        classifier.close()
 
 
 def consume_kafka(params, output_dir: Path | str | None = None, model: ServingModel | None = None,
@@ -385,6 +404,7 @@ def consume_kafka(params, output_dir: Path | str | None = None, model: ServingMo
                            progress=progress)
         finally:
             writer.close()
+            classifier.close()
 
 
 def run(params, directory: Path | str | None = None, output_dir: Path | str | None = None,

@@ -139,6 +139,20 @@ def _check_time(mjd: float, what: str) -> None:
         raise PacketError(f"{what} = {mjd!r} is not a plausible MJD (expected {MJD_RANGE[0]:g}-{MJD_RANGE[1]:g})")
 
 
+@lru_cache(maxsize=256)
+def _sign_of(value: Any) -> float:
+    return float(isdiffpos_sign(pd.Series([value], dtype=object))[0])
+
+
+def _diffpos_sign(value: Any) -> float:
+    """:func:`deeprubin.schema.isdiffpos_sign` of one value, looked up once per distinct value (a pandas call per
+    alert was a third of the consumer's time)."""
+    try:
+        return _sign_of(value)
+    except TypeError:  # unhashable: as the table would read it
+        return float(isdiffpos_sign(pd.Series([value], dtype=object))[0])
+
+
 def ztf_alert(record: Mapping[str, Any], packet: str = "") -> Alert:
     """A ZTF alert record (``ztf.alert``) -> :class:`Alert`. Raises PacketError naming the problem."""
     cand = record.get("candidate")
@@ -159,7 +173,7 @@ def ztf_alert(record: Mapping[str, Any], packet: str = "") -> Alert:
     mag = np.array([_num(r.get("magpsf")) for r in rows])
     mag_err = np.array([_num(r.get("sigmapsf")) for r in rows])
     flux, flux_err = mag_to_flux(mag, mag_err)
-    flux = flux * isdiffpos_sign(pd.Series([r.get("isdiffpos") for r in rows], dtype=object))
+    flux = flux * np.array([_diffpos_sign(r.get("isdiffpos")) for r in rows])
     band = np.array([ZTF_BANDS.get(f, -1) for f in fid])
     t, band, flux, flux_err = _points(jd - MJD_FROM_JD, band, flux, flux_err)
     mjd = float(cand["jd"]) - MJD_FROM_JD
