@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -120,6 +121,15 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+def run_name(prefix: str) -> str:
+    """A run name that tells runs apart: ``train-20261207-164012-3fa2`` (UTC time, 4 random hex digits). MLflow's
+    own names come from Python's ``random``, which training seeds first, so every run of one seed got the same
+    name; ``secrets`` is not seeded."""
+    from datetime import datetime, timezone
+
+    return f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
 def ui_urls(tracking_uri: str | None, experiment_id: str | None = None, run_id: str | None = None,
             model_name: str | None = None) -> dict[str, str]:
     """Direct links into the MLflow UI of a tracking server (``http(s)://``): ``experiment``, ``run`` and ``model``
@@ -132,7 +142,7 @@ def ui_urls(tracking_uri: str | None, experiment_id: str | None = None, run_id: 
     base = tracking_uri.rstrip("/")
     out = {}
     if experiment_id:
-        out["experiment"] = f"{base}/#/experiments/{experiment_id}"
+        out["experiment"] = f"{base}/#/experiments/{experiment_id}/runs"  # without /runs: the GenAI overview
         if run_id:
             out["run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
     if model_name:

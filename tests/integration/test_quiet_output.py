@@ -108,7 +108,7 @@ def test_registering_against_a_tracking_server_prints_only_our_lines(tmp_path, m
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
-    assert f"register registered models:/{name}/" in proc.stdout, output
+    assert f"register: models:/{name}/1 new version" in proc.stdout, output
     assert "Waiting up to" not in output and "finish creation" not in output, output
     versions = client.search_model_versions(f"name='{name}'")
     assert [v.status for v in versions] == ["READY"]
@@ -167,7 +167,7 @@ def test_quiet_third_party_drops_the_known_noise_and_nothing_else(monkeypatch):
 
 
 @pytest.mark.parametrize("uri, expected", [
-    ("http://127.0.0.1:5000", {"experiment": "http://127.0.0.1:5000/#/experiments/7",
+    ("http://127.0.0.1:5000", {"experiment": "http://127.0.0.1:5000/#/experiments/7/runs",
                                "run": "http://127.0.0.1:5000/#/experiments/7/runs/r1",
                                "model": "http://127.0.0.1:5000/#/models/deeprubin-tcn"}),
     ("sqlite:///mlflow.db", {}),

@@ -291,6 +291,12 @@ def test_members_are_trained_independently_and_served_as_one_model(trained, tmp_
                                   filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
     assert sorted(r.data.tags["mlflow.runName"] for r in children) == ["member-1", "member-2"]
     assert sorted(r.data.tags["member_seed"] for r in children) == ["42", "43"]
+    # Same seed as the `trained` run, yet another name: MLflow's names came from the seeded `random`, so every run
+    # of one seed was called the same.
+    single_run = MlflowClient(tracking_uri=single_params.tracking_uri).get_run(single.run_id)
+    single_name = single_run.data.tags["mlflow.runName"]
+    parent_name = client.get_run(result.run_id).data.tags["mlflow.runName"]
+    assert parent_name.startswith("train-") and single_name.startswith("train-") and parent_name != single_name
     for child in children:
         assert child.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val/macro_f1")] == [0, 1]

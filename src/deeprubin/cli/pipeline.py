@@ -391,8 +391,8 @@ def register(
 
     params = _load(params_path, overrides)
     out = _run_with_progress("register", lambda r: stage.run(params, stage.RegisterPaths.from_params(params), r))
-    verb = "registered" if out["new"] else "already registered"
-    console.print(f"[bold]register[/] {verb} {out['model_uri']} (run {out['run_id']})"
+    done = "new version" if out["new"] else "already registered, unchanged"
+    console.print(f"[bold]register[/]: {out['model_uri']} {done} (run {out['run_id']})"
                   + ("" if out["evaluated"] else "  [yellow]not evaluated: run `deeprubin evaluate` first[/]"))
     from deeprubin.tracking import ui_urls
 

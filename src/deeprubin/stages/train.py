@@ -338,6 +338,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
     from pytorch_lightning.loggers import MLFlowLogger
 
     from deeprubin.models.lit import LitTCN, store_calibration
+    from deeprubin.tracking import run_name
 
     base, holdout = params.base, paths.holdout
     cfg = params.train  # the stage reads its own section from here on
@@ -399,7 +400,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
 
     experiment_id = ensure_experiment(cfg.tracking_uri, cfg.experiment, cfg.artifact_location)
     logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri, tags=tags,
-                          artifact_location=cfg.artifact_location, log_model=False)
+                          artifact_location=cfg.artifact_location, log_model=False, run_name=run_name("train"))
     # Every parameter once: the train section as configured (LitTCN does not log its hyperparameters again), and
     # what the data made of it.
     weights = None if dm.class_weights is None else ",".join(f"{w:.4g}" for w in dm.class_weights.tolist())
