@@ -244,4 +244,12 @@ def test_repository_plots_have_axis_titles_colours_per_model_and_the_class_order
     assert matrix["domains"]["x"] == ["QSO", "CEP", "SNIa", "SNII"]
     curve = next(v for k, v in rendered.items() if k.startswith("Early_classification__BTS"))
     assert curve["domains"]["color"] == ["tcn", "forest"]
+    assert curve["domains"]["x"] == [5, 30]  # the data's days, not log's "nice" 1 to 100 (a third left empty)
+    # The matrix says what it is (not its CSV path) and shows its counts without a click.
+    assert "Confusion matrix, test split" in matrix["svg"] and "metrics/plots/confusion_test.csv" not in matrix["svg"]
+    import pandas as pd
+
+    counts = pd.read_csv(repo_plots / "metrics" / "plots" / "confusion_test.csv")
+    cell = counts.groupby(["actual", "predicted"]).size().max()
+    assert f">{cell}</text>" in matrix["svg"]
     assert "macro-F1" in curve["svg"] and "days since first detection" in curve["svg"]
