@@ -90,3 +90,16 @@ def test_promote_and_rollback_sentences_are_one_line_on_a_pipe(tmp_path):
     failed = [line for line in err if line.startswith("rollback failed:")]
     assert failed == [f"rollback failed: deeprubin-tcn-long has no champion at {uri}: nothing to roll back"], \
         done.stderr
+
+
+def test_the_ingest_summary_is_whole_on_a_pipe(tmp_path):
+    """The summary panel of `ingest` (reasons, the manifest and rejections paths) at its natural width on a pipe:
+    rich cut each line of it at 80 columns (issue 17's walkthrough: `duplicate key ('oid', 'mjd', ` and a
+    rejections path lost in a CI log)."""
+    out = _long_dir(tmp_path) / "raw"
+    done = subprocess.run([str(BIN / "deeprubin"), "ingest", "--source", "simulator", "--out", str(out),
+                           "--set", "ingest.simulator.n_per_class=3", "--set", "ingest.mix_files=false"],
+                          capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    manifest = [line for line in done.stdout.splitlines() if "manifest:" in line]
+    assert len(manifest) == 1 and str(out / "rejections.csv") in manifest[0], done.stdout

@@ -7,11 +7,12 @@ themselves on :data:`app` when :mod:`deeprubin.cli` imports them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from deeprubin import __version__
@@ -39,6 +40,21 @@ def wrap_only_on_a_terminal(*consoles: Console) -> None:
         except (AttributeError, ValueError, OSError):  # a closed or file-like stream without isatty
             tty = False
         c.soft_wrap = not tty
+
+
+def _print_line(text: str, markup: bool = True) -> None:
+    """One line, never wrapped nor cut (a terminal may still fold it on screen; copied, it is one line)."""
+    console.print(text, soft_wrap=True, markup=markup, highlight=False)
+
+
+def _print_whole(renderable: Any) -> None:
+    """A table or panel at its natural width when the console is narrower, so that no cell is wrapped or cut."""
+    needed = Measurement.get(console, console.options.update_width(100_000), renderable).maximum
+    if needed <= console.width:
+        console.print(renderable)
+        return
+    Console(file=console.file, width=needed, force_terminal=console.is_terminal,
+            color_system=console.color_system or None, highlight=False).print(renderable, crop=False)
 
 
 ParamsOption = Annotated[

@@ -10,27 +10,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 
-from deeprubin.cli.common import ParamsOption, SetOption, _load, app, console, err_console
-
-
-def _print_line(text: str, markup: bool = True) -> None:
-    """One line, never wrapped nor cut (a terminal may still fold it on screen; copied, it is one line)."""
-    console.print(text, soft_wrap=True, markup=markup, highlight=False)
-
-
-def _print_whole(renderable: Any) -> None:
-    """A table or panel at its natural width when the console is narrower, so that no cell is wrapped or cut."""
-    needed = Measurement.get(console, console.options.update_width(100_000), renderable).maximum
-    if needed <= console.width:
-        console.print(renderable)
-        return
-    Console(file=console.file, width=needed, force_terminal=console.is_terminal,
-            color_system=console.color_system or None, highlight=False).print(renderable, crop=False)
+from deeprubin.cli.common import ParamsOption, SetOption, _load, _print_line, _print_whole, app, console, err_console
 
 
 def _embedded_prefect() -> None:

@@ -9,7 +9,16 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
-from deeprubin.cli.common import ParamsOption, SetOption, _load, _run_with_progress, app, console, err_console
+from deeprubin.cli.common import (
+    ParamsOption,
+    SetOption,
+    _load,
+    _print_whole,
+    _run_with_progress,
+    app,
+    console,
+    err_console,
+)
 
 
 @app.command()
@@ -132,7 +141,7 @@ def _print_ingest_summary(result) -> None:
                      f"{c.detections_added} detections added, {c.detections_replaced} replaced")
     lines.append(f"manifest: {result.raw_dir / 'manifest.json'}   every dropped object and row, with its reason: "
                  f"{result.raw_dir / 'rejections.csv'}")
-    console.print(Panel("\n".join(lines), title="summary", expand=False))
+    _print_whole(Panel("\n".join(lines), title="summary", expand=False))  # reasons whole, never cut at 80 columns
 
 
 def _print_bts_pull(result) -> None:
