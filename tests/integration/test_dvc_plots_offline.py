@@ -192,7 +192,7 @@ def repo_plots(tmp_path_factory) -> Path:
     import pandas as pd
     import yaml
 
-    from deeprubin.evaluation.metrics import confusion_plot_rows, confusion_rows, write_plot_csv
+    from deeprubin.evaluation.metrics import confusion_plot_rows, confusion_rows, reliability_curve, write_plot_csv
 
     work = tmp_path_factory.mktemp("repo_plots") / "project"
     work.mkdir()
@@ -208,6 +208,7 @@ def repo_plots(tmp_path_factory) -> Path:
     out = work / "metrics" / "plots"
     write_plot_csv(out / "confusion_test.csv", confusion_plot_rows(confusion_rows([classes[i] for i in y], p,
                                                                                   classes), classes))
+    write_plot_csv(out / "reliability_test.csv", reliability_curve([classes[i] for i in y], p, classes=classes))
     early = pd.DataFrame({"days": [5, 10, 30]})
     for model, base in (("tcn", 0.5), ("forest", 0.3)):
         early[model] = [base, base + 0.1, base + 0.2]
@@ -252,4 +253,9 @@ def test_repository_plots_have_axis_titles_colours_per_model_and_the_class_order
     counts = pd.read_csv(repo_plots / "metrics" / "plots" / "confusion_test.csv")
     cell = counts.groupby(["actual", "predicted"]).size().max()
     assert f">{cell}</text>" in matrix["svg"]
+    # Reliability: both axes on [0, 1] (ticks every 0.1, not DVC's crowded "0.500.55") over the diagonal of perfect
+    # calibration.
+    reliability = next(v for k, v in rendered.items() if k.startswith("Reliability"))
+    assert reliability["domains"]["x"] == [0, 1] and reliability["domains"]["y"] == [0, 1]
+    assert "perfect calibration" in reliability["svg"]
     assert "macro-F1" in curve["svg"] and "days since first detection" in curve["svg"]
