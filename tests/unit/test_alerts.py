@@ -380,8 +380,10 @@ def test_consume_command_classifies_a_directory_and_a_rerun_adds_nothing(tmp_pat
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "10 alerts" in first.output and "classified" in first.output
+    assert f"wrote {out}" in first.output and "┃" not in first.output  # no (empty) header row
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
+    assert "nothing new to write" in again.output and f"wrote {out}" not in again.output
     assert len(read_classifications(out)) == 10  # the rerun found every alert already written
     missing = CliRunner().invoke(app, ["consume", "--dir", str(tmp_path / "nope"), "--params",
                                        str(PARAMS), "--set", f"train.tracking_uri={registry}"])

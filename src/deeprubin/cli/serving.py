@@ -106,15 +106,21 @@ def consume(
         raise typer.Exit(1) from None
     err_console.print()
     r = result.report()
-    table = Table(title=f"{r['alerts_read']} alerts in {r['seconds']:.1f} s with {r['model_uri']}")
-    table.add_column("")
-    table.add_column("", justify="right")
+    table = Table(title=f"{r['alerts_read']} alerts in {r['seconds']:.1f} s with {r['model_uri']}",
+                  show_header=False)  # a two-column summary: no empty header row
+    table.add_column()
+    table.add_column(justify="right")
     for key in ("classified", "rejected", "malformed", "duplicates", "objects_tracked", "objects_evicted",
-                "parts_written", "alerts_per_s"):
+                "parts_written"):
         table.add_row(key.replace("_", " "), str(r[key]))
+    rate = r["alerts_per_s"]
+    table.add_row("alerts per s", "-" if rate is None else f"{rate:.0f}")  # as the progress line rounds it
     console.print(table)
-    console.print(f"wrote {r['output_dir']}" + (" (interrupted: the batch in hand was written)"
-                                               if r["interrupted"] else ""))
+    if r["parts_written"]:
+        console.print(f"wrote {r['output_dir']}" + (" (interrupted: the batch in hand was written)"
+                                                   if r["interrupted"] else ""))
+    else:
+        console.print(f"nothing new to write: {r['output_dir']} unchanged")
 
 
 @app.command("serve-api")
