@@ -270,6 +270,14 @@ class _Written:
     per_class: Counter | None = None
     per_photometry: Counter = field(default_factory=Counter)
 
+    def write(self, writer: pq.ParquetWriter, frame: pd.DataFrame) -> None:
+        """Append classified rows to the output and count them (by class, by photometry path)."""
+        writer.write_table(pa.Table.from_pandas(frame[COLUMNS], schema=OUTPUT_SCHEMA, preserve_index=False))
+        self.n_classified += len(frame)
+        self.per_class.update(frame["predicted_class"])
+        self.per_photometry.update(f"{p} ({'declared' if d else 'recognised'})"
+                                   for p, d in zip(frame["photometry"], frame["photometry_declared"]))
+
 
 def resolve_gp_device(setting: str) -> str | None:
     """``classify.gp_device`` -> the torch device of the GP, or None for the numpy GP on the CPU workers."""
@@ -322,14 +330,7 @@ def _classify_batches(batches: Iterable[CurveBatch], model: ServingModel, params
                 if len(t.rows):
                     if proba is None:  # a network the workers could not load: here, on one thread beside them
                         proba = _predict_here(model, t.x, batch_size, tensorizer.pool is not None)
-                    frame = _rows(t, proba, model, _n_det(batch.curves), stamp, batch.paths)
-                    writer.write_table(pa.Table.from_pandas(frame[COLUMNS], schema=OUTPUT_SCHEMA,
-                                                            preserve_index=False))
-                    written.n_classified += len(frame)
-                    written.per_class.update(frame["predicted_class"])
-                    written.per_photometry.update(
-                        f"{p} ({'declared' if d else 'recognised'})"
-                        for p, d in zip(frame["photometry"], frame["photometry_declared"]))
+                    written.write(writer, _rows(t, proba, model, _n_det(batch.curves), stamp, batch.paths))
                 written.n_rejected += len(rejected)
                 rows_done += batch.rows_read
                 step("classifying", completed=rows_done if total_rows else written.n_classified,
@@ -375,14 +376,7 @@ def _classify_batches_on_device(batches: Iterable[CurveBatch], model: ServingMod
                     for batch, _ in group:
                         n_det.update(_n_det(batch.curves))
                         paths.update(batch.paths or {})
-                    frame = _rows(t, proba, model, n_det, pd.Timestamp.now(tz="UTC"), paths)
-                    writer.write_table(pa.Table.from_pandas(frame[COLUMNS], schema=OUTPUT_SCHEMA,
-                                                            preserve_index=False))
-                    written.n_classified += len(frame)
-                    written.per_class.update(frame["predicted_class"])
-                    written.per_photometry.update(
-                        f"{p} ({'declared' if d else 'recognised'})"
-                        for p, d in zip(frame["photometry"], frame["photometry_declared"]))
+                    written.write(writer, _rows(t, proba, model, n_det, pd.Timestamp.now(tz="UTC"), paths))
                 written.n_rejected += len(rejected)
                 done["rows"] += sum(batch.rows_read for batch, _ in group)
                 step("classifying", completed=done["rows"] if total_rows else written.n_classified,

@@ -796,6 +796,24 @@ def _run_chunks(tasks: list[tuple], workers: int | None) -> list[_Batch]:
     return _run_tasks(_simulate_chunk, tasks, workers)
 
 
+def _select_rows(b, row_g: np.ndarray, params: SimulatorParams) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices into the simulated epochs ``b`` (objects numbered ``row_g``): the detections sorted by (object,
+    mjd, band), and the non-detections kept as alert history, the 30 days before each detection (ALeRCE's
+    prv_candidates), sorted the same way. Every step is per object, so a chunk gives its objects' rows exactly."""
+    d = b.detected
+    di = np.nonzero(d)[0][np.lexsort((b.band[d], b.mjd[d], row_g[d]))]
+    span = params.survey_days + 2000.0
+    key_det = row_g[di] * span + (b.mjd[di] - params.survey_start_mjd + 500.0)
+    nd = np.nonzero(~d)[0]
+    key_nd = row_g[nd] * span + (b.mjd[nd] - params.survey_start_mjd + 500.0)
+    nxt = np.searchsorted(key_det, key_nd, side="right")
+    valid = nxt < len(key_det)
+    nxt_c = np.minimum(nxt, len(key_det) - 1)
+    valid &= (row_g[di][nxt_c] == row_g[nd]) & (b.mjd[di][nxt_c] - b.mjd[nd] <= PRV_CANDIDATES_DAYS)
+    nd = nd[valid]
+    return di, nd[np.lexsort((b.band[nd], b.mjd[nd], row_g[nd]))]
+
+
 def simulate(params: SimulatorParams, classes: Sequence[str] = CLASSES, seed: int | None = None,
              workers: int | None = None) -> SimulatedLightCurves:
     """Simulate ``params.n_per_class`` ZTF-like alert light curves per class (contract tables + truth).
@@ -832,9 +850,7 @@ def simulate(params: SimulatorParams, classes: Sequence[str] = CLASSES, seed: in
 
     # Detections, sorted by (oid, mjd, band): oids are fixed-width so string order = number order.
     row_g = gidx[b.obj]
-    d = b.detected
-    order = np.lexsort((b.band[d], b.mjd[d], row_g[d]))
-    di = np.nonzero(d)[0][order]
+    di, nd = _select_rows(b, row_g, params)
     flux, flux_err = b.flux[di], b.flux_err[di]
     mag = mag_from_flux(flux)
     mag_err = LN10_25 * flux_err / np.abs(flux)
@@ -850,18 +866,6 @@ def simulate(params: SimulatorParams, classes: Sequence[str] = CLASSES, seed: in
         "flux": flux, "flux_err": flux_err, "mag_corr": mag_corr, "mag_corr_err": mag_corr_err, "source": SOURCE,
     })
 
-    # Non-detections: the 30-day alert history before each detection (ALeRCE's prv_candidates).
-    span = params.survey_days + 2000.0
-    key_det = row_g[di] * span + (b.mjd[di] - params.survey_start_mjd + 500.0)
-    nd = np.nonzero(~d)[0]
-    key_nd = row_g[nd] * span + (b.mjd[nd] - params.survey_start_mjd + 500.0)
-    nxt = np.searchsorted(key_det, key_nd, side="right")
-    valid = nxt < len(key_det)
-    nxt_c = np.minimum(nxt, len(key_det) - 1)
-    valid &= (row_g[di][nxt_c] == row_g[nd]) & (b.mjd[di][nxt_c] - b.mjd[nd] <= PRV_CANDIDATES_DAYS)
-    nd = nd[valid]
-    order = np.lexsort((b.band[nd], b.mjd[nd], row_g[nd]))
-    nd = nd[order]
     non_detections = pd.DataFrame({"oid": oid_of[row_g[nd]], "mjd": b.mjd[nd], "band": band_names[b.band[nd]],
                                    "diffmaglim": b.diffmaglim[nd]})
 
@@ -927,19 +931,7 @@ def _spill_chunk(task: tuple) -> _Spilled:
     kind, size, params, stream, weather_ok, gidx_local, path = task
     b = _simulate_chunk((kind, size, params, stream, weather_ok))
     row_g = gidx_local[b.obj]
-    d = b.detected
-    order = np.lexsort((b.band[d], b.mjd[d], row_g[d]))
-    di = np.nonzero(d)[0][order]
-    span = params.survey_days + 2000.0
-    key_det = row_g[di] * span + (b.mjd[di] - params.survey_start_mjd + 500.0)
-    nd = np.nonzero(~d)[0]
-    key_nd = row_g[nd] * span + (b.mjd[nd] - params.survey_start_mjd + 500.0)
-    nxt = np.searchsorted(key_det, key_nd, side="right")
-    valid = nxt < len(key_det)
-    nxt_c = np.minimum(nxt, len(key_det) - 1)
-    valid &= (row_g[di][nxt_c] == row_g[nd]) & (b.mjd[di][nxt_c] - b.mjd[nd] <= PRV_CANDIDATES_DAYS)
-    nd = nd[valid]
-    nd = nd[np.lexsort((b.band[nd], b.mjd[nd], row_g[nd]))]
+    di, nd = _select_rows(b, row_g, params)
     gidx = np.sort(gidx_local)
     det_g, nd_g = row_g[di], row_g[nd]
     bounds = np.append(gidx, np.iinfo(np.int64).max)
