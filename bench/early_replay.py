@@ -39,6 +39,8 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+# Worker processes import this checkout too (a forkserver ignores sys.path; an editable install elsewhere would win)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -39,6 +39,8 @@ import pandas as pd  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+# Worker processes import this checkout too (a forkserver ignores sys.path; an editable install elsewhere would win)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
 
 from deeprubin.lightcurves import gp  # noqa: E402
 from deeprubin.schema import map_detections, validate_detections  # noqa: E402

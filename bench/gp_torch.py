@@ -43,6 +43,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+# Worker processes import this checkout too (a forkserver ignores sys.path; an editable install elsewhere would win)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, str(REPO / "bench"))
 
 from deeprubin.config import load_params  # noqa: E402

@@ -34,6 +34,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+# Worker processes import this checkout too (a forkserver ignores sys.path; an editable install elsewhere would win)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
 
 from deeprubin.config import SimulatorParams  # noqa: E402
 from deeprubin.lightcurves import tensorize  # noqa: E402

@@ -18,13 +18,17 @@ absolute times are noise):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
+# Worker processes import this checkout too (a forkserver ignores sys.path; an editable install elsewhere would win)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
 
 from deeprubin.config import SimulatorParams  # noqa: E402
 from deeprubin.sources import simulate as S  # noqa: E402

@@ -13,10 +13,11 @@ module's own code, reused here, and only the two numerical kernels are rewritten
   candidates instead of a Python loop over time steps) or by the same Kalman filter as the numpy module, ported
   (``likelihood="kalman"``). The two agree to ~1e-12 relative; a candidate whose dense Cholesky fails (numerically
   not positive definite) takes the filter's value, as the numpy module's filter would have given it.
-* The prediction (and the leave-one-out residuals of the outlier clip) is :func:`gp._predict_chunk`'s dense solve,
-  batched over curves of different lengths: a shorter curve is padded with identity rows and columns, zero data and
-  zero cross-covariance, which the factorisation carries through without touching the real block, so padding cannot
-  change a result.
+* The prediction (and the leave-one-out residuals of the outlier clip) is the dense solve of :func:`gp._predict`
+  (the numpy module now predicts with a Kalman smoother, equal to it to ~1e-9; on a device the dense solve is one
+  batched call), batched over curves of different lengths: a shorter curve is padded with identity rows and
+  columns, zero data and zero cross-covariance, which the factorisation carries through without touching the real
+  block, so padding cannot change a result.
 * The clip (leave-one-out |z| > 5, at most 10 % of the points, one refit), the std floor, the non-finite guard and
   every fallback follow :func:`gp._finish` and :func:`gp._result`; the rare curve whose dense prediction fails on the
   device is handed to the numpy module's own prediction, and a failed fit to its :func:`gp._fallback_prior`.
@@ -434,7 +435,7 @@ def fit(p: Packed, settings: GPSettings = gp.BATCH_INVARIANT, device="cpu", like
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Prediction: gp._predict_chunk, padded
+# Prediction: gp._predict's dense solve, batched and padded
 # --------------------------------------------------------------------------------------------------------------
 def _matern32(tau, rho):
     x = SQRT3 * tau.abs() / rho
