@@ -131,6 +131,54 @@ def test_bare_lsst_body_needs_the_lsst_format():
         decode_packet(body, "bare", "lsst", "99.9")
 
 
+def test_the_container_reader_equals_fastavro_and_falls_back_to_it():
+    """Issue 18: read_container parses each distinct embedded schema once; its records are fastavro.reader's for
+    one-record files, several blocks, deflate, and (through fastavro itself) other codecs and broken files."""
+    import io
+
+    import fastavro
+
+    from deeprubin.serving.alerts.packets import read_container
+
+    records = [ztf_alert_record(f"ZTF{i}", i, 59000.0 + i, 1 + i % 2, 18.0,
+                                prv=[ztf_point(58990.0 + i, 1, 18.5, 0.1, "t", candid=100 + i)]) for i in range(5)]
+    one = ztf_ocf(records[:1])
+    assert read_container(one) == list(fastavro.reader(io.BytesIO(one)))
+    schema = fastavro.reader(io.BytesIO(one)).writer_schema
+    for codec in ("null", "deflate", "bzip2"):  # bzip2: not read here, fastavro's reader does it
+        buf = io.BytesIO()
+        fastavro.writer(buf, schema, records, codec=codec, sync_interval=1)  # a block per record
+        data = buf.getvalue()
+        want = list(fastavro.reader(io.BytesIO(data)))
+        assert len(want) == 5 and read_container(data) == want, codec
+    with pytest.raises(Exception) as ours:
+        read_container(one[: len(one) // 2])
+    with pytest.raises(Exception) as theirs:
+        list(fastavro.reader(io.BytesIO(one[: len(one) // 2])))
+    assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+
+
+def test_the_prefetched_source_keeps_order_and_raises_where_the_source_failed():
+    from deeprubin.serving.alerts.consume import Prefetched
+
+    def source(fail_at=None):
+        for k in range(50):
+            if k == fail_at:
+                raise OSError("disk gone")
+            yield k
+
+    assert list(Prefetched(source(), depth=3)) == list(range(50))
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in Prefetched(source(fail_at=20), depth=3):
+            got.append(item)
+    assert got == list(range(20))
+    stopped = Prefetched(source(), depth=2)
+    assert next(iter(stopped)) == 0
+    stopped.close()  # the reader thread ends though the queue is full and nobody reads it
+    assert not stopped._thread.is_alive()
+
+
 def test_malformed_packets_are_reported_by_name_and_skipped(tmp_path):
     schema = lsst_schema()
     ok = ztf_ocf([ztf_alert_record("ZTF1", 1, 59000.0, 1, 18.0)])

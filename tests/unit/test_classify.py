@@ -202,6 +202,38 @@ def test_classification_on_a_process_pool_equals_in_process(detections, model, m
     assert proba is not None and proba.shape == (len(t.rows), len(CLASSES)) and len(t.x) == 0
 
 
+def test_jobs_run_in_this_process_until_the_pool_has_started(detections, model_dir, monkeypatch, tmp_path):
+    """Issue 18: the pool is started from a thread (its first submit blocks while the forkserver imports torch);
+    until then map() runs every job here, in order, with the probabilities the workers give afterwards."""
+    import threading
+
+    from deeprubin.lightcurves.tensorize import curves_from_detections
+
+    release = threading.Event()
+    start = Tensorizer._start_workers
+
+    def held(self):
+        release.wait(60)
+        start(self)
+
+    monkeypatch.setattr(Tensorizer, "_start_workers", held)
+    logged = load_model(str(model_dir), f"sqlite:///{tmp_path}/unused.db")
+    curves = curves_from_detections(detections)
+    jobs = [(k, (curves[k:k + 2], 100, 100.0, None)) for k in range(0, 8, 2)]
+    pool = Tensorizer(2, logged)
+    try:
+        here = list(pool.map(jobs))
+        assert pool._starter.is_alive() and [k for k, _ in here] == [0, 2, 4, 6]
+        release.set()
+        pool._starter.join(60)
+        there = list(pool.map(jobs))
+    finally:
+        release.set()
+        pool.close()
+    for (_, (t1, p1)), (_, (t2, p2)) in zip(here, there):
+        assert list(t1.rows) == list(t2.rows) and np.allclose(p1, p2, rtol=1e-6, atol=1e-7)
+
+
 def test_classify_command_reads_alerce_csv_with_a_local_model_and_summarises(detections, model_dir, tmp_path):
     from typer.testing import CliRunner
 

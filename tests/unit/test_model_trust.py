@@ -117,6 +117,7 @@ def test_pool_workers_refuse_a_pickled_model_directory(small_input, marker, tmp_
                          local_path=str(bad))
     curves = curves_from_detections(pd.read_parquet(small_input))[:2]
     pool = Tensorizer(2, model)
+    pool._starter.join(120)  # the pool is up (until then jobs would run in this process, with its own model)
     try:
         with pytest.raises(BrokenProcessPool):  # the initializer refused the model: no worker to run the job
             list(pool.map([(0, (curves, 100, 100.0, None))]))

@@ -152,8 +152,31 @@ class Tensorizer:
             self._model = model if shipped else None
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                             initargs=(model.local_path if shipped else None, os.getpid()))
-            # Start the workers now; until they are up (imports, model load: seconds), map() runs jobs here.
-            self._starting = [self.pool.submit(_ready, i) for i in range(workers)]
+            # Start the workers now, from a thread: the first submit blocks until the forkserver has imported torch
+            # (~3 s on a cold process). Until they are up (that, then the model load), map() runs jobs here.
+            self._started = threading.Event()
+            self._start_error: BaseException | None = None
+            self._starter = threading.Thread(target=self._start_workers, name="deeprubin-pool-start", daemon=True)
+            self._starter.start()
+
+    def _start_workers(self) -> None:
+        try:
+            self._starting = [self.pool.submit(_ready, i) for i in range(self.workers)]
+        except BaseException as exc:  # noqa: BLE001 - raised in the calling thread by map()
+            self._start_error = exc
+        finally:
+            self._started.set()
+
+    def _starting_up(self, queued: int) -> bool:
+        """Whether the next job should run here: the pool is still being started (a submit would block), or its
+        workers are still loading and already have work queued."""
+        if not self._started.is_set():
+            return True
+        if self._start_error is not None:
+            raise self._start_error
+        if self._starting and all(f.done() for f in self._starting):
+            self._starting = []
+        return bool(self._starting) and queued >= self.workers
 
     def map(self, jobs: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
         """``(key, job)`` pairs -> ``(key, (Tensors, probabilities or None))`` in order."""
@@ -164,11 +187,9 @@ class Tensorizer:
         inflight: deque = deque()
         queued = 0  # futures of the pool in ``inflight``
         for key, job in jobs:
-            if self._starting and all(f.done() for f in self._starting):
-                self._starting = []
-            if self._starting and queued >= self.workers:
-                # The workers are still starting (imports, model load: seconds) and have work queued: this
-                # process does this job meanwhile (the same GP; results in input order all the same).
+            if self._starting_up(queued):
+                # The workers are still starting (imports, model load: seconds): this process does this job
+                # meanwhile (the same GP; results in input order all the same).
                 inflight.append((key, _Done(self._here(job))))
             else:
                 inflight.append((key, self.pool.submit(self.job or _classify_job, job)))
@@ -208,6 +229,7 @@ class Tensorizer:
 
     def close(self) -> None:
         if self.pool is not None:
+            self._starter.join()
             self.pool.shutdown(cancel_futures=True)
 
 

