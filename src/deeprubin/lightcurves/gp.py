@@ -204,7 +204,7 @@ _KALMAN_SIGNATURE = "float64[:, ::1](float64[:, ::1], float64[:, ::1], float64[:
     "float64[:, ::1], float64[:, ::1], float64[:, ::1], float64, float64)"
 
 
-# Compiled when this module is imported (or loaded from numba's cache beside this file: ~0.1 s), so worker processes
+# Compiled when this module is imported (or loaded from numba's cache beside this file: ~0.2 s), so worker processes
 # forked from a process that imported it never compile.
 @numba.njit(_KALMAN_SIGNATURE, cache=True, nogil=True, error_model="numpy")
 def _kalman_loglik_kernel(t, y, r, isr, obs, log_rho, log_sigma, correlation, cs):  # pragma: no cover - compiled
