@@ -3,6 +3,7 @@ atomic output (deeprubin.serving.classify)."""
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -232,6 +233,27 @@ def test_jobs_run_in_this_process_until_the_pool_has_started(detections, model_d
         pool.close()
     for (_, (t1, p1)), (_, (t2, p2)) in zip(here, there):
         assert list(t1.rows) == list(t2.rows) and np.allclose(p1, p2, rtol=1e-6, atol=1e-7)
+
+
+def test_a_job_sent_to_a_worker_is_packed_and_rebuilt_curve_for_curve(detections):
+    """Issue 18: jobs travel to the workers as one array per field (pickling each small Curve cost ~22 us); the
+    worker rebuilds the same curves, empty ones and other jobs included."""
+    from deeprubin.lightcurves.tensorize import Curve, curves_from_detections
+    from deeprubin.serving.pool import _pack_job, _run_packed
+
+    curves = curves_from_detections(detections)[:6]
+    curves.insert(2, Curve("empty", *(np.zeros(0, dtype=d) for d in (float, np.int64, float, float))))
+    job = (curves, 100, 100.0, None)
+    packed, rest = _pack_job(job)
+    assert packed is not None and rest == (100, 100.0, None)
+    rebuilt, *tail = _run_packed(lambda j: j, *pickle.loads(pickle.dumps((packed, rest))))
+    assert tail == [100, 100.0, None] and [c.oid for c in rebuilt] == [c.oid for c in curves]
+    for a, b in zip(curves, rebuilt):
+        for f in ("mjd", "band", "flux", "flux_err"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+            assert getattr(a, f).dtype == getattr(b, f).dtype
+    assert _pack_job(([], 100, 100.0)) == (None, ([], 100, 100.0))  # nothing to pack: sent as it is
+    assert _run_packed(len, None, ("x", 1)) == 2
 
 
 def test_classify_command_reads_alerce_csv_with_a_local_model_and_summarises(detections, model_dir, tmp_path):
