@@ -3,6 +3,7 @@ TCN -> Parquet part + manifest), in alerts/s, against a baseline in the same run
 
     python bench/consume_throughput.py                          # 8,000 alerts; baseline: 1 alert per batch
     python bench/consume_throughput.py --compare-src /tmp/head/src   # baseline: the same run with other code
+    python bench/consume_throughput.py --source kafka           # the same alerts from a Kafka topic
 
 Target (issue 18): >= 2,000 alerts/s on a 2-core machine, each alert classified with its object's curve as of that
 alert, per-object order kept, no duplicate rows on a rerun.
@@ -20,6 +21,14 @@ directory (every alert already written: no row may be added). Baseline, in the s
   alert as it comes does), on the first ``--baseline-n`` alerts;
 * ``--compare-src DIR``: the same measurement with the code under ``DIR`` (e.g. a ``git worktree`` of HEAD's
   ``src``) in a child process, on the same directory; the two outputs' probabilities are compared alert by alert.
+
+``--source kafka``: the same packets, one Kafka message each (keyed by object, so each object's alerts stay in
+order; lz4-compressed, as the mock broker keeps only ~5 MB a partition), produced before the clock starts into a
+topic of librdkafka's built-in mock cluster (``test.mock.num.brokers``: the Kafka protocol, consumer groups and
+committed offsets) run by this parent process; the child consumes it with ``consume.consume_kafka`` (offsets
+committed after each written batch) until it has read them all. The rerun is a new consumer group: every message
+delivered again, which must add no row. The mock broker serves from this process on the same two cores (its CPU
+time is printed): a real broker would be elsewhere.
 
 The model: ``--model`` (default the champion of ``sqlite:///mlflow.db``); without one an untrained TCN of the
 configured shape, logged to a temporary local MLflow model directory (so the worker processes load it as they
@@ -113,11 +122,21 @@ def child(args) -> int:
     params = load_params(None, [f"alerts.batch_alerts={args.batch_alerts}"])
     model = load_model(args.model, args.tracking_uri)
     out = Path(args.out)
+
+    def run(group: str):
+        if args.kafka is None:
+            return cons.consume_directory(params, args.alerts, out, model=model, max_alerts=args.max_alerts)
+        bootstrap, topic, n = args.kafka.split(",")
+        p = load_params(None, [f"alerts.batch_alerts={args.batch_alerts}", f"alerts.kafka.bootstrap_servers={bootstrap}",
+                               f"alerts.kafka.topic={topic}", f"alerts.kafka.group_id={group}"])
+        return cons.consume_kafka(p, out, model=model, max_alerts=min(int(n), args.max_alerts or int(n)),
+                                  idle_timeout_s=30 if group == "bench-first" else 5)
+
     t = time.perf_counter()
-    first = cons.consume_directory(params, args.alerts, out, model=model, max_alerts=args.max_alerts)
+    first = run("bench-first")
     seconds = time.perf_counter() - t
     t = time.perf_counter()
-    again = cons.consume_directory(params, args.alerts, out, model=model, max_alerts=args.max_alerts)
+    again = run("bench-redelivery")  # directory: the same files again; Kafka: a new group, every message again
     rerun = time.perf_counter() - t
     rows = cons.read_classifications(out)
     print(json.dumps({"alerts": first.alerts_read, "classified": first.classified, "rejected": first.rejected,
@@ -127,13 +146,57 @@ def child(args) -> int:
     return 0
 
 
+def produce_to_kafka(directory: Path, topic: str):
+    """The packets of ``directory`` (in file order), one message each keyed by object id, into ``topic`` of a new
+    one-broker mock cluster; returns (the producer, which owns the cluster: keep it alive, bootstrap servers).
+    Compressed (lz4): the mock broker keeps only the last ~5 MB of each partition, about 4,000 of these packets
+    uncompressed, and drops older messages unread; compressed, 40,000 fit."""
+    import confluent_kafka
+
+    sys.path.insert(0, str(REPO / "src"))
+    from deeprubin.serving.alerts.packets import decode_packet
+
+    producer = confluent_kafka.Producer({"test.mock.num.brokers": 1, "linger.ms": 50, "compression.type": "lz4",
+                                         "batch.size": 1_000_000})
+    metadata = producer.list_topics(timeout=10)
+    bootstrap = ",".join(f"{b.host}:{b.port}" for b in metadata.brokers.values())
+    for k, path in enumerate(sorted(directory.glob("*.avro"))):
+        data = path.read_bytes()
+        producer.produce(topic, key=decode_packet(data, path.name)[0].oid.encode(), value=data)
+        if k % 5000 == 4999:
+            producer.flush(60)
+    if producer.flush(60):
+        raise RuntimeError("the mock cluster did not take every message")
+    return producer, bootstrap
+
+
 def measure(src: Path, alerts: Path, out: Path, model: str, tracking_uri: str, batch_alerts: int,
-            max_alerts: int | None = None) -> dict:
+            max_alerts: int | None = None, kafka: bool = False) -> dict:
+    """One child run over ``alerts``: its directory, or with ``kafka`` a topic of a new mock cluster holding them."""
+    producer = None
+    if kafka:
+        producer, bootstrap = produce_to_kafka(alerts, "bench-alerts")
+        kafka = f"{bootstrap},bench-alerts,{max_alerts or len(list(alerts.glob('*.avro')))}"
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    report = _measure(src, alerts, out, model, tracking_uri, batch_alerts, max_alerts, kafka or None)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    del producer  # the mock cluster with it
+    # CPU of this process meanwhile: with Kafka, the mock broker serving the child (on the same two cores)
+    report["parent_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return report
+
+
+def _measure(src: Path, alerts: Path, out: Path, model: str, tracking_uri: str, batch_alerts: int,
+             max_alerts: int | None, kafka: str | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [sys.executable, __file__, "--child", "--alerts", str(alerts), "--out", str(out), "--model", model,
            "--tracking-uri", tracking_uri, "--batch-alerts", str(batch_alerts)]
     if max_alerts:
         cmd += ["--max-alerts", str(max_alerts)]
+    if kafka:
+        cmd += ["--kafka", kafka]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
     if done.returncode:
         raise RuntimeError(f"child failed ({src}):\n{done.stderr[-3000:]}")
@@ -154,6 +217,9 @@ def main() -> int:
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch-alerts", type=int, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--max-alerts", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--source", choices=("directory", "kafka"), default="directory",
+                    help="read the alerts from their directory, or from a Kafka topic (librdkafka's mock cluster)")
+    ap.add_argument("--kafka", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -178,22 +244,30 @@ def main() -> int:
         n = write_alerts(args.n, args.seed, tmp / "alerts")
         print(f"input: {n} ZTF Avro alerts (one file each) in {time.perf_counter() - t:.0f} s; model {model}")
         print(f"load: {os.getloadavg()[0]:.2f} (1-min average), {os.cpu_count()} cores")
-        ours = measure(REPO / "src", tmp / "alerts", tmp / "ours", model, args.tracking_uri, batch_alerts)
+        ours = measure(REPO / "src", tmp / "alerts", tmp / "ours", model, args.tracking_uri, batch_alerts,
+                       kafka=args.source == "kafka")
         rate = ours["alerts"] / ours["seconds"]
-        report = {"n": n, "ours": ours, "alerts_per_s": rate}
+        report = {"n": n, "source": args.source, "ours": ours, "alerts_per_s": rate}
+        if ours["alerts"] != n:
+            print(f"WARNING: the child read {ours['alerts']} of {n} alerts (the mock broker dropped messages?)")
         ok = ours["rerun_classified"] == 0 and ours["rows_after_rerun"] == ours["classified"] == \
             ours["unique_alert_ids"]
-        print(f"consume, this code:  {rate:8.1f} alerts/s ({ours['alerts']} in {ours['seconds']:.1f} s, "
+        print(f"consume ({args.source}), this code:  {rate:8.1f} alerts/s ({ours['alerts']} in {ours['seconds']:.1f} s, "
               f"{ours['classified']} classified, {ours['rejected']} rejected); target {TARGET_PER_S:.0f}/s, "
               f"ratio {rate / TARGET_PER_S:.2f}")
+        if args.source == "kafka":
+            print(f"  the mock broker used {ours['parent_cpu_s']:.1f} s of CPU in this process "
+                  f"during the child's run (first run and rerun, {ours['seconds'] + ours['rerun_seconds']:.1f} s)")
         print(f"  rerun: {ours['rerun_seconds']:.1f} s, {ours['rerun_classified']} new rows, "
               f"{ours['rerun_duplicates']} duplicates skipped; rows {ours['rows_after_rerun']} "
               f"({ours['unique_alert_ids']} alert ids): {'no duplicates' if ok else 'DUPLICATES OR LOSS'}")
         if args.compare_src is not None:
-            base = measure(args.compare_src, tmp / "alerts", tmp / "base", model, args.tracking_uri, batch_alerts)
+            base = measure(args.compare_src, tmp / "alerts", tmp / "base", model, args.tracking_uri, batch_alerts,
+                           kafka=args.source == "kafka")
             label = f"code under {args.compare_src}"
         else:
-            base = measure(REPO / "src", tmp / "alerts", tmp / "base", model, args.tracking_uri, 1, args.baseline_n)
+            base = measure(REPO / "src", tmp / "alerts", tmp / "base", model, args.tracking_uri, 1, args.baseline_n,
+                           kafka=args.source == "kafka")
             label = f"this code, 1 alert per batch, first {args.baseline_n} alerts"
         rate_base = base["alerts"] / base["seconds"]
         print(f"baseline ({label}): {rate_base:8.1f} alerts/s ({base['alerts']} in {base['seconds']:.1f} s); "

@@ -28,7 +28,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,19 +63,6 @@ class BatchOutput:
     n_duplicates: int = 0
 
 
-@dataclass
-class PreparedBatch:
-    """A batch after the book (:meth:`AlertClassifier.prepare`), before the model (:meth:`AlertClassifier.finish`)."""
-
-    curves: list[Curve] = field(default_factory=list)  # each new alert's curve as of that alert, named by position
-    meta: list[tuple[Alert, int]] = field(default_factory=list)  # (alert, n_det) per curve
-    rejected: list[dict[str, Any]] = field(default_factory=list)  # malformed packets and late alerts
-    keys: list[str] = field(default_factory=list)  # manifest keys of everything this batch writes
-    n_alerts: int = 0
-    n_malformed: int = 0
-    n_duplicates: int = 0
-
-
 class AlertClassifier:
     """The book plus the model: a batch of alerts -> one row per new alert, each from its as-of curve.
 
@@ -95,58 +81,49 @@ class AlertClassifier:
 
     def classify(self, items: Sequence[Item], written: set[str] | frozenset[str] = frozenset()) -> BatchOutput:
         """Update the book with every alert (in order) and classify those whose key is not in ``written``."""
-        return self.finish(self.prepare(items, written))
-
-    def prepare(self, items: Sequence[Item], written: set[str] | frozenset[str] = frozenset()) -> PreparedBatch:
-        """The book's half of :meth:`classify`: update the book with every alert, in order, and cut each new alert's
-        curve as of that alert. Runs in the consuming thread; :meth:`finish` needs only what this returns, so the
-        next batch can be prepared while the model classifies this one."""
-        p = PreparedBatch()
+        curves: list[Curve] = []
+        meta: list[tuple[Alert, int]] = []
+        rejected: list[dict[str, Any]] = []
+        keys: list[str] = []
         seen: set[str] = set()
+        n_alerts = n_malformed = n_dup = 0
         for item in items:
             if isinstance(item, Malformed):
-                p.n_malformed += 1
+                n_malformed += 1
                 if item.key in written or item.key in seen:
                     continue
                 seen.add(item.key)
-                p.keys.append(item.key)
-                p.rejected.append({"alert_id": item.alert_id, "oid": item.oid, "packet": item.packet,
-                                   "reason": MALFORMED, "detail": item.reason, "key": item.key})
+                keys.append(item.key)
+                rejected.append({"alert_id": item.alert_id, "oid": item.oid, "packet": item.packet,
+                                 "reason": MALFORMED, "detail": item.reason, "key": item.key})
                 continue
-            p.n_alerts += 1
+            n_alerts += 1
             self.book.update(item)
             if item.key in written or item.key in seen:
-                p.n_duplicates += 1
+                n_dup += 1
                 continue
             seen.add(item.key)
-            p.keys.append(item.key)
+            keys.append(item.key)
             try:
-                curve, n_det = self.book.as_of(item.oid, item.mjd, key=str(len(p.meta)),
-                                               needed_days=self.needed_days)
+                curve, n_det = self.book.as_of(item.oid, item.mjd, key=str(len(meta)), needed_days=self.needed_days)
             except LateAlert as exc:
-                p.rejected.append({"alert_id": item.alert_id, "oid": item.oid, "packet": item.packet,
-                                   "reason": "late alert", "detail": str(exc), "key": item.key})
+                rejected.append({"alert_id": item.alert_id, "oid": item.oid, "packet": item.packet,
+                                 "reason": "late alert", "detail": str(exc), "key": item.key})
                 continue
-            p.curves.append(curve)
-            p.meta.append((item, n_det))
-        return p
-
-    def finish(self, p: PreparedBatch) -> BatchOutput:
-        """The model's half of :meth:`classify`: GP and TCN over the prepared curves (on the worker pool when there
-        is one), one row per classified alert. Touches neither the book nor ``p`` (safe beside :meth:`prepare`)."""
+            curves.append(curve)
+            meta.append((item, n_det))
         rows = pd.DataFrame(columns=OUTPUT_COLUMNS)
-        rejected = list(p.rejected)
-        if p.curves:
-            out, skipped = classify_curves(p.curves, self.model, self.grid_days, self.fit_context_days,
-                                           self.batch_size, tensorizer=self._pool(len(p.curves)))
-            rows = self._rows(out, p.meta)
+        if curves:
+            out, skipped = classify_curves(curves, self.model, self.grid_days, self.fit_context_days,
+                                           self.batch_size, tensorizer=self._pool(len(curves)))
+            rows = self._rows(out, meta)
             for r in skipped.itertuples(index=False):
-                alert = p.meta[int(r.oid)][0]
+                alert = meta[int(r.oid)][0]
                 rejected.append({"alert_id": alert.alert_id, "oid": alert.oid, "packet": alert.packet,
                                  "reason": r.reason, "detail": r.detail, "key": alert.key})
         rejections = pd.DataFrame(rejected, columns=[*REJECTION_COLUMNS, "key"])
-        return BatchOutput(rows=rows, rejections=rejections, keys=list(p.keys), n_alerts=p.n_alerts,
-                           n_malformed=p.n_malformed, n_duplicates=p.n_duplicates)
+        return BatchOutput(rows=rows, rejections=rejections, keys=keys, n_alerts=n_alerts, n_malformed=n_malformed,
+                           n_duplicates=n_dup)
 
     def _pool(self, n_curves: int) -> Tensorizer | None:
         """The worker pool, started at the first batch big enough to be split (kept for the next ones)."""
@@ -336,24 +313,12 @@ def consume(source: Iterable[Item | _Idle], classifier: AlertClassifier, writer:
     frames: list[pd.DataFrame] = []
     rejections: list[pd.DataFrame] = []
     batch: list[Item] = []
-    # One batch at a time is with the model (in this thread pool's one thread, waiting on the worker processes)
-    # while this thread reads the next one and puts it through the book: the book's work no longer leaves the
-    # workers idle. Written, committed and counted strictly in order.
-    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deeprubin-consume-model")
-    inflight: tuple[Future, list[Item], list[str]] | None = None
 
-    def settle() -> None:
-        """Wait for the batch with the model, then write, commit and count it."""
-        nonlocal inflight
-        if inflight is None:
+    def flush() -> None:
+        if not batch:
             return
-        future, items, _ = inflight
-        try:
-            out = future.result()  # Ctrl-C here leaves the batch in flight: the next settle() waits for it again
-        except Exception:
-            inflight = None  # the model failed: nothing of this batch is written or committed
-            raise
-        inflight = None
+        written = writer.known(batch) if writer is not None else frozenset()
+        out = classifier.classify(batch, written)
         if writer is not None:
             if writer.write(out) is not None:
                 result.parts_written += 1
@@ -361,7 +326,7 @@ def consume(source: Iterable[Item | _Idle], classifier: AlertClassifier, writer:
             frames.append(out.rows)
             rejections.append(out.rejections)
         if commit is not None:
-            commit(items)
+            commit(batch)
         result.batches += 1
         result.alerts_read += out.n_alerts
         result.malformed += out.n_malformed
@@ -371,44 +336,26 @@ def consume(source: Iterable[Item | _Idle], classifier: AlertClassifier, writer:
         result.objects_tracked = len(classifier.book)
         result.objects_evicted = classifier.book.evicted
         result.seconds = time.perf_counter() - started
+        batch.clear()
         if progress is not None:
             progress(result)
 
-    def flush(wait: bool = False) -> None:
-        nonlocal inflight
-        if batch:
-            written = writer.known(batch) if writer is not None else set()
-            if inflight is not None:  # not in the manifest yet, but written before this batch
-                written = set(written) | set(inflight[2])
-            prepared = classifier.prepare(batch, written)  # done again if interrupted below: the book dedupes
-            settle()
-            inflight = (model_thread.submit(classifier.finish, prepared), list(batch), prepared.keys)
-            batch.clear()
-        if wait:
-            settle()
-
     n = 0
     try:
-        try:
-            for item in source:
-                if isinstance(item, _Idle):
-                    flush(wait=True)
-                    continue
-                batch.append(item)
-                n += 1
-                if len(batch) >= batch_alerts:
-                    flush()
-                if max_alerts is not None and n >= max_alerts:
-                    break
-        except KeyboardInterrupt:  # finish the batch in hand (a batch cut short is redone whole: nothing doubles)
-            log.warning("interrupted: writing the %d alert(s) in hand, then stopping", len(batch))
-            result.interrupted = True
-        except Exception:  # the source failed: the batch already with the model is still written, then it is raised
-            settle()
-            raise
-        flush(wait=True)
-    finally:
-        model_thread.shutdown(wait=True)
+        for item in source:
+            if isinstance(item, _Idle):
+                flush()
+                continue
+            batch.append(item)
+            n += 1
+            if len(batch) >= batch_alerts:
+                flush()
+            if max_alerts is not None and n >= max_alerts:
+                break
+    except KeyboardInterrupt:  # finish the batch in hand (a batch cut short is redone whole: nothing doubles)
+        log.warning("interrupted: writing the %d alert(s) in hand, then stopping", len(batch))
+        result.interrupted = True
+    flush()
     result.objects_tracked = len(classifier.book)
     result.objects_evicted = classifier.book.evicted
     result.seconds = time.perf_counter() - started
