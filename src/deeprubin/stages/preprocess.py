@@ -312,9 +312,8 @@ def run(params: Params, paths: PreprocessPaths, progress: Progress | None = None
     store = RawStore(paths.raw_dir)
     if not store.exists():
         raise FileNotFoundError(f"no light curves in {paths.raw_dir}: run `deeprubin ingest` first")
-    lcs = store.read()
-    objects = lcs.objects.sort_values("oid").reset_index(drop=True)
-    det = lcs.detections[["oid", "mjd", "band", "flux", "flux_err"]]
+    objects = store.read_table("objects", ["oid", "label"]).sort_values("oid").reset_index(drop=True)
+    det = store.read_table("detections", DETECTION_COLUMNS)
     label_of = {str(o): (None if pd.isna(lbl) else str(lbl)) for o, lbl in zip(objects["oid"], objects["label"])}
     oids = sorted(set(label_of) | set(det["oid"].astype(str)))
     for oid in oids:
