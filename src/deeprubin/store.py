@@ -198,12 +198,7 @@ class RawStore:
 
     def read(self) -> LightCurves:
         """The stored tables, or empty contract tables when nothing has been stored yet."""
-        root = self._current()
-        frames = {}
-        for name, schema in TABLES.items():
-            path = root / f"{name}.parquet"
-            frames[name] = pq.read_table(path, schema=schema).to_pandas() if path.exists() else empty_frame(schema)
-        return LightCurves(**frames)
+        return LightCurves(**{name: self.read_table(name, list(schema.names)) for name, schema in TABLES.items()})
 
     def read_table(self, name: str, columns: list[str]) -> pd.DataFrame:
         """Only ``columns`` of one stored table (empty when nothing has been stored yet): a stage that needs a few
