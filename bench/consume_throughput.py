@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -130,7 +131,7 @@ def child(args) -> int:
         p = load_params(None, [f"alerts.batch_alerts={args.batch_alerts}", f"alerts.kafka.bootstrap_servers={bootstrap}",
                                f"alerts.kafka.topic={topic}", f"alerts.kafka.group_id={group}"])
         return cons.consume_kafka(p, out, model=model, max_alerts=min(int(n), args.max_alerts or int(n)),
-                                  idle_timeout_s=30 if group == "bench-first" else 5)
+                                  idle_timeout_s=30)
 
     t = time.perf_counter()
     first = run("bench-first")
@@ -172,35 +173,26 @@ def produce_to_kafka(directory: Path, topic: str):
 
 def measure(src: Path, alerts: Path, out: Path, model: str, tracking_uri: str, batch_alerts: int,
             max_alerts: int | None = None, kafka: bool = False) -> dict:
-    """One child run over ``alerts``: its directory, or with ``kafka`` a topic of a new mock cluster holding them."""
-    producer = None
-    if kafka:
-        producer, bootstrap = produce_to_kafka(alerts, "bench-alerts")
-        kafka = f"{bootstrap},bench-alerts,{max_alerts or len(list(alerts.glob('*.avro')))}"
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    report = _measure(src, alerts, out, model, tracking_uri, batch_alerts, max_alerts, kafka or None)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    del producer  # the mock cluster with it
-    # CPU of this process meanwhile: with Kafka, the mock broker serving the child (on the same two cores)
-    report["parent_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return report
-
-
-def _measure(src: Path, alerts: Path, out: Path, model: str, tracking_uri: str, batch_alerts: int,
-             max_alerts: int | None, kafka: str | None) -> dict:
+    """One child run over ``alerts``: its directory, or with ``kafka`` a topic of a new mock cluster holding them
+    (``parent_cpu_s``: this process's CPU meanwhile, the mock broker serving the child on the same cores)."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [sys.executable, __file__, "--child", "--alerts", str(alerts), "--out", str(out), "--model", model,
            "--tracking-uri", tracking_uri, "--batch-alerts", str(batch_alerts)]
     if max_alerts:
         cmd += ["--max-alerts", str(max_alerts)]
+    producer = None
     if kafka:
-        cmd += ["--kafka", kafka]
+        producer, bootstrap = produce_to_kafka(alerts, "bench-alerts")
+        cmd += ["--kafka", f"{bootstrap},bench-alerts,{max_alerts or len(list(alerts.glob('*.avro')))}"]
+    before = resource.getrusage(resource.RUSAGE_SELF)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    del producer  # the mock cluster with it
     if done.returncode:
         raise RuntimeError(f"child failed ({src}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report["parent_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return report
 
 
 def main() -> int:
