@@ -226,6 +226,10 @@ class TrainParams(Section):
                            "day (models/tcn.py SHAPE_FEATURES: age, days since peak, decline and rise in "
                            "magnitudes, decline rate, colours), through a hidden layer. Measured better than the plain average at "
                            "every age from 20 days (docs/model.md); false: the paper's linear head.")
+    age_input: Literal["none", "channel", "film"] = Field(
+        "none", description="How the convolutions know the object's age (days from the first detection to the last "
+                            "observed day, read from the input): not at all (the paper), as a constant input "
+                            "channel, or film: every block's features scaled and shifted by a small network of it.")
     imbalance: Literal["weights", "sampler", "both", "none", "source_sampler"] = Field(
         "weights", description="Class imbalance: class-weighted loss, balanced sampler, both, none, or "
                                "source_sampler: batches balanced over (label source, class), e.g. real SN II as "

@@ -130,10 +130,22 @@ def test_explicit_mask_is_used():
         torch.testing.assert_close(model(x, mask), expected)
 
 
-@pytest.mark.parametrize("readout", ["mean", "last", "mean_last", "shape"])
+def with_trained_film(model: TCN) -> TCN:
+    """``film`` starts as the identity (zero last layer); give it weights, as training would."""
+    if model.age_input == "film":
+        with torch.no_grad():
+            for p in model.film.parameters():
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("readout", ["mean", "last", "mean_last", "shape", "age_channel", "age_film"])
 def test_every_readout_ignores_days_after_the_last_detection_and_exports(readout):
     torch.manual_seed(0)
-    model = (TCN(shape=True) if readout == "shape" else TCN(readout=readout)).eval()
+    if readout.startswith("age_"):
+        model = with_trained_film(TCN(shape=True, age_input=readout[4:])).eval()
+    else:
+        model = (TCN(shape=True) if readout == "shape" else TCN(readout=readout)).eval()
     x = young_object(last_day=40)
     changed = x.clone()
     changed[:, :4, 41:] += 5.0  # GP extrapolation after the last detection day
@@ -153,6 +165,52 @@ def test_last_readout_reads_the_feature_of_the_last_observed_day():
     model = TCN(readout="last").eval()
     x = young_object(n=2, last_day=40)
     assert torch.allclose(model(x), model.head(model.features(x)[:, :, 40]), atol=1e-6)
+
+
+@pytest.mark.parametrize("age_input", ["channel", "film"])
+def test_age_input_makes_the_features_depend_on_the_age(age_input):
+    """The same days 0-40, read as a 40-day-old curve and as a 60-day-old one: only an age-aware network's
+    features of day 10 differ; the plain TCN's are causal."""
+    torch.manual_seed(0)
+    x = young_object(n=2, last_day=60)
+    young, old = torch.zeros(2, 100, dtype=torch.bool), torch.zeros(2, 100, dtype=torch.bool)
+    young[:, :41], old[:, :61] = True, True
+    plain = TCN().eval()
+    aware = with_trained_film(TCN(age_input=age_input)).eval()
+    with torch.no_grad():
+        assert torch.equal(plain.features(x, young)[:, :, 10], plain.features(x, old)[:, :, 10])
+        assert not torch.allclose(aware.features(x, young)[:, :, 10], aware.features(x, old)[:, :, 10])
+        # without a mask, the age is read from the input: its last detection day (60 here)
+        assert torch.allclose(aware.features(x), aware.features(x, old))
+
+
+def test_film_starts_as_the_plain_network():
+    torch.manual_seed(0)
+    model = TCN(age_input="film").eval()
+    x = young_object(n=2, last_day=40)
+    with torch.no_grad():
+        assert torch.equal(model.features(x), model.blocks(x))
+    assert sum(p.numel() for p in model.film.parameters()) > 0
+
+
+def test_age_input_survives_a_lightning_checkpoint(tmp_path):
+    from deeprubin.models.lit import LitTCN
+
+    torch.manual_seed(0)
+    lit = LitTCN(shape=True, age_input="film")
+    with_trained_film(lit.model)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": lit.state_dict(), "hyper_parameters": dict(lit.hparams),
+                "pytorch-lightning_version": "2.0.0"}, path)
+    loaded = LitTCN.load_from_checkpoint(path, map_location="cpu").eval()
+    assert loaded.model.age_input == "film"
+    x = young_object(n=2, last_day=40)
+    assert torch.allclose(loaded(x), lit.eval()(x))
+
+
+def test_unknown_age_input_is_an_error():
+    with pytest.raises(ValueError, match="age_input"):
+        TCN(age_input="token")
 
 
 def test_unknown_readout_is_an_error():

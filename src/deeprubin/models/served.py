@@ -68,7 +68,7 @@ def untrained_served_model(params: TrainParams | None = None, seed: int = 0, n_c
     torch.manual_seed(seed)
     nets = [TCN(n_channels=len(CHANNELS), n_classes=n_classes, hidden=p.hidden, kernel_size=p.kernel_size,
                 levels=p.levels, dropout=p.dropout, readout=p.readout, flux_scale=p.flux_compression,
-                shape=p.shape_features) for _ in range(p.members)]
+                shape=p.shape_features, age_input=p.age_input) for _ in range(p.members)]
     return ProbabilityTCN(nets[0] if p.members == 1 else TCNEnsemble(nets)).eval()
 
 

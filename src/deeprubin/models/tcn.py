@@ -7,7 +7,11 @@ residual when the number of channels changes. The features are averaged over the
 linear head gives one logit per class (QSO, CEP, SNIa, SNII in :data:`deeprubin.schema.CLASSES` order);
 :meth:`TCN.predict_proba` is their softmax. With ``shape=True`` (the project's default, ``train.shape_features``) the
 head also sees :data:`SHAPE_FEATURES`, the curve's rise, decline and colour in magnitudes measured on the GP means up
-to the last observed day, through one hidden layer (measured in docs/model.md).
+to the last observed day, through one hidden layer (measured in docs/model.md). With ``age_input`` the convolutions
+themselves know the object's age (days from the first detection to the last observed day, :func:`observed_age`):
+``channel`` adds it as a constant input channel, ``film`` scales and shifts every block's features by a function of it
+(FiLM, Perez et al. 2018), so that a 10-day-old curve can be read with other filters than a 60-day-old one. The
+per-day features then depend on that one number from the whole input besides the days up to ``t``.
 
 Receptive field: ``1 + convs_per_block * (kernel_size - 1) * (2**levels - 1)`` days (:func:`receptive_field`); the
 default (kernel 3, 5 levels) sees 125 days, so the feature at the last observed day sees the whole 100-day window.
@@ -37,6 +41,10 @@ from torch.nn.utils.parametrizations import weight_norm
 #: How the per-day features become one vector: ``mean`` over the observed days (the paper's global average pooling),
 #: ``last`` (the causal feature at the last observed day), or ``mean_last`` (both, concatenated).
 READOUTS: tuple[str, ...] = ("mean", "last", "mean_last")
+
+#: How the object's age reaches the convolutions: ``none`` (the paper), ``channel`` (a constant input channel) or
+#: ``film`` (every block's features scaled and shifted by a small network of the age).
+AGE_INPUTS: tuple[str, ...] = ("none", "channel", "film")
 
 #: Indices of ``since_g`` and ``since_r`` in :data:`deeprubin.lightcurves.tensorize.CHANNELS`.
 SINCE_CHANNELS: tuple[int, int] = (4, 5)
@@ -75,6 +83,15 @@ def shape_features(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     colour_now = (mag(now[:, 0]) - mag(now[:, 1])).unsqueeze(1)
     return torch.cat([(last_day / t).unsqueeze(1), since_peak / t, decline, rise, rate, colour_peak, colour_now],
                      dim=1)
+
+
+def observed_age(mask: torch.Tensor) -> torch.Tensor:
+    """(N, 2): the last observed day of ``mask`` (N, T) as a fraction of the window and as ``log1p(day) /
+    log1p(T)`` (resolving the first days, where the classes separate fastest)."""
+    t = mask.shape[1]
+    days = torch.arange(t, device=mask.device, dtype=torch.float32)
+    last = torch.where(mask.to(torch.bool), days, torch.zeros_like(days)).amax(dim=1)
+    return torch.stack([last / t, torch.log1p(last) / math.log1p(t)], dim=1)
 
 
 def receptive_field(kernel_size: int, levels: int, convs_per_block: int = 2) -> int:
@@ -133,7 +150,8 @@ class TCN(nn.Module):
 
     def __init__(self, n_channels: int = 6, n_classes: int = 4, hidden: int = 32, kernel_size: int = 3,
                  levels: int = 5, dropout: float = 0.1, since_channels: Sequence[int] | None = SINCE_CHANNELS,
-                 readout: str = "mean", flux_scale: float | None = None, shape: bool = False):
+                 readout: str = "mean", flux_scale: float | None = None, shape: bool = False,
+                 age_input: str = "none"):
         super().__init__()
         if hidden < 1 or levels < 1 or kernel_size < 2 or not 0 <= dropout < 1:
             raise ValueError(f"bad TCN shape: hidden={hidden}, levels={levels}, kernel_size={kernel_size}, "
@@ -141,15 +159,23 @@ class TCN(nn.Module):
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}; got {readout!r}")
         self.readout = readout
+        if age_input not in AGE_INPUTS:
+            raise ValueError(f"age_input must be one of {AGE_INPUTS}; got {age_input!r}")
+        self.age_input = age_input
         if flux_scale is not None and not flux_scale > 0:
             raise ValueError(f"flux_scale must be positive or None; got {flux_scale}")
         self.flux_scale = flux_scale
         self.n_channels, self.n_classes = n_channels, n_classes
         self.kernel_size, self.levels = kernel_size, levels
         self.since_channels = tuple(since_channels) if since_channels is not None else None
+        n_in = n_channels + (2 if age_input == "channel" else 0)
         self.blocks = nn.Sequential(*[
-            TemporalBlock(n_channels if k == 0 else hidden, hidden, kernel_size, 2 ** k, dropout)
+            TemporalBlock(n_in if k == 0 else hidden, hidden, kernel_size, 2 ** k, dropout)
             for k in range(levels)])
+        if age_input == "film":  # per block, a scale and a shift of every channel; zero at start: the plain TCN
+            self.film = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 2 * hidden * levels))
+            nn.init.zeros_(self.film[2].weight)
+            nn.init.zeros_(self.film[2].bias)
         pooled = hidden * (2 if readout == "mean_last" else 1)
         self.shape = bool(shape)
         if self.shape:  # pooled features and the shape of the curve, combined non-linearly
@@ -162,11 +188,24 @@ class TCN(nn.Module):
     def receptive_field(self) -> int:
         return receptive_field(self.kernel_size, self.levels)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-day features before pooling, (N, hidden, T); day ``t`` depends on input days ``<= t`` only."""
+    def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-day features before pooling, (N, hidden, T); day ``t`` depends on input days ``<= t`` only (and, with
+        ``age_input``, on the age: the last day of ``mask``, or of the observed days when it is None)."""
+        self.check_input(x)
+        h = self.compress_flux(x)
+        if self.age_input == "none":
+            return self.blocks(h)
+        age = observed_age(self.pool_mask(x) if mask is None else mask).to(h.dtype)  # (N, 2)
+        if self.age_input == "channel":
+            return self.blocks(torch.cat([h, age.unsqueeze(2).expand(-1, -1, h.shape[2])], dim=1))
+        film = self.film(age).view(h.shape[0], self.levels, 2, -1, 1)  # (N, level, scale/shift, hidden, 1)
+        for k, block in enumerate(self.blocks):
+            h = block(h) * (1 + film[:, k, 0]) + film[:, k, 1]
+        return h
+
+    def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[1] != self.n_channels:
             raise ValueError(f"expected input (N, {self.n_channels}, T), got {tuple(x.shape)}")
-        return self.blocks(self.compress_flux(x))
 
     def compress_flux(self, x: torch.Tensor) -> torch.Tensor:
         """With ``flux_scale`` k: GP means m -> asinh(k m) (linear near 0, logarithmic above 1/k, like a magnitude
@@ -184,8 +223,10 @@ class TCN(nn.Module):
         return observed_mask(x, self.since_channels)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.features(x)
-        m = (self.pool_mask(x) if mask is None else mask.bool()).to(h.dtype).unsqueeze(1)
+        self.check_input(x)
+        observed = self.pool_mask(x) if mask is None else mask.bool()
+        h = self.features(x, observed)
+        m = observed.to(h.dtype).unsqueeze(1)
         mean = (h * m).sum(dim=2) / m.sum(dim=2).clamp_min(1.0)
         if self.readout == "mean":
             pooled = mean
