@@ -326,10 +326,14 @@ def _pick(frame: pd.DataFrame, aliases: dict[str, tuple[str, ...]], name: str) -
     return None
 
 
+#: isdiffpos spellings (stripped, lower case) of a negative difference; anything else is positive
+ISDIFFPOS_NEGATIVE = frozenset({"f", "false", "-1", "-1.0", "0", "0.0", "n", "no"})
+
+
 def isdiffpos_sign(values: pd.Series) -> np.ndarray:
     """ALeRCE/ZTF isdiffpos ('t'/'f', 1/-1, True/False, '1'/'0') -> +1 / -1; unknown is +1."""
     text = values.astype(str).str.strip().str.lower()
-    negative = text.isin({"f", "false", "-1", "-1.0", "0", "0.0", "n", "no"})
+    negative = text.isin(ISDIFFPOS_NEGATIVE)
     return np.where(negative.to_numpy(), -1.0, 1.0)
 
 
