@@ -406,6 +406,7 @@ def test_directory_consumer_end_to_end_with_a_registered_model(tmp_path, registr
     assert report["alerts_read"] == 10 and report["classified"] == 10 and report["malformed"] == 0
     assert report["objects_tracked"] == 2 and report["model_version"] == "1" and report["batches"] == 3
     assert report["alerts_per_s"] > 0
+    assert 0 <= report["first_alert_s"] <= report["seconds"]
     rows = read_classifications(out)
     assert list(rows.columns) == OUTPUT_COLUMNS
     assert set(rows["format"]) == {"ztf", "lsst"} and set(rows["oid"]) == {"ZTF24aaaaaaa", "313"}

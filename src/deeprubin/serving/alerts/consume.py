@@ -275,6 +275,7 @@ class ConsumeResult:
     batches: int = 0
     parts_written: int = 0
     seconds: float = 0.0
+    first_alert_s: float | None = None  # from the start to the first packet read (Kafka: the group join)
     model_uri: str = ""
     model_version: str = ""
     interrupted: bool = False  # stopped by Ctrl-C: the batch in hand was still written (and committed)
@@ -291,6 +292,7 @@ class ConsumeResult:
                 "malformed": self.malformed, "duplicates": self.duplicates,
                 "objects_tracked": self.objects_tracked, "objects_evicted": self.objects_evicted,
                 "batches": self.batches, "parts_written": self.parts_written, "seconds": round(self.seconds, 3),
+                "first_alert_s": None if self.first_alert_s is None else round(self.first_alert_s, 3),
                 "alerts_per_s": round(self.alerts_per_s, 2) if self.seconds > 0 else None,
                 "model_uri": self.model_uri, "model_version": self.model_version, "interrupted": self.interrupted}
 
@@ -346,6 +348,8 @@ def consume(source: Iterable[Item | _Idle], classifier: AlertClassifier, writer:
             if isinstance(item, _Idle):
                 flush()
                 continue
+            if n == 0:
+                result.first_alert_s = time.perf_counter() - started
             batch.append(item)
             n += 1
             if len(batch) >= batch_alerts:
