@@ -99,7 +99,7 @@ def serving_model(uri: str | None, tracking_uri: str) -> served.ServingModel:
         print(f"note: no champion in {tracking_uri} ({type(exc).__name__}); an untrained TCN of the configured shape "
               f"(hidden {t.hidden}, levels {t.levels}, kernel {t.kernel_size}) is used")
         return served.ServingModel(uri="untrained", name="untrained-tcn", version="0", classes=tuple(CLASSES),
-                                module=untrained_served_model(t))
+                                module=untrained_served_model(t, grid_days=load_params(None).preprocess.grid_days))
 
 
 def sklearn_interpolator(preps):

@@ -108,7 +108,7 @@ def local_model(workdir: Path) -> tuple[str, str]:
     p = load_params(None)
     prep = Preprocessing(p.preprocess.grid_days, p.preprocess.fit_context_days, channels=CHANNELS)
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
-    version = log_and_register(untrained_served_model(p.train), tracking, "bench-tcn", CLASSES,
+    version = log_and_register(untrained_served_model(p.train, grid_days=prep.grid_days), tracking, "bench-tcn", CLASSES,
                                artifact_location=str(workdir / "artifacts"), preprocessing=prep)
     return f"models:/bench-tcn/{version}", tracking
 

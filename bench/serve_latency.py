@@ -69,11 +69,14 @@ def percentiles(ms: np.ndarray) -> dict[str, float]:
 
 def register_untrained(directory: Path) -> tuple[str, str]:
     """An untrained TCN of the training shape, logged and registered like training does; (model_uri, tracking_uri)."""
-    from deeprubin.schema import CLASSES
+    from deeprubin.lightcurves.tensorize import CHANNELS
     from deeprubin.models.served import log_and_register, untrained_served_model
+    from deeprubin.processed import Preprocessing
+    from deeprubin.schema import CLASSES
 
     uri = f"sqlite:///{directory / 'mlflow.db'}"
-    log_and_register(untrained_served_model(), uri, "deeprubin-tcn", CLASSES, alias="champion",
+    window = Preprocessing(channels=CHANNELS).grid_days  # as training makes it: the network knows its window
+    log_and_register(untrained_served_model(grid_days=window), uri, "deeprubin-tcn", CLASSES, alias="champion",
                      experiment="bench-serve", artifact_location=(directory / "artifacts").as_uri())
     return DEFAULT_MODEL, uri
 

@@ -158,7 +158,17 @@ def test_registered_model_loads_and_predicts_probabilities(trained):
     assert torch.allclose(p.sum(dim=1), torch.ones(5), atol=1e-5) and (p >= 0).all()
     q = np.asarray(pyfunc.predict(x.numpy()))
     assert np.allclose(q, p.numpy(), atol=1e-5)
-    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 6, 100)
+    # the network knows its 100-day window: it takes any number of days up to it (serving gives it those up to the
+    # last detection), with the same probabilities
+    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 6, -1)
+    from deeprubin.models.served import observed_lengths
+
+    everything, _ = load_processed(root / "processed")
+    young = torch.from_numpy(np.asarray(everything[np.argsort(observed_lengths(everything))[:5]], dtype=np.float32))
+    days = int(observed_lengths(young.numpy()).max())
+    assert days < 100
+    with torch.no_grad():
+        assert torch.allclose(model(young[:, :, :days]), model(young), atol=1e-6)
 
 
 def test_dvc_outputs(trained):

@@ -68,13 +68,14 @@ class AgeTemperature(nn.Module):
         if not all(math.isfinite(t) and t > 0 for t in temperatures):
             raise ValueError(f"temperatures must be finite and positive: {temperatures}")
         self.since_channels = tuple(int(c) for c in since_channels)
+        self.grid_days: int | None = None  # the network's window, when it is given only the first days (served.py)
         self.register_buffer("edges", torch.tensor(edges, dtype=torch.float32))
         self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.temperatures.shape[0] == 1:
             return logits / self.temperatures[0]
-        age = age_days(x, self.since_channels)
+        age = age_days(x, self.since_channels, self.grid_days)
         k = (age.unsqueeze(1) >= self.edges[1:].unsqueeze(0)).sum(dim=1)
         return logits / self.temperatures[k].unsqueeze(1)
 

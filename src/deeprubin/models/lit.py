@@ -43,7 +43,7 @@ class LitTCN(pl.LightningModule):
                  kernel_size: int = 3, levels: int = 5, dropout: float = 0.1, lr: float = 1e-3,
                  class_weights: Sequence[float] | None = None, lr_plateau_patience: int = 0, readout: str = "mean",
                  flux_scale: float | None = None, shape: bool = False, members: int = 1,
-                 age_input: str = "none"):
+                 age_input: str = "none", grid_days: int | None = None):
         super().__init__()
         classes = [str(c) for c in classes]
         if class_weights is not None:
@@ -54,7 +54,8 @@ class LitTCN(pl.LightningModule):
                                    "kernel_size": kernel_size, "levels": levels, "dropout": dropout, "lr": lr,
                                    "class_weights": class_weights, "lr_plateau_patience": lr_plateau_patience,
                                    "readout": readout, "flux_scale": flux_scale, "shape": shape,
-                                   "members": members, "age_input": age_input}, logger=False)
+                                   "members": members, "age_input": age_input,
+                                   "grid_days": grid_days}, logger=False)
         self.classes = tuple(classes)
         self.lr = lr
         self.lr_plateau_patience = lr_plateau_patience
@@ -62,7 +63,7 @@ class LitTCN(pl.LightningModule):
         if members < 1:
             raise ValueError(f"members must be at least 1; got {members}")
         nets = [TCN(n_channels, len(classes), hidden, kernel_size, levels, dropout, readout=readout,
-                    flux_scale=flux_scale, shape=shape, age_input=age_input) for _ in range(members)]
+                    flux_scale=flux_scale, shape=shape, age_input=age_input, grid_days=grid_days) for _ in range(members)]
         self.model = nets[0] if members == 1 else TCNEnsemble(nets)
         self.register_buffer("class_weights",
                              None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32))

@@ -51,6 +51,13 @@ class ProbabilityTCN(nn.Module):
         super().__init__()
         self.tcn = tcn
         self.calibration = calibration
+        if calibration is not None:
+            calibration.grid_days = self.grid_days
+
+    @property
+    def grid_days(self) -> int | None:
+        """The window of the network's input when it may be given only its first days (see :func:`predict`)."""
+        return getattr(self.tcn, "grid_days", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.tcn(x)
@@ -59,16 +66,18 @@ class ProbabilityTCN(nn.Module):
         return torch.softmax(logits, dim=1)
 
 
-def untrained_served_model(params: TrainParams | None = None, seed: int = 0, n_classes: int = 4) -> ProbabilityTCN:
+def untrained_served_model(params: TrainParams | None = None, seed: int = 0, n_classes: int = 4,
+                           grid_days: int | None = None) -> ProbabilityTCN:
     """A freshly initialised network of the configured shape, in the served form: benchmarks of speed (which does
-    not depend on the weights) and tests that need a real model in a registry, not a good one."""
+    not depend on the weights) and tests that need a real model in a registry, not a good one. ``grid_days``: its
+    window, as training gives it (then it takes fewer days: :func:`time_cut`); None: the input's length."""
     from deeprubin.models.tcn import TCN, TCNEnsemble
 
     p = params or TrainParams()
     torch.manual_seed(seed)
     nets = [TCN(n_channels=len(CHANNELS), n_classes=n_classes, hidden=p.hidden, kernel_size=p.kernel_size,
                 levels=p.levels, dropout=p.dropout, readout=p.readout, flux_scale=p.flux_compression,
-                shape=p.shape_features, age_input=p.age_input) for _ in range(p.members)]
+                shape=p.shape_features, age_input=p.age_input, grid_days=grid_days) for _ in range(p.members)]
     return ProbabilityTCN(nets[0] if p.members == 1 else TCNEnsemble(nets)).eval()
 
 
@@ -96,6 +105,10 @@ def log_model(model: nn.Module, example: np.ndarray, classes: Sequence[str], pre
 
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    if getattr(model, "grid_days", None) is not None:  # any number of days up to the window: a dynamic T in the export
+        from mlflow.types.schema import Schema, TensorSpec
+
+        signature.inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, example.shape[1], -1))])
     calibration = getattr(model, "calibration", None)
     metadata = {METADATA_KEY: {"classes": list(classes), "preprocessing": preprocessing.as_dict(),
                                "calibration": calibration.as_dict() if calibration is not None else None}}
@@ -114,6 +127,9 @@ def log_and_register(model: nn.Module, tracking_uri: str, name: str, classes: Se
     from deeprubin.tracking import using
 
     preprocessing = preprocessing or Preprocessing(channels=CHANNELS)
+    if getattr(model, "grid_days", None) not in (None, preprocessing.grid_days):
+        raise ValueError(f"the network's window is {model.grid_days} days, its preprocessing's "
+                         f"{preprocessing.grid_days}")
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(
@@ -179,13 +195,54 @@ class ServingModel:
 
 def predict(module, x: np.ndarray, batch: int, device: str, n_classes: int, dtype: type = np.float64) -> np.ndarray:
     """Probabilities of ``module`` (a probability network) on ``x``, ``batch`` rows at a time, as ``dtype``
-    (float64 for output files; float32 is the network's own precision)."""
-    out = []
+    (float64 for output files; float32 is the network's own precision).
+
+    A network that takes a shorter window (:func:`time_cut`) gets each batch only up to its curves' last detection
+    day: its causal features, pooled over the observed days, do not depend on the days after (young curves, most of
+    an alert stream's, use a fraction of the 100 days). Rows are batched by that length (sorted), answered in their
+    own order."""
+    if not len(x):
+        return np.zeros((0, n_classes), dtype=dtype)
+    out: np.ndarray | None = None
+    lengths = observed_lengths(x) if time_cut(module) else None
+    order = np.argsort(lengths, kind="stable") if lengths is not None else None
     with torch.inference_mode():
         for i in range(0, len(x), batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32)).to(device)
-            out.append(np.asarray(module(chunk).detach().cpu().numpy(), dtype=dtype))
-    return np.concatenate(out) if out else np.zeros((0, n_classes), dtype=dtype)
+            if order is None:
+                rows, part = slice(i, i + batch), x[i:i + batch]
+            else:
+                rows = order[i:i + batch]
+                part = x[rows, :, :int(lengths[rows].max())]
+            chunk = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32)).to(device)
+            p = np.asarray(module(chunk).detach().cpu().numpy(), dtype=dtype)
+            if out is None:
+                out = np.empty((len(x), p.shape[1]), dtype=dtype)
+            out[rows] = p
+    return out
+
+
+def time_cut(module) -> bool:
+    """Whether ``module`` may be given fewer days than its window: an in-process network that knows its window
+    (``grid_days``), or a loaded graph exported with a dynamic time dimension
+    (:data:`deeprubin.models.trusted.TIME_CUT_ATTRIBUTE`)."""
+    from deeprubin.models.trusted import TIME_CUT_ATTRIBUTE
+
+    return bool(getattr(module, TIME_CUT_ATTRIBUTE, False)) or getattr(module, "grid_days", None) is not None
+
+
+MIN_CUT_DAYS = 2  # torch.export specialises sizes 0 and 1: a dynamic dimension is at least 2
+
+
+def observed_lengths(x: np.ndarray) -> np.ndarray:
+    """(N,) days each row of ``x`` (N, C, T) needs: up to its last detection day, by the rule of
+    :func:`deeprubin.models.tcn.observed_mask` (all T when it has none), at least :data:`MIN_CUT_DAYS`."""
+    from deeprubin.models.tcn import SINCE_CHANNELS, detection_threshold
+
+    t = x.shape[2]
+    since = np.minimum(x[:, SINCE_CHANNELS[0]], x[:, SINCE_CHANNELS[1]]).astype(np.float32, copy=False)
+    detected = since < np.float32(detection_threshold(t))  # float32, as the network compares
+    last = np.where(detected.any(axis=1), t - 1 - np.argmax(detected[:, ::-1], axis=1), t - 1)
+    return np.clip(last + 1, min(MIN_CUT_DAYS, t), t)
 
 
 def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:

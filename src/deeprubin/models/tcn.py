@@ -61,11 +61,12 @@ SHAPE_FEATURES: tuple[str, ...] = (
 SHAPE_FLOOR = 0.01  # GP means (peak = 1) below this count as 5 magnitudes below the peak: noise and negative flux
 
 
-def shape_features(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def shape_features(x: torch.Tensor, mask: torch.Tensor, grid_days: int | None = None) -> torch.Tensor:
     """(N, len(SHAPE_FEATURES)) from the GP mean channels of ``x`` (N, C, T) over the observed days ``mask``
-    (N, T); magnitudes in units of 2.5 mag, days in units of the window, so that every feature is of order 1."""
-    t = x.shape[2]
-    days = torch.arange(t, device=x.device, dtype=x.dtype)
+    (N, T); magnitudes in units of 2.5 mag, days in units of the window (``grid_days``; None: T), so that every
+    feature is of order 1."""
+    t = x.shape[2] if grid_days is None else grid_days
+    days = torch.arange(x.shape[2], device=x.device, dtype=x.dtype)
     m = mask.to(torch.bool)
     mean = x[:, 0:2]
 
@@ -85,11 +86,11 @@ def shape_features(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                      dim=1)
 
 
-def observed_age(mask: torch.Tensor) -> torch.Tensor:
-    """(N, 2): the last observed day of ``mask`` (N, T) as a fraction of the window and as ``log1p(day) /
-    log1p(T)`` (resolving the first days, where the classes separate fastest)."""
-    t = mask.shape[1]
-    days = torch.arange(t, device=mask.device, dtype=torch.float32)
+def observed_age(mask: torch.Tensor, grid_days: int | None = None) -> torch.Tensor:
+    """(N, 2): the last observed day of ``mask`` (N, T) as a fraction of the window (``grid_days``; None: T) and as
+    ``log1p(day) / log1p(window)`` (resolving the first days, where the classes separate fastest)."""
+    t = mask.shape[1] if grid_days is None else grid_days
+    days = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32)
     last = torch.where(mask.to(torch.bool), days, torch.zeros_like(days)).amax(dim=1)
     return torch.stack([last / t, torch.log1p(last) / math.log1p(t)], dim=1)
 
@@ -106,22 +107,28 @@ def detection_threshold(grid_days: int) -> float:
     return math.log1p(1.0) / math.log1p(grid_days) - 1e-6
 
 
-def age_days(x: torch.Tensor, since_channels: Sequence[int] = SINCE_CHANNELS) -> torch.Tensor:
+def age_days(x: torch.Tensor, since_channels: Sequence[int] = SINCE_CHANNELS, grid_days: int | None = None
+             ) -> torch.Tensor:
     """(N,) float: days from the window start to the last detection, read from the input itself: at the last grid
     day ``T - 1``, ``dt = expm1(min(since_g, since_r) * log1p(T))`` days have passed since the latest detection, so
     the last detection is at day ``T - 1 - dt``. The window starts at the first detection unless the curve spans
     more than ``T - 1`` days (:mod:`deeprubin.lightcurves.window`), so this is the days since the first detection,
-    capped at ``T - 1`` (exact to float32 rounding, not rounded to grid days)."""
+    capped at ``T - 1`` (exact to float32 rounding, not rounded to grid days). ``grid_days``: the window the since
+    channels were written for, when ``x`` holds only its first T days (None: T)."""
     t = x.shape[2]
-    since_last = x[:, list(since_channels), t - 1].amin(dim=1)
-    return ((t - 1) - torch.expm1(since_last * math.log1p(t))).clamp(0.0, float(t - 1))
+    since_last = x[:, list(since_channels), -1].amin(dim=1)
+    window = t if grid_days is None else grid_days
+    # dt >= 0 keeps the age <= T - 1 without a clamp on T (a symbolic T stays symbolic in an export)
+    return ((t - 1) - torch.expm1(since_last * math.log1p(window)).clamp(min=0.0)).clamp(min=0.0)
 
 
-def observed_mask(x: torch.Tensor, since_channels: Sequence[int] = SINCE_CHANNELS) -> torch.Tensor:
-    """(N, T) bool: days 0 .. last detection day of each object (all days when it has none); see the module doc."""
+def observed_mask(x: torch.Tensor, since_channels: Sequence[int] = SINCE_CHANNELS, grid_days: int | None = None
+                  ) -> torch.Tensor:
+    """(N, T) bool: days 0 .. last detection day of each object (all days when it has none); see the module doc.
+    ``grid_days``: the window the since channels were written for (None: T)."""
     t = x.shape[2]
     since = x[:, list(since_channels)].amin(dim=1)
-    detected = since < detection_threshold(t)
+    detected = since < detection_threshold(t if grid_days is None else grid_days)
     days = torch.arange(t, device=x.device)
     last = torch.where(detected, days, torch.full_like(days, -1)).amax(dim=1)
     last = torch.where(last < 0, torch.full_like(last, t - 1), last)
@@ -151,7 +158,7 @@ class TCN(nn.Module):
     def __init__(self, n_channels: int = 6, n_classes: int = 4, hidden: int = 32, kernel_size: int = 3,
                  levels: int = 5, dropout: float = 0.1, since_channels: Sequence[int] | None = SINCE_CHANNELS,
                  readout: str = "mean", flux_scale: float | None = None, shape: bool = False,
-                 age_input: str = "none"):
+                 age_input: str = "none", grid_days: int | None = None):
         super().__init__()
         if hidden < 1 or levels < 1 or kernel_size < 2 or not 0 <= dropout < 1:
             raise ValueError(f"bad TCN shape: hidden={hidden}, levels={levels}, kernel_size={kernel_size}, "
@@ -159,6 +166,10 @@ class TCN(nn.Module):
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}; got {readout!r}")
         self.readout = readout
+        # The window the input was made for. Set, the network reads the since channels and scales its features by it
+        # rather than by the input's length, so it can be given only the first days up to the last detection (a
+        # causal network's features there do not depend on later days): what serving does (served.predict).
+        self.grid_days = grid_days
         if age_input not in AGE_INPUTS:
             raise ValueError(f"age_input must be one of {AGE_INPUTS}; got {age_input!r}")
         self.age_input = age_input
@@ -195,7 +206,7 @@ class TCN(nn.Module):
         h = self.compress_flux(x)
         if self.age_input == "none":
             return self.blocks(h)
-        age = observed_age(self.pool_mask(x) if mask is None else mask).to(h.dtype)  # (N, 2)
+        age = observed_age(self.pool_mask(x) if mask is None else mask, self.grid_days).to(h.dtype)  # (N, 2)
         if self.age_input == "channel":
             return self.blocks(torch.cat([h, age.unsqueeze(2).expand(-1, -1, h.shape[2])], dim=1))
         film = self.film(age).view(h.shape[0], self.levels, 2, -1, 1)  # (N, level, scale/shift, hidden, 1)
@@ -220,7 +231,7 @@ class TCN(nn.Module):
     def pool_mask(self, x: torch.Tensor) -> torch.Tensor:
         if self.since_channels is None:
             return torch.ones(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
-        return observed_mask(x, self.since_channels)
+        return observed_mask(x, self.since_channels, self.grid_days)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
@@ -236,7 +247,7 @@ class TCN(nn.Module):
             last = h.gather(2, last_day.view(-1, 1, 1).expand(-1, h.shape[1], 1)).squeeze(2)
             pooled = last if self.readout == "last" else torch.cat([mean, last], dim=1)
         if self.shape:
-            pooled = torch.cat([pooled, shape_features(x, m.squeeze(1) > 0)], dim=1)
+            pooled = torch.cat([pooled, shape_features(x, m.squeeze(1) > 0, self.grid_days)], dim=1)
         return self.head(pooled)
 
     @torch.no_grad()
@@ -259,6 +270,10 @@ class TCNEnsemble(nn.Module):
     @property
     def receptive_field(self) -> int:
         return self.members[0].receptive_field
+
+    @property
+    def grid_days(self) -> int | None:
+        return self.members[0].grid_days
 
     def member_logits(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(K members, N, n_classes)."""

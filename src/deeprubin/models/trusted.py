@@ -132,7 +132,7 @@ _EXPR_TOKEN = re.compile(r"\s+|'[a-z]+[0-9]+'|[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-
                          r"==|!=|<=|>=|//|[-+*/%(),=<>]")
 _SHAPE_SYMBOL = re.compile(r"[a-z]+[0-9]+")
 _EXPR_NAMES = frozenset({
-    "Symbol", "Integer", "Rational", "Float", "True", "False", "positive", "negative", "integer", "nonnegative",
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "True", "False", "positive", "negative", "integer", "nonnegative",
     "nonpositive", "real", "finite", "zero", "nonzero", "even", "odd", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le",
     "Gt", "Ge", "And", "Or", "Not", "oo", "int_oo",
     # torch.utils._sympy.functions, as the deserializer names them
@@ -310,4 +310,23 @@ def load_checked(model_dir: Path | str, where: str | None = None) -> tuple[Any, 
     except Exception as exc:  # noqa: BLE001 - a checked archive that torch still cannot read (another torch?)
         raise ModelRejected(where, f"torch cannot load its {EXPORTED_FILE} ({type(exc).__name__}: "
                                    f"{_one_line(exc)[:200]})") from None
-    return program.module(), spec
+    module = program.module()
+    module.deeprubin_time_cut = _dynamic_time(program)
+    return module, spec
+
+
+#: Set on a loaded network whose time dimension was exported dynamic (a network with ``grid_days``): serving may
+#: give it only the days up to each curve's last detection (:func:`deeprubin.models.served.predict`).
+TIME_CUT_ATTRIBUTE = "deeprubin_time_cut"
+
+
+def _dynamic_time(program) -> bool:
+    """Whether the exported program's input ``(N, C, T)`` has a symbolic T."""
+    import torch
+
+    names = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            shape = getattr(node.meta.get("val"), "shape", ())
+            return len(shape) == 3 and isinstance(shape[2], torch.SymInt)
+    return False

@@ -395,7 +395,7 @@ def run(params: Params, paths: TrainPaths, progress: Progress | None = None) -> 
         return LitTCN(n_channels=dm.n_channels, classes=base.classes, hidden=cfg.hidden,
                       kernel_size=cfg.kernel_size, levels=cfg.levels, dropout=cfg.dropout, readout=cfg.readout,
                       flux_scale=cfg.flux_compression, shape=cfg.shape_features, members=members,
-                      age_input=cfg.age_input,
+                      age_input=cfg.age_input, grid_days=preprocessing.grid_days,
                       lr=cfg.lr, lr_plateau_patience=cfg.lr_plateau_patience,
                       class_weights=None if dm.class_weights is None else dm.class_weights.tolist())
 
