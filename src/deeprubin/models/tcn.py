@@ -26,6 +26,11 @@ window start while detection times are fractional, so ``since`` is exactly 0 onl
 point (the first detection of a young object, the last of a long one); the ``dt < 1`` rule agrees with ``== 0`` there
 and also finds the other detection days. An input with no detection day is pooled over all days. A caller may pass
 its own ``mask`` (N, T) instead.
+
+A network built with ``grid_days`` (training sets the preprocessing's window) reads the since channels and scales
+its age and shape features by that window instead of by the input's length, so it may be given only the first days
+of it: the days up to the last detection are all its output depends on (causal features, pooled over the observed
+days). Serving does that (:func:`deeprubin.models.served.predict`); young curves need a fraction of the window.
 """
 
 from __future__ import annotations
