@@ -152,9 +152,27 @@ class TemporalBlock(nn.Module):
         self.residual = nn.Conv1d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(F.relu(self.conv1(F.pad(x, (self.left_pad, 0)))))
-        h = self.dropout(F.relu(self.conv2(F.pad(h, (self.left_pad, 0)))))
-        return F.relu(h + self.residual(x))
+        """``x`` (N, C, T), or (N, C, 1, T) in channels-last layout (what :meth:`TCN.features` passes between blocks).
+
+        The convolutions run as 2-D ones of height 1 on channels-last tensors, with the same weights: oneDNN's 2-D
+        kernels in that layout took 1.5x less time than its 1-D ones for these 32-channel layers on one core
+        (the same values to float32 rounding)."""
+        if x.ndim == 3:
+            return self.forward(as_rows(x)).squeeze(2)
+        h = self.dropout(F.relu(self._conv(self.conv1, x)))
+        h = self.dropout(F.relu(self._conv(self.conv2, h)))
+        if isinstance(self.residual, nn.Identity):
+            return F.relu(h + x)
+        return F.relu(h + F.conv2d(x, self.residual.weight.unsqueeze(2), self.residual.bias))
+
+    def _conv(self, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (self.left_pad, 0)).contiguous(memory_format=torch.channels_last)  # causal: the left only
+        return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, dilation=(1, conv.dilation[0]))
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, T) -> (N, C, 1, T), channels-last."""
+    return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
 
 
 class TCN(nn.Module):
@@ -210,14 +228,15 @@ class TCN(nn.Module):
         self.check_input(x)
         h = self.compress_flux(x)
         if self.age_input == "none":
-            return self.blocks(h)
+            return self.blocks(as_rows(h)).squeeze(2)
         age = observed_age(self.pool_mask(x) if mask is None else mask, self.grid_days).to(h.dtype)  # (N, 2)
         if self.age_input == "channel":
-            return self.blocks(torch.cat([h, age.unsqueeze(2).expand(-1, -1, h.shape[2])], dim=1))
-        film = self.film(age).view(h.shape[0], self.levels, 2, -1, 1)  # (N, level, scale/shift, hidden, 1)
+            return self.blocks(as_rows(torch.cat([h, age.unsqueeze(2).expand(-1, -1, h.shape[2])], dim=1))).squeeze(2)
+        film = self.film(age).view(h.shape[0], self.levels, 2, -1, 1, 1)  # (N, level, scale/shift, hidden, 1, 1)
+        h = as_rows(h)
         for k, block in enumerate(self.blocks):
             h = block(h) * (1 + film[:, k, 0]) + film[:, k, 1]
-        return h
+        return h.squeeze(2)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[1] != self.n_channels:
