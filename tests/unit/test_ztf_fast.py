@@ -17,7 +17,7 @@ from tests.alert_packets import ZTF_SCHEMA, ztf_alert_record, ztf_ocf, ztf_point
 
 def fastavro_path(data: bytes, name: str, monkeypatch) -> list:
     with monkeypatch.context() as m:
-        m.setattr(ztf_fast, "decode_ocf", lambda _data: None)
+        m.setattr(packets, "decode_ocf", lambda _data: None)
         return decode_packet(data, name)
 
 
@@ -218,7 +218,7 @@ def test_a_non_ascii_isdiffpos_is_declined(monkeypatch):
 def test_the_compiled_reader_is_what_decode_packet_uses(monkeypatch):
     calls = []
     real = ztf_fast.decode_ocf
-    monkeypatch.setattr(ztf_fast, "decode_ocf", lambda data: calls.append(1) or real(data))
+    monkeypatch.setattr(packets, "decode_ocf", lambda data: calls.append(1) or real(data))
     [alert] = decode_packet(ztf_ocf([ztf_alert_record("ZTFz", 15, 59000.0, 1, 18.0)]), "p")
     assert isinstance(alert, Alert) and calls == [1]
     assert math.isclose(alert.mjd, 59000.0, abs_tol=1e-6)

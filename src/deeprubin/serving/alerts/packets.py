@@ -48,7 +48,7 @@ import numba
 import numpy as np
 import pandas as pd
 
-from deeprubin.serving.alerts import ztf_fast
+from deeprubin.serving.alerts.ztf_fast import Decoded, decode_ocf
 from deeprubin.schema import BAND_INDEX, MJD_FROM_JD, ZTF_FID_TO_BAND, isdiffpos_sign, mag_to_flux
 
 FORMATS = ("auto", "ztf", "lsst")
@@ -347,7 +347,7 @@ def decode_packet(data: bytes, packet: str, format: str = "auto", lsst_schema_ve
     if not data:
         return [Malformed(packet, "empty packet")]
     if data[:4] == OCF_MAGIC and format != "lsst":
-        fast = ztf_fast.decode_ocf(data)
+        fast = decode_ocf(data)
         if fast:
             return [_fast_item(d, packet if len(fast) == 1 else f"{packet}#{i}") for i, d in enumerate(fast)]
     records: list[tuple[str, Any]] = []
@@ -390,7 +390,7 @@ def decode_packet(data: bytes, packet: str, format: str = "auto", lsst_schema_ve
     return out
 
 
-def _fast_item(d: ztf_fast.Decoded, name: str) -> Item:
+def _fast_item(d: Decoded, name: str) -> Item:
     """An alert, or the Malformed entry ``decode_packet`` gives for the same record read by fastavro."""
     error = d.error
     if error is None:
