@@ -269,6 +269,16 @@ def _varint(buf, pos, end):
 
 
 @numba.njit(cache=True, nogil=True)
+def _block_count(buf, pos, end):
+    """(items in an array or map block, next position): a negative count is followed by the block's size in bytes."""
+    count, pos = _varint(buf, pos, end)
+    if pos >= 0 and count < 0:
+        count = -count
+        _, pos = _varint(buf, pos, end)
+    return count, pos
+
+
+@numba.njit(cache=True, nogil=True)
 def _run(buf, pos, end, ops, unions, scal_i, scal_f, scal_set, rows_i, rows_f, rows_set):
     """Run a program over one record at ``buf[pos:end]``. Returns (outcome, next position, rows used).
 
@@ -297,14 +307,9 @@ def _run(buf, pos, end, ops, unions, scal_i, scal_f, scal_set, rows_i, rows_f, r
                 continue
             stack_left[top] -= 1
             if stack_left[top] == 0:
-                count, pos = _varint(buf, pos, end)
+                count, pos = _block_count(buf, pos, end)
                 if pos < 0:
                     return BAD, pos, row + 1
-                if count < 0:
-                    count = -count
-                    _, pos = _varint(buf, pos, end)  # the block's size in bytes
-                    if pos < 0:
-                        return BAD, pos, row + 1
                 if count == 0:
                     pc = stack_ret[top]
                     sp -= 1
@@ -317,14 +322,9 @@ def _run(buf, pos, end, ops, unions, scal_i, scal_f, scal_set, rows_i, rows_f, r
                     return MORE_ROWS, pos, row
             continue
         if op == ARRAY:
-            count, pos = _varint(buf, pos, end)
+            count, pos = _block_count(buf, pos, end)
             if pos < 0:
                 return BAD, pos, row + 1
-            if count < 0:
-                count = -count
-                _, pos = _varint(buf, pos, end)
-                if pos < 0:
-                    return BAD, pos, row + 1
             if count == 0:
                 pc += 1
                 continue
