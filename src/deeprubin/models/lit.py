@@ -63,7 +63,8 @@ class LitTCN(pl.LightningModule):
         if members < 1:
             raise ValueError(f"members must be at least 1; got {members}")
         nets = [TCN(n_channels, len(classes), hidden, kernel_size, levels, dropout, readout=readout,
-                    flux_scale=flux_scale, shape=shape, age_input=age_input, grid_days=grid_days) for _ in range(members)]
+                    flux_scale=flux_scale, shape=shape, age_input=age_input, grid_days=grid_days)
+                for _ in range(members)]
         self.model = nets[0] if members == 1 else TCNEnsemble(nets)
         self.register_buffer("class_weights",
                              None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32))

@@ -132,8 +132,8 @@ _EXPR_TOKEN = re.compile(r"\s+|'[a-z]+[0-9]+'|[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-
                          r"==|!=|<=|>=|//|[-+*/%(),=<>]")
 _SHAPE_SYMBOL = re.compile(r"[a-z]+[0-9]+")
 _EXPR_NAMES = frozenset({
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "True", "False", "positive", "negative", "integer", "nonnegative",
-    "nonpositive", "real", "finite", "zero", "nonzero", "even", "odd", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le",
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "True", "False", "positive", "negative", "integer",
+    "nonnegative", "nonpositive", "real", "finite", "zero", "nonzero", "even", "odd", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le",
     "Gt", "Ge", "And", "Or", "Not", "oo", "int_oo",
     # torch.utils._sympy.functions, as the deserializer names them
     "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",

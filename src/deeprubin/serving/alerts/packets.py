@@ -395,7 +395,7 @@ def _fast_item(d: Decoded, name: str) -> Item:
     error = d.error
     if error is None:
         try:
-            return _ztf_points(d.oid, d.alert_id, d.jd, d.fid, d.mag, d.mag_err, d.sign, name)
+            return _ztf_points(d.record_oid, d.alert_id, d.jd, d.fid, d.mag, d.mag_err, d.sign, name)
         except PacketError as exc:
             error = str(exc)
     return Malformed(name, error, d.record_candid, d.record_oid)

@@ -501,12 +501,11 @@ class Decoded:
     """One record's fields as ``ztf_alert`` reads them: the candidate first, then the previous detections (a null
     ``magpsf`` is a non-detection and is left out); or ``error``, the PacketError message ztf_alert raises before
     it reaches the points. ``record_candid`` and ``record_oid`` are the record's own ``candid`` and ``objectId``
-    (what a Malformed entry names)."""
+    (what a Malformed entry names; ``record_oid`` is also the alert's object)."""
 
     record_candid: str | None
     record_oid: str | None
     error: str | None = None
-    oid: str = ""
     alert_id: str = ""
     jd: np.ndarray | None = None
     fid: np.ndarray | None = None
@@ -542,7 +541,7 @@ def _record(buf: np.ndarray, data: bytes, pos: int, end: int, program: Program) 
     for name, slot in (("jd", S_JD), ("fid", S_FID), ("magpsf", S_MAG), ("sigmapsf", S_MAGERR)):
         if not scal_set[slot]:
             return Decoded(record_candid, oid, f"ZTF alert {alert_id} of {oid}: candidate.{name} is null"), nxt
-    return Decoded(record_candid, oid, None, oid, alert_id, jd, fid, mag, mag_err, sign), nxt
+    return Decoded(record_candid, oid, None, alert_id, jd, fid, mag, mag_err, sign), nxt
 
 
 _OCF_MAGIC = b"Obj\x01"
